@@ -1,0 +1,67 @@
+"""Choose the CPU kernel build (ISA) the ops run.
+
+Each ISA build is its own extension module (``_cpu_avx512``, ``_cpu_avx2``); the
+portable build lives in ``_C``. At import the best one this CPU supports is selected;
+``ATTENTION_EXT_CPU_ISA=avx512|avx2|default`` overrides it, and tests force each path
+with :func:`set_cpu_isa`.
+"""
+
+import importlib
+import os
+
+import torch
+
+from . import _C
+
+_ORDER = ("avx512", "avx2", "default")
+
+
+def _cpu_supports(isa: str) -> bool:
+    if isa == "default":
+        return True
+    # torch's own detection (cpuinfo), which also honours ATEN_CPU_CAPABILITY
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if isa == "avx512":
+        return cap.startswith("AVX512")
+    if isa == "avx2":
+        return cap.startswith("AVX512") or cap == "AVX2"
+    return False
+
+
+def _module(isa: str):
+    try:
+        return importlib.import_module(f"attention_ext._cpu_{isa}")
+    except ImportError:
+        return None
+
+
+def available_cpu_isas() -> list:
+    """ISA builds that are compiled in and that this CPU can run, fastest first."""
+    return [i for i in _ORDER if i == "default" or (_cpu_supports(i) and _module(i) is not None)]
+
+
+def cpu_isa() -> str:
+    """The ISA build the CPU ops currently run (``"avx512"``, ``"avx2"`` or ``"default"``)."""
+    return _C._cpu_isa().lower()
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Run the CPU ops on the given ISA build (one of :func:`available_cpu_isas`)."""
+    if not isinstance(isa, str) or isa.lower() not in _ORDER:
+        raise ValueError(f"isa must be one of {_ORDER}, got {isa!r}")
+    isa = isa.lower()
+    if isa not in available_cpu_isas():
+        raise RuntimeError(f"isa={isa!r} is not available here (available: {available_cpu_isas()})")
+    if isa == "default":
+        _C._reset_cpu_kernels()
+        return
+    if not _C._set_cpu_kernels(_module(isa).kernel_table):
+        raise RuntimeError(f"attention_ext._cpu_{isa} was built for another version of attention_ext._C; rebuild")
+
+
+def _select_at_import() -> None:
+    forced = os.environ.get("ATTENTION_EXT_CPU_ISA")
+    if forced:
+        set_cpu_isa(forced)
+        return
+    set_cpu_isa(available_cpu_isas()[0])

@@ -1,0 +1,227 @@
+// The one mask family shared by every exact-attention kernel, CPU and CUDA.
+//
+// A query row i (0 <= i < nq) sits at position p = i + offset with offset = nk - nq:
+// queries are aligned bottom-right against the keys, as in FlashAttention, so a query
+// block that is the tail of a longer key sequence (decoding with a KV cache) sees the
+// right keys. Every kind below reads positions, never raw row indices.
+//
+//   allowed(i, j) = (base(i, j) || global_query(p) || global_key(j)) && (!causal || j <= p)
+//
+// base(i, j) by kind:
+//   Dense        true
+//   Window       -right*d <= p - j <= left*d and (p - j) % d == 0          (d = dilation)
+//   Neighborhood NATTEN 1-D: inside the dilation group of p (positions with the same
+//                residue mod d), the kernel_size group members centred on p, shifted
+//                inwards at the group's edges; causal: the kernel_size members ending at p.
+//   BlockLayout  layout[h][i / block_size][j / block_size]
+//
+// Kernels walk (query tile, key tile) pairs, ask classify() whether a pair is Empty
+// (skipped: this is why local patterns cost N*window and not N^2), Full (no per-element
+// test) or Partial (allowed() per element), and use the band functions to avoid even
+// visiting tiles that cannot intersect the pattern.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define AE_HD __host__ __device__ __forceinline__
+#else
+#define AE_HD inline
+#endif
+
+namespace attention_ext {
+
+enum MaskKind : int64_t { kDense = 0, kWindow = 1, kNeighborhood = 2, kBlockLayout = 3 };
+enum TileClass : int { kEmpty = 0, kFull = 1, kPartial = 2 };
+
+struct MaskSpec {
+  int64_t kind = kDense;
+  bool causal = false;
+  int64_t left = 0, right = 0;   // Window: reach in dilated steps
+  int64_t kernel_size = 1;       // Neighborhood
+  int64_t dilation = 1;          // Window, Neighborhood
+  int64_t num_global = 0;        // leading global positions
+  // Optional per-batch global positions: prefix counts (B, nk + 1) int32, so that
+  // "any global in [a, b)" and "is global" are O(1) on host and device alike.
+  const int32_t* global_prefix = nullptr;
+  // BlockLayout: bool (layout_heads, nqb, nkb); layout_heads is 1 (shared) or Hq.
+  const bool* layout = nullptr;
+  int64_t layout_heads = 1, nqb = 0, nkb = 0, block_size = 1;
+  int64_t nq = 0, nk = 0, offset = 0;
+};
+
+AE_HD int64_t ae_min(int64_t a, int64_t b) { return a < b ? a : b; }
+AE_HD int64_t ae_max(int64_t a, int64_t b) { return a > b ? a : b; }
+AE_HD int64_t ae_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+AE_HD bool has_global(const MaskSpec& s) { return s.num_global > 0 || s.global_prefix != nullptr; }
+
+// Number of global positions in [a, b) (clipped to [0, nk)) for batch b_idx.
+AE_HD int64_t global_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t b) {
+  a = ae_max(a, 0);
+  b = ae_min(b, s.nk);
+  if (a >= b) return 0;
+  if (s.global_prefix) {
+    const int32_t* pre = s.global_prefix + b_idx * (s.nk + 1);
+    int64_t lead = ae_max(ae_min(b, s.num_global) - a, 0);
+    // positions below num_global are counted once even if also set in the mask
+    int64_t a2 = ae_max(a, s.num_global);
+    int64_t rest = a2 < b ? int64_t(pre[b] - pre[a2]) : 0;
+    return lead + rest;
+  }
+  return ae_max(ae_min(b, s.num_global) - a, 0);
+}
+
+AE_HD bool is_global(const MaskSpec& s, int64_t b_idx, int64_t pos) {
+  return global_count(s, b_idx, pos, pos + 1) > 0;
+}
+
+// NATTEN window start (position) for position p inside its dilation group.
+AE_HD int64_t neighborhood_start(const MaskSpec& s, int64_t p) {
+  const int64_t d = s.dilation, K = s.kernel_size;
+  const int64_t g = p % d, ip = p / d;
+  const int64_t len = (s.nk - g + d - 1) / d;  // members of this dilation group
+  int64_t st;
+  if (s.causal) {
+    st = ae_max(ip - (K - 1), 0);
+  } else {
+    const int64_t ns = K / 2;
+    st = ae_max(ip - ns, 0);
+    if (ip + ns >= len) st += len - ip - ns - 1;
+    st = ae_max(st, 0);
+  }
+  return st * d + g;
+}
+
+AE_HD bool base_allowed(const MaskSpec& s, int64_t h, int64_t i, int64_t j) {
+  const int64_t p = i + s.offset;
+  switch (s.kind) {
+    case kWindow: {
+      const int64_t delta = p - j, d = s.dilation;
+      return delta <= s.left * d && -delta <= s.right * d && delta % d == 0;
+    }
+    case kNeighborhood: {
+      const int64_t d = s.dilation;
+      if ((j - p) % d != 0) return false;
+      const int64_t st = neighborhood_start(s, p);
+      return j >= st && j <= st + (s.kernel_size - 1) * d;
+    }
+    case kBlockLayout: {
+      const int64_t lh = s.layout_heads == 1 ? 0 : h;
+      return s.layout[(lh * s.nqb + i / s.block_size) * s.nkb + j / s.block_size];
+    }
+    default:
+      return true;
+  }
+}
+
+AE_HD bool allowed(const MaskSpec& s, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t p = i + s.offset;
+  if (s.causal && j > p) return false;
+  if (base_allowed(s, h, i, j)) return true;
+  return has_global(s) && (is_global(s, b, p) || is_global(s, b, j));
+}
+
+// How far (in positions) the base pattern of `s` reaches behind (lo) and ahead (hi)
+// of the query position: base(i, j) implies p - lo <= j <= p + hi.
+AE_HD void base_reach(const MaskSpec& s, int64_t* lo, int64_t* hi) {
+  switch (s.kind) {
+    case kWindow:
+      *lo = s.left * s.dilation;
+      *hi = s.right * s.dilation;
+      break;
+    case kNeighborhood:
+      *lo = (s.kernel_size - 1) * s.dilation;
+      *hi = s.causal ? 0 : (s.kernel_size - 1) * s.dilation;
+      break;
+    default:
+      *lo = s.nk + s.nq;
+      *hi = s.nk + s.nq;
+  }
+  if (s.causal) *hi = ae_min(*hi, 0);
+}
+
+// Keys that queries [q0, q1) may see through the base pattern and causality:
+// [*k0, *k1). Global keys outside it are found by classify().
+AE_HD void key_band(const MaskSpec& s, int64_t q0, int64_t q1, int64_t* k0, int64_t* k1) {
+  int64_t lo, hi;
+  base_reach(s, &lo, &hi);
+  *k0 = ae_max(0, q0 + s.offset - lo);
+  *k1 = ae_min(s.nk, q1 - 1 + s.offset + hi + 1);
+}
+
+// Queries that keys [k0, k1) may be seen by through the base pattern: [*q0, *q1).
+AE_HD void query_band(const MaskSpec& s, int64_t k0, int64_t k1, int64_t* q0, int64_t* q1) {
+  int64_t lo, hi;
+  base_reach(s, &lo, &hi);
+  *q0 = ae_max(0, k0 - hi - s.offset);
+  *q1 = ae_min(s.nq, k1 - 1 + lo - s.offset + 1);
+}
+
+// Class of the base pattern alone on the tile [q0, q1) x [k0, k1) (both non-empty,
+// already clipped to the sequence lengths).
+AE_HD int classify_base(const MaskSpec& s, int64_t h, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+  const int64_t p0 = q0 + s.offset, p1 = q1 - 1 + s.offset;
+  if (s.causal && k0 > p1) return kEmpty;
+  const bool causal_full = !s.causal || k1 - 1 <= p0;
+  switch (s.kind) {
+    case kWindow: {
+      const int64_t L = s.left * s.dilation, R = s.right * s.dilation;
+      if (p1 - k0 < -R || p0 - (k1 - 1) > L) return kEmpty;
+      const bool full = s.dilation == 1 && p0 - (k1 - 1) >= -R && p1 - k0 <= L;
+      return full && causal_full ? kFull : kPartial;
+    }
+    case kNeighborhood: {
+      const int64_t reach = (s.kernel_size - 1) * s.dilation;
+      if (k0 > p1 + (s.causal ? 0 : reach) || k1 - 1 < p0 - reach) return kEmpty;
+      return kPartial;
+    }
+    case kBlockLayout: {
+      const int64_t lh = s.layout_heads == 1 ? 0 : h;
+      const bool* row0 = s.layout + lh * s.nqb * s.nkb;
+      bool any = false, all = true;
+      for (int64_t qb = q0 / s.block_size; qb <= (q1 - 1) / s.block_size; ++qb)
+        for (int64_t kb = k0 / s.block_size; kb <= (k1 - 1) / s.block_size; ++kb) {
+          const bool v = row0[qb * s.nkb + kb];
+          any |= v;
+          all &= v;
+        }
+      if (!any) return kEmpty;
+      return all && causal_full ? kFull : kPartial;
+    }
+    default:
+      return causal_full ? kFull : kPartial;
+  }
+}
+
+// Class of the full mask (base, globals, causality) on a tile, for batch b, head h.
+AE_HD int classify(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+  const int cls = classify_base(s, h, q0, q1, k0, k1);
+  if (cls == kFull || !has_global(s)) return cls;
+  const int64_t p1 = q1 - 1 + s.offset;
+  if (s.causal && k0 > p1) return kEmpty;
+  if (global_count(s, b, q0 + s.offset, q1 + s.offset) > 0 || global_count(s, b, k0, k1) > 0)
+    return kPartial;
+  return cls;
+}
+
+// Per-row allowed key interval [*j0, *j1) when the mask of row i is one contiguous run
+// (dense, causal, undilated windows and neighborhoods, no globals); returns false when
+// the row needs the per-element test.
+AE_HD bool row_interval(const MaskSpec& s, int64_t i, int64_t* j0, int64_t* j1) {
+  if (has_global(s) || s.kind == kBlockLayout || s.dilation != 1) return false;
+  const int64_t p = i + s.offset;
+  if (s.kind == kNeighborhood) {
+    const int64_t st = neighborhood_start(s, p);
+    *j0 = st;
+    *j1 = ae_min(st + s.kernel_size, s.causal ? p + 1 : s.nk);
+    return true;
+  }
+  int64_t lo, hi;
+  base_reach(s, &lo, &hi);
+  *j0 = ae_max(0, p - lo);
+  *j1 = ae_min(s.nk, p + hi + 1);
+  return true;
+}
+
+}  // namespace attention_ext

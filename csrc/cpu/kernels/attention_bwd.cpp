@@ -1,0 +1,208 @@
+// FlashAttention-2 backward on CPU for the whole mask family.
+//
+// One task = (batch, KV head, key chunk): it owns dK and dV of its key tiles (summed
+// over the query heads of its GQA group) and walks the query tiles that classify()
+// keeps, recomputing P from the saved logsumexp. dQ is accumulated per key chunk in a
+// private partial buffer and the partials are summed in a fixed order afterwards: no
+// atomics, and the chunking depends on the problem size only, so the result is bitwise
+// the same for any thread count.
+//
+// Tiles are held transposed (rows = keys, columns = queries) so every product is an
+// A * B with contiguous B rows:
+//   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
+//   dV  += P^T * dO      dK  += dS^T * Q      dQ  += dS * K   (dS read through strides)
+#include "../../common/mask.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "tile_util.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+// Zeroes P^T entries (key row j, query column c) that the mask forbids.
+template <typename acc_t>
+void mask_tile_t(const MaskSpec& m, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
+                 acc_t* pt, int64_t ld) {
+  for (int64_t c = 0; c < mq; ++c) {
+    int64_t j0, j1;
+    if (row_interval(m, q0 + c, &j0, &j1)) {
+      const int64_t a = std::clamp<int64_t>(j0 - k0, 0, nk), e = std::clamp<int64_t>(j1 - k0, a, nk);
+      for (int64_t r = 0; r < a; ++r) pt[r * ld + c] = acc_t(0);
+      for (int64_t r = e; r < nk; ++r) pt[r * ld + c] = acc_t(0);
+    } else {
+      for (int64_t r = 0; r < nk; ++r)
+        if (!allowed(m, b, h, q0 + c, k0 + r)) pt[r * ld + c] = acc_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_impl(const AttentionBwdArgs& a) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VL = V::size();
+  const MaskSpec& mask = a.mask;
+  const auto [BQ, BK] = bwd_tiles<acc_t>(mask, a.Nq, a.Nk);
+  const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
+  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK, Nqp = nqt * BQ;
+  const int64_t group = a.Hq / a.Hkv;
+  const acc_t l2e = acc_t(1.4426950408889634), c_scale = acc_t(a.scale) * l2e;
+
+  // Query side, per (b, hq): Q and dO as rows and as transposed tiles, lse in base 2
+  // and delta_i = dO_i . O_i (- dlse_i).
+  const int64_t q_side = Nqp * (Dp + Dvp + D + Dv + 2);
+  Buffer<acc_t> qbuf(a.B * a.Hq * q_side);
+  auto q_rows = [&](int64_t bh) { return qbuf.get() + bh * q_side; };
+  auto do_rows = [&](int64_t bh) { return q_rows(bh) + Nqp * Dp; };
+  auto q_t = [&](int64_t bh) { return do_rows(bh) + Nqp * Dvp; };
+  auto do_t = [&](int64_t bh) { return q_t(bh) + Nqp * D; };
+  auto lse2 = [&](int64_t bh) { return do_t(bh) + Nqp * Dv; };
+  auto delta = [&](int64_t bh) { return lse2(bh) + Nqp; };
+  const auto* lse_in = static_cast<const acc_t*>(a.lse);
+  const auto* glse = static_cast<const acc_t*>(a.grad_lse);
+  auto at4 = [](const Operand& op, int64_t b, int64_t h, int64_t n) {
+    return static_cast<const scalar_t*>(op.data) + b * op.stride[0] + h * op.stride[1] + n * op.stride[2];
+  };
+  parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
+    const int64_t qt = t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
+    const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
+    const scalar_t* qs = at4(a.q, b, h, q0);
+    const scalar_t* dos = at4(a.grad_out, b, h, q0);
+    const scalar_t* os = at4(a.out, b, h, q0);
+    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(bh) + q0 * Dp, Dp, BQ);
+    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(bh) + q0 * Dvp, Dvp, BQ);
+    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(bh) + q0 * D, BQ);
+    load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(bh) + q0 * Dv, BQ);
+    acc_t* l2 = lse2(bh) + q0;
+    acc_t* dl = delta(bh) + q0;
+    for (int64_t r = 0; r < BQ; ++r) {
+      if (r >= mq) {  // padding columns: P = exp2(-inf) = 0
+        l2[r] = std::numeric_limits<acc_t>::infinity();
+        dl[r] = acc_t(0);
+        continue;
+      }
+      const acc_t lv = lse_in[bh * a.Nq + q0 + r];
+      // a row that saw no key has lse = -inf; +inf makes all its P exactly 0
+      l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lv * l2e;
+      const acc_t* dor = do_rows(bh) + (q0 + r) * Dvp;
+      acc_t d = 0;
+      for (int64_t c = 0; c < Dv; ++c) d += dor[c] * acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]]));
+      dl[r] = glse ? d - glse[bh * a.Nq + q0 + r] : d;
+    }
+  });
+
+  // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
+  const int64_t k_side = a.Nk * (Dp + Dv);
+  Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
+  parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
+    const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
+    const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
+    acc_t* base = kbuf.get() + bh * k_side;
+    load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n);
+    load_rows(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * Dp + k0 * Dv, Dv, n);
+  });
+
+  // Key chunks: enough tasks to fill the machine when B * Hkv is small, bounded in the
+  // memory their dQ partials take. Depends on shapes only (determinism).
+  const int64_t bhk = a.B * a.Hkv;
+  const int64_t part = a.B * a.Hq * a.Nq * Dp;
+  int64_t chunks = std::clamp<int64_t>((8 + bhk - 1) / bhk, 1, std::max<int64_t>(nkt, 1));
+  while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
+  Buffer<acc_t> dq_part(chunks * part);
+  dq_part.zero(chunks * part);
+
+  auto* dk = static_cast<scalar_t*>(a.dk);
+  auto* dv = static_cast<scalar_t*>(a.dv);
+  parallel_tasks(bhk * chunks, [&](int64_t t) {
+    const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
+    thread_local std::unique_ptr<Buffer<acc_t>> scratch;
+    thread_local int64_t scratch_size = 0;
+    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp);
+    if (scratch_size < need) {
+      scratch = std::make_unique<Buffer<acc_t>>(need);
+      scratch_size = need;
+    }
+    acc_t* st = scratch->get();
+    acc_t* dpt = st + BK * BQ;
+    acc_t* dk_acc = dpt + BK * BQ;
+    acc_t* dv_acc = dk_acc + BK * Dp;
+    const acc_t* k_rows = kbuf.get() + bh * k_side;
+    const acc_t* v_rows = k_rows + a.Nk * Dp;
+
+    for (int64_t kt = c; kt < nkt; kt += chunks) {
+      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
+      std::fill(dk_acc, dk_acc + nk * Dp, acc_t(0));
+      std::fill(dv_acc, dv_acc + nk * Dvp, acc_t(0));
+      int64_t qb0, qb1;
+      query_band(mask, k0, k0 + nk, &qb0, &qb1);
+      int64_t qt_begin = qb0 / BQ, qt_end = qb1 > qb0 ? (qb1 - 1) / BQ + 1 : qt_begin;
+      if (has_global(mask)) qt_begin = 0, qt_end = nqt;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bhq = b * a.Hq + h;
+        acc_t* dq_acc = dq_part.get() + c * part + bhq * a.Nq * Dp;
+        for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
+          const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
+          const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+          if (cls == kEmpty) continue;
+          gemm<acc_t>(nk, BQ, D, k_rows + k0 * Dp, Dp, 1, q_t(bhq) + q0 * D, BQ, st, BQ, false);
+          gemm<acc_t>(nk, BQ, Dv, v_rows + k0 * Dv, Dv, 1, do_t(bhq) + q0 * Dv, BQ, dpt, BQ, false);
+          const acc_t* l2 = lse2(bhq) + q0;
+          const acc_t* dl = delta(bhq) + q0;
+          for (int64_t r = 0; r < nk; ++r) {
+            acc_t* pr = st + r * BQ;
+            acc_t* dr = dpt + r * BQ;
+            for (int64_t i = 0; i < BQ; i += VL) {
+              const V p = exp2_poly(at::vec::fmsub(V::loadu(pr + i), V(c_scale), V::loadu(l2 + i)));
+              p.store(pr + i);
+              (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
+            }
+          }
+          if (cls == kPartial) {
+            mask_tile_t(mask, b, h, q0, mq, k0, nk, st, BQ);
+            mask_tile_t(mask, b, h, q0, mq, k0, nk, dpt, BQ);
+          }
+          // dpt now holds dS^T
+          gemm<acc_t>(nk, Dvp, mq, st, BQ, 1, do_rows(bhq) + q0 * Dvp, Dvp, dv_acc, Dvp, true);
+          gemm<acc_t>(nk, Dp, mq, dpt, BQ, 1, q_rows(bhq) + q0 * Dp, Dp, dk_acc, Dp, true);
+          gemm<acc_t>(mq, Dp, nk, dpt, 1, BQ, k_rows + k0 * Dp, Dp, dq_acc + q0 * Dp, Dp, true);
+        }
+      }
+      scalar_t* dk_out = dk + ((b * a.Hkv + hk) * a.Nk + k0) * D;
+      scalar_t* dv_out = dv + ((b * a.Hkv + hk) * a.Nk + k0) * Dv;
+      const acc_t sc = acc_t(a.scale);
+      for (int64_t r = 0; r < nk; ++r) {
+        for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);
+        for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
+      }
+    }
+  });
+
+  auto* dq = static_cast<scalar_t*>(a.dq);
+  const int64_t rows_per_task = 64;
+  const int64_t q_tasks = (a.Nq + rows_per_task - 1) / rows_per_task;
+  parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
+    const int64_t bh = t / q_tasks, r0 = (t % q_tasks) * rows_per_task;
+    const int64_t r1 = std::min(a.Nq, r0 + rows_per_task);
+    const acc_t sc = acc_t(a.scale);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t x = 0; x < D; ++x) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) sum += dq_part.get()[c * part + (bh * a.Nq + r) * Dp + x];
+        dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
+      }
+  });
+}
+
+}  // namespace
+
+void attention_bwd(const AttentionBwdArgs& a) {
+  switch (a.dtype) {
+    case DType::Float32: return bwd_impl<float, float>(a);
+    case DType::Float64: return bwd_impl<double, double>(a);
+    case DType::BFloat16: return bwd_impl<c10::BFloat16, float>(a);
+    case DType::Float16: return bwd_impl<c10::Half, float>(a);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

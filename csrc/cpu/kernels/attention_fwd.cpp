@@ -1,0 +1,117 @@
+// FlashAttention-2 forward on CPU for the whole mask family.
+//
+// One task = (batch, query head, query tile). It walks the key tiles that classify()
+// does not rule out, keeping the running row max / sum and the output accumulator of
+// its query tile in a private buffer, so nothing of size Nq x Nk ever exists.
+// K tiles are packed transposed (and converted to acc_t) once per call, shared by every
+// query tile and every query head of a GQA group.
+#include "../../common/mask.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "softmax_tile.h"
+#include "tile_util.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+void fwd_impl(const AttentionFwdArgs& a) {
+  constexpr int64_t VL = Vec<acc_t>::size();
+  const MaskSpec& mask = a.mask;
+  const auto [BQ, BK] = fwd_tiles<acc_t>(mask, a.Nq, a.Nk);
+  const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
+  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK;
+  const int64_t group = a.Hq / a.Hkv;
+  const auto* q = static_cast<const scalar_t*>(a.q.data);
+  const auto* k = static_cast<const scalar_t*>(a.k.data);
+  const auto* v = static_cast<const scalar_t*>(a.v.data);
+  auto* out = static_cast<scalar_t*>(a.out);
+  auto* lse = static_cast<acc_t*>(a.lse);
+
+  // Packed operands: K^T tiles [B][Hkv][nkt][D][BK], V rows [B][Hkv][Nk][Dvp].
+  const int64_t kt_tile = D * BK;
+  Buffer<acc_t> kT(a.B * a.Hkv * nkt * kt_tile);
+  Buffer<acc_t> vP(a.B * a.Hkv * a.Nk * Dvp);
+  parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
+    const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
+    const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
+    const scalar_t* ks = k + b * a.k.stride[0] + h * a.k.stride[1] + k0 * a.k.stride[2];
+    load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
+    const scalar_t* vs = v + b * a.v.stride[0] + h * a.v.stride[1] + k0 * a.v.stride[2];
+    load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n);
+  });
+
+  // log2(e) is folded into the query so that the softmax runs on exp2.
+  const acc_t qmult = acc_t(a.scale * 1.4426950408889634);
+  const acc_t ln2 = acc_t(0.6931471805599453);
+  parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
+    // heavy (late, under causal) query tiles first
+    const int64_t qt = nqt - 1 - t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
+    const int64_t hk = h / group;
+    const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
+    thread_local std::unique_ptr<Buffer<acc_t>> scratch;
+    thread_local int64_t scratch_size = 0;
+    const int64_t need = BQ * D + BQ * BK + BQ * Dvp + 2 * BQ;
+    if (scratch_size < need) {
+      scratch = std::make_unique<Buffer<acc_t>>(need);
+      scratch_size = need;
+    }
+    acc_t* qs = scratch->get();
+    acc_t* s = qs + BQ * D;
+    acc_t* o = s + BQ * BK;
+    acc_t* row_max = o + BQ * Dvp;
+    acc_t* row_sum = row_max + BQ;
+
+    load_rows(q + b * a.q.stride[0] + h * a.q.stride[1] + q0 * a.q.stride[2], a.q.stride[2], a.q.stride[3], mq,
+              D, qs, D, mq, qmult);
+    std::fill(o, o + mq * Dvp, acc_t(0));
+    std::fill(row_max, row_max + mq, kNegInf<acc_t>);
+    std::fill(row_sum, row_sum + mq, acc_t(0));
+
+    int64_t kb0, kb1;
+    key_band(mask, q0, q0 + mq, &kb0, &kb1);
+    int64_t kt_begin = kb0 / BK, kt_end = kb1 > kb0 ? (kb1 - 1) / BK + 1 : kt_begin;
+    if (has_global(mask)) kt_begin = 0, kt_end = nkt;
+    const acc_t* kT_head = kT.get() + (b * a.Hkv + hk) * nkt * kt_tile;
+    const acc_t* v_head = vP.get() + (b * a.Hkv + hk) * a.Nk * Dvp;
+    for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
+      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
+      const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+      if (cls == kEmpty) continue;
+      gemm<acc_t>(mq, round_up(nk, VL), D, qs, D, 1, kT_head + kt * kt_tile, BK, s, BK, false);
+      for (int64_t r = 0; r < mq; ++r) {
+        acc_t* row = s + r * BK;
+        if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0, nk, row);
+        const acc_t alpha = online_softmax_row(row, nk, row_max[r], row_sum[r]);
+        if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
+      }
+      gemm<acc_t>(mq, Dvp, nk, s, BK, 1, v_head + k0 * Dvp, Dvp, o, Dvp, true);
+    }
+
+    scalar_t* out_t = out + ((b * a.Hq + h) * a.Nq + q0) * a.Dv;
+    acc_t* lse_t = lse + (b * a.Hq + h) * a.Nq + q0;
+    for (int64_t r = 0; r < mq; ++r) {
+      // l == 0: the row saw no key. A NaN l (NaN input) falls through and stays NaN.
+      const acc_t l = row_sum[r];
+      const bool none = l == acc_t(0);
+      const acc_t inv = none ? acc_t(0) : acc_t(1) / l;
+      for (int64_t c = 0; c < a.Dv; ++c) out_t[r * a.Dv + c] = from_acc<scalar_t>(o[r * Dvp + c] * inv);
+      lse_t[r] = none ? kNegInf<acc_t> : (row_max[r] + std::log2(l)) * ln2;
+    }
+  });
+}
+
+}  // namespace
+
+void attention_fwd(const AttentionFwdArgs& a) {
+  switch (a.dtype) {
+    case DType::Float32: return fwd_impl<float, float>(a);
+    case DType::Float64: return fwd_impl<double, double>(a);
+    case DType::BFloat16: return fwd_impl<c10::BFloat16, float>(a);
+    case DType::Float16: return fwd_impl<c10::Half, float>(a);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

@@ -1,0 +1,16 @@
+// Entry points of one ISA build of the CPU kernels.
+#pragma once
+
+#include "../kernel_table.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+void attention_fwd(const AttentionFwdArgs& a);
+void attention_bwd(const AttentionBwdArgs& a);
+
+// The table this build exports (see kernel_table.h).
+const KernelTable* kernel_table();
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

@@ -1,0 +1,72 @@
+// Per-tile mask application and the online-softmax row update of the forward pass.
+#pragma once
+
+#include "../../common/mask.h"
+#include "tile_util.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+// Sets disallowed scores of one row (query i, keys [k0, k0 + n)) to -inf.
+template <typename acc_t>
+inline void mask_row(const MaskSpec& m, int64_t b, int64_t h, int64_t i, int64_t k0, int64_t n, acc_t* row) {
+  int64_t j0, j1;
+  if (row_interval(m, i, &j0, &j1)) {
+    const int64_t a = std::clamp<int64_t>(j0 - k0, 0, n), e = std::clamp<int64_t>(j1 - k0, a, n);
+    for (int64_t c = 0; c < a; ++c) row[c] = kNegInf<acc_t>;
+    for (int64_t c = e; c < n; ++c) row[c] = kNegInf<acc_t>;
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c)
+    if (!allowed(m, b, h, i, k0 + c)) row[c] = kNegInf<acc_t>;
+}
+
+// Online softmax over one row of base-2 scores s[0, n): updates the running max and
+// sum, turns s into probabilities relative to the new max, and returns the factor the
+// row's output accumulator must be rescaled by. A row with nothing visible so far keeps
+// max = -inf and gets zeros, never NaN.
+template <typename acc_t>
+inline acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VL = V::size();
+  V vmax(kNegInf<acc_t>);
+  int64_t c = 0;
+  for (; c + VL <= n; c += VL) vmax = at::vec::maximum(vmax, V::loadu(s + c));
+  acc_t mx = hmax(vmax);
+  for (; c < n; ++c) mx = std::max(mx, s[c]);
+  const acc_t m_new = std::max(row_max, mx);
+  if (m_new == kNegInf<acc_t>) {
+    std::fill(s, s + n, acc_t(0));
+    return acc_t(1);
+  }
+  const V vm(m_new);
+  V vsum(acc_t(0));
+  c = 0;
+  for (; c + VL <= n; c += VL) {
+    const V p = exp2_poly(V::loadu(s + c) - vm);
+    p.store(s + c);
+    vsum = vsum + p;
+  }
+  acc_t sum = hsum(vsum);
+  if (c < n) {
+    const V p = exp2_poly(V::loadu(s + c, n - c) - vm);
+    p.store(s + c, n - c);
+    acc_t tail[VL];
+    p.store(tail);
+    for (int64_t t = 0; t < n - c; ++t) sum += tail[t];
+  }
+  const acc_t alpha = row_max == kNegInf<acc_t> ? acc_t(0) : exp2_scalar(row_max - m_new);
+  row_sum = row_sum * alpha + sum;
+  row_max = m_new;
+  return alpha;
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* x, int64_t n, acc_t f) {
+  using V = Vec<acc_t>;
+  const V vf(f);
+  for (int64_t c = 0; c < n; c += V::size()) (V::loadu(x + c) * vf).store(x + c);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

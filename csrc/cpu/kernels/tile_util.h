@@ -1,0 +1,138 @@
+// Pieces shared by the tiled CPU kernels: buffers, dtype conversion, packing, the
+// work-sharing loop and the tile shape.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "../kernel_table.h"
+#include "vec_math.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned scratch; the kernels own their workspace so the ISA modules need no
+// tensor machinery.
+template <typename T>
+struct Buffer {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  explicit Buffer(int64_t n) {
+    const size_t bytes = round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64);
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  T* get() const { return ptr.get(); }
+  void zero(int64_t n) const { std::memset(ptr.get(), 0, size_t(n) * sizeof(T)); }
+};
+
+template <typename T>
+inline T to_acc(T x) { return x; }
+inline float to_acc(c10::BFloat16 x) { return float(x); }
+inline float to_acc(c10::Half x) { return float(x); }
+
+template <typename S, typename T>
+inline S from_acc(T x) { return static_cast<S>(x); }
+
+// Copy rows [r0, r0 + rows) x cols [0, cols) of a strided (seq, dim) matrix into a dense
+// acc_t block with leading dimension ld, zero-filling cols..ld and rows..rows_pad.
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, acc_t* dst,
+               int64_t ld, int64_t rows_pad, acc_t mult = acc_t(1)) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * s_row;
+    acc_t* d = dst + r * ld;
+    if (s_col == 1)
+      for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c])) * mult;
+    else
+      for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c * s_col])) * mult;
+    for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
+  }
+  for (int64_t r = rows; r < rows_pad; ++r)
+    for (int64_t c = 0; c < ld; ++c) dst[r * ld + c] = acc_t(0);
+}
+
+// Transposed copy: dst[c * ld + r] = src[r][c] for rows [0, rows), cols [0, cols);
+// columns rows..ld of dst are zero.
+template <typename scalar_t, typename acc_t>
+void load_transposed(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols,
+                     acc_t* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    acc_t* d = dst + c * ld;
+    for (int64_t r = rows; r < ld; ++r) d[r] = acc_t(0);
+  }
+  // row-major reads, blocked so the strided writes stay in cache
+  constexpr int64_t RB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    const int64_t r1 = std::min(rows, r0 + RB);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = acc_t(to_acc(src[r * s_row + c * s_col]));
+  }
+}
+
+// Runs fn(task) for task in [0, n) on ATen's thread pool with dynamic claiming, so
+// uneven tasks (causal rows, window edges) balance. Each task's result depends only
+// on the task, never on the thread that ran it: outputs are bitwise repeatable for any
+// thread count.
+template <typename Fn>
+void parallel_tasks(int64_t n, const Fn& fn) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < n; ++t) fn(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t);
+  });
+}
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// Query/key tile shape. BK is a multiple of the vector width (it is the N of the
+// score product); BQ a multiple of the micro kernel's row block where it matters.
+struct TileShape {
+  int64_t bq, bk;
+};
+
+template <typename acc_t>
+inline TileShape fwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
+  constexpr int64_t VL = Vec<acc_t>::size();
+  int64_t bq = 64, bk = 128;
+  if (m.kind == kBlockLayout && m.block_size >= 16) {
+    // align tiles with the layout's blocks so classify() sees whole blocks
+    bq = m.block_size <= 128 ? std::max<int64_t>(m.block_size, 32) : 128;
+    bq = bq % m.block_size == 0 ? bq : m.block_size;
+    bk = bq;
+  }
+  bq = std::min(bq, std::max<int64_t>(nq, 1));
+  bk = round_up(std::min(bk, std::max<int64_t>(nk, 1)), VL);
+  return {bq, bk};
+}
+
+template <typename acc_t>
+inline TileShape bwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
+  constexpr int64_t VL = Vec<acc_t>::size();
+  int64_t bq = 64, bk = 64;
+  if (m.kind == kBlockLayout && m.block_size >= 16 && m.block_size <= 128) bq = bk = m.block_size;
+  bq = round_up(std::min(bq, std::max<int64_t>(nq, 1)), VL);
+  bk = std::min(bk, std::max<int64_t>(nk, 1));
+  return {bq, bk};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

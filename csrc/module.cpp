@@ -1,0 +1,31 @@
+// The attention_ext._C Python module: loading it registers every op (ops.cpp and the
+// per-device implementations); the functions here only choose the CPU kernel build.
+#include <torch/extension.h>
+
+#include "cpu/isa.h"
+
+namespace {
+
+bool set_cpu_kernels(py::capsule cap) {
+  auto* table = static_cast<const attention_ext::cpu::KernelTable*>(cap.get_pointer());
+  return attention_ext::cpu::set_active_kernels(table);
+}
+
+void reset_cpu_kernels() { attention_ext::cpu::set_active_kernels(nullptr); }
+
+std::string cpu_isa() { return attention_ext::cpu::active_kernels().isa; }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.def("_set_cpu_kernels", &set_cpu_kernels, "Use the CPU kernel table in this capsule (from an ISA module)");
+  m.def("_reset_cpu_kernels", &reset_cpu_kernels, "Go back to the portable CPU kernels built into _C");
+  m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
+  m.attr("cuda_built") = py::bool_(
+#ifdef AE_WITH_CUDA
+      true
+#else
+      false
+#endif
+  );
+}

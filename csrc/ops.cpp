@@ -1,0 +1,24 @@
+// Every schema of the attention_ext library, and nothing else. Implementations register
+// per dispatch key (cpu/*_ops.cpp, cuda/*.cu); fake kernels and autograd are registered
+// once, in Python (attention_ext/_ops.py).
+//
+// The exact-attention ops carry the mask spec of csrc/common/mask.h as plain arguments:
+// kind (0 dense, 1 window, 2 neighborhood, 3 block layout), causal, left/right window
+// reach, kernel_size, dilation, num_global leading global tokens, an optional bool
+// global_mask (B, Nk), an optional bool block layout (H or 1, ceil(Nq/bs), ceil(Nk/bs))
+// and block_size.
+#include <torch/library.h>
+
+TORCH_LIBRARY(attention_ext, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? layout, int kind, "
+      "bool causal, int left, int right, int kernel_size, int dilation, int num_global, int block_size, "
+      "float scale) -> (Tensor out, Tensor lse)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? global_mask, Tensor? layout, int kind, bool causal, int left, int right, "
+      "int kernel_size, int dilation, int num_global, int block_size, float scale) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)",
+      {at::Tag::pt2_compliant_tag});
+}
