@@ -1,0 +1,154 @@
+"""Shared benchmark helpers: interleaved timing, peak memory, RESULTS.md sections."""
+
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
+    """Best-of-`rounds` seconds of each callable in `fns` (dict name -> fn), measured in
+    interleaved rounds so that machine drift hits every contender alike. A contender
+    that raises is reported as None with its error in `errors`."""
+    best = {k: float("inf") for k in fns}
+    errors = {}
+    for name, fn in fns.items():  # warm-up (compilation, packing caches, allocator)
+        try:
+            fn()
+            sync(device)
+        except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            reps, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                sync(device)
+                reps += 1
+                el = time.perf_counter() - t0
+                if el >= min_time:
+                    break
+            best[name] = min(best[name], el / reps)
+    return {k: (None if k in errors else v) for k, v in best.items()}, errors
+
+
+def _read_hwm_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+def _read_rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_memory_mb(fn, device="cpu"):
+    """Peak memory added while fn runs, in MiB. CUDA: the caching allocator's peak.
+    CPU: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs), which sees
+    every allocation, ours and the peers' alike; None where the kernel does not allow
+    the reset."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _read_rss_kb()
+    fn()
+    hwm = _read_hwm_kb()
+    return max(0.0, (hwm - base) / 1024.0)
+
+
+def machine_line():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import attention_ext
+
+    isa = attention_ext.cpu_isa()
+    line = (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, attention_ext CPU path `{isa}`")
+    if torch.cuda.is_available():
+        line += f", GPU {torch.cuda.get_device_name()}"
+    return line
+
+
+def commit_hash():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def write_section(name, body):
+    """Replaces (or appends) the section `name` of benchmarks/RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the command it names.\n"
+    begin, end = f"<!-- section:{name} -->", f"<!-- end:{name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def header(title, command):
+    return (f"## {title}\n\n`{command}`\n\n{machine_line()}, commit `{commit_hash()}`, "
+            f"{time.strftime('%Y-%m-%d')}.\n")
+
+
+def table(rows, columns):
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def _fmt(x):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 100:
+            return f"{x:.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}"
+        return f"{x:.2f}"
+    return str(x)
+
+
+def command_line():
+    return "python -m benchmarks " + " ".join(sys.argv[1:])

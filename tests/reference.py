@@ -1,0 +1,123 @@
+"""Independent float64 references: explicit boolean masks and dense softmax attention.
+
+Nothing here calls attention_ext; the masks are written from the documented semantics
+(see attention_ext/functional.py), not from csrc/common/mask.h.
+"""
+
+import math
+
+import torch
+
+
+def positions(nq, nk):
+    """Key position of each query row (bottom-right alignment) and key positions."""
+    i = torch.arange(nq).view(-1, 1) + (nk - nq)
+    j = torch.arange(nk).view(1, -1)
+    return i, j
+
+
+def causal_mask(nq, nk):
+    i, j = positions(nq, nk)
+    return j <= i
+
+
+def window_mask(nq, nk, left, right, *, dilation=1, causal=False):
+    i, j = positions(nq, nk)
+    delta = i - j
+    m = (delta <= left * dilation) & (-delta <= right * dilation) & (delta % dilation == 0)
+    if causal:
+        m &= j <= i
+    return m
+
+
+def global_mask_2d(nq, nk, is_global_key, *, causal=False):
+    """Positions flagged in is_global_key (bool (nk,)) attend everywhere and are attended
+    by everyone; causality still applies on top."""
+    i, j = positions(nq, nk)
+    gk = is_global_key.view(1, -1).expand(nq, nk)
+    qpos = i.view(-1)
+    gq = torch.zeros(nq, dtype=torch.bool)
+    valid = (qpos >= 0) & (qpos < nk)
+    gq[valid] = is_global_key[qpos[valid]]
+    m = gk | gq.view(-1, 1)
+    if causal:
+        m &= j <= i
+    return m
+
+
+def neighborhood_mask(n, kernel_size, *, dilation=1, causal=False):
+    """NATTEN 1-D: within the dilation group of i, kernel_size members centred on i,
+    shifted inwards at the group's edges; causal: the kernel_size members ending at i."""
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        g = i % dilation
+        members = list(range(g, n, dilation))
+        idx = members.index(i)
+        if causal:
+            lo = max(idx - (kernel_size - 1), 0)
+            chosen = members[lo: idx + 1]
+        else:
+            half = kernel_size // 2
+            lo = idx - half
+            lo = max(0, min(lo, len(members) - kernel_size))
+            chosen = members[lo: lo + kernel_size]
+        m[i, chosen] = True
+    return m
+
+
+def block_mask(layout, block_size, nq, nk):
+    """Expand a (H, nqb, nkb) block layout to (H, nq, nk)."""
+    m = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    return m[:, :nq, :nk]
+
+
+def attention(q, k, v, mask=None, *, scale=None):
+    """Dense float64 softmax attention. mask broadcasts to (B, H, Nq, Nk); rows with no
+    allowed key give zeros. Returns (out, lse) in float64."""
+    q, k, v = (t.detach().to(torch.float64).cpu() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.cpu(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def attention_lowp(q, k, v, mask=None, *, scale=None):
+    """The same math done by plain PyTorch in the inputs' dtype (the FlashAttention test
+    rule compares our error against this one's)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    return p @ v
+
+
+def check_close(out, ref, *, lowp=None, dtype=None, what="out"):
+    """Asserts out (any dtype) is close to the float64 reference.
+
+    float64: 1e-10 absolute; float32: 2e-5 (a few ulp of O(1) values after D-length
+    dot products and an online softmax); bf16/fp16: the FlashAttention rule, error at
+    most 2x that of the same math in PyTorch at that dtype (lowp), plus a small floor
+    for outputs that round identically."""
+    dtype = dtype or out.dtype
+    err = (out.detach().double().cpu() - ref).abs().max().item() if out.numel() else 0.0
+    if dtype == torch.float64:
+        tol = 1e-10
+    elif dtype == torch.float32:
+        tol = 2e-5 * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    else:
+        assert lowp is not None, "low-precision checks need the PyTorch same-dtype result"
+        base = (lowp.detach().double().cpu() - ref).abs().max().item() if ref.numel() else 0.0
+        floor = 1e-3 if dtype == torch.float16 else 8e-3
+        tol = 2 * base + floor
+    assert err <= tol, f"{what}: max abs error {err:.3e} > tolerance {tol:.3e} ({dtype})"
+    return err
