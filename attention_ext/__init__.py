@@ -2,16 +2,26 @@
 
     import attention_ext
     out = attention_ext.flash_attention(q, k, v, causal=True)
+    out = attention_ext.sliding_window_attention(q, k, v, window=512, causal=True)
 
 Every op has CPU and CUDA kernels, forward and backward, fake kernels for
 torch.compile, and is reachable as ``torch.ops.attention_ext.*``.
 """
 
-from . import _isa
+from . import _isa, patterns
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
-from .functional import flash_attention
+from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
 
 _isa._select_at_import()
 
-__all__ = ["flash_attention", "available_cpu_isas", "cpu_isa", "set_cpu_isa"]
+__all__ = [
+    "flash_attention",
+    "sliding_window_attention",
+    "neighborhood_attention",
+    "block_sparse_attention",
+    "patterns",
+    "available_cpu_isas",
+    "cpu_isa",
+    "set_cpu_isa",
+]
 __version__ = "0.1.0"

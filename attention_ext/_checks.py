@@ -75,3 +75,41 @@ def integer(value, name, fn, *, minimum=None):
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
     return value
+
+
+def window(value, causal, fn):
+    """int w -> (w, w), or (w, 0) when causal; (left, right) ints >= 0."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{fn}: window must be an int or a (left, right) pair, got {value!r}")
+        left, right = value
+    else:
+        left = right = value
+    for name, x in (("window left", left), ("window right", right)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{fn}: window must hold ints, got {name} = {x!r}")
+        if x < 0:
+            raise ValueError(f"{fn}: window must be >= 0, got {name} = {x}")
+    left, right = int(left), int(right)
+    if causal:
+        right = 0
+    return left, right
+
+
+def global_tokens(value, batch, nk, device, fn):
+    """None, an int count of leading tokens, or a bool (B, Nk) mask -> (count, mask)."""
+    if value is None:
+        return 0, None
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.bool:
+            raise TypeError(f"{fn}: global_tokens mask must be a bool tensor, got dtype {value.dtype}")
+        if value.dim() == 1:
+            value = value.unsqueeze(0).expand(batch, -1)
+        if value.dim() != 2 or value.shape[0] != batch or value.shape[1] != nk:
+            raise ValueError(f"{fn}: global_tokens mask must have shape (batch={batch}, Nk={nk}) or (Nk,), "
+                             f"got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{fn}: global_tokens.device ({value.device}) must equal q.device ({device})")
+        return 0, value.contiguous()
+    count = integer(value, "global_tokens", fn, minimum=0)
+    return min(count, nk), None

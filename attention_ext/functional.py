@@ -47,3 +47,102 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     _checks.boolean(return_lse, "return_lse", fn)
     out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc)
     return (out, lse) if return_lse else out
+
+
+def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
+                             return_lse=False):
+    """Local attention: each query sees the keys of a window around its position.
+
+    Query ``i`` (at key position ``p = i + Nk - Nq``) sees key ``j`` iff
+    ``p - left*dilation <= j <= p + right*dilation`` and ``(p - j) % dilation == 0``
+    (Longformer's dilated windows). Cost grows with ``N * window``: key tiles outside the
+    window are never visited.
+
+    Args:
+        window: ``(left, right)`` reach in (dilated) steps, inclusive; an int ``w`` means
+            ``(w, w)``, or ``(w, 0)`` with ``causal``. ``(N, 0)`` with causal equals full
+            causal attention; a window covering the sequence equals flash_attention.
+        causal: also require ``j <= p`` (a right reach is then ignored).
+        dilation: stride between attended keys (>= 1).
+        global_tokens: Longformer global attention. An int ``g`` makes the first ``g`` key
+            positions global; a bool ``(B, Nk)`` (or ``(Nk,)``) mask flags any positions.
+            A global position attends to every key and every query attends to it
+            (causality, when on, still applies). Queries are global when their aligned
+            position is.
+        scale, return_lse: as in :func:`flash_attention`.
+    """
+    fn = "sliding_window_attention"
+    B, _, _, _, Nk = _checks.qkv(q, k, v, fn)
+    causal = _checks.boolean(causal, "causal", fn)
+    left, right = _checks.window(window, causal, fn)
+    dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
+    num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
+    sc = _checks.scale(scale, q.shape[-1], fn)
+    _checks.boolean(return_lse, "return_lse", fn)
+    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, left=left, right=right,
+                          dilation=dilation, num_global=num_global, global_mask=gmask)
+    return (out, lse) if return_lse else out
+
+
+def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, return_lse=False):
+    """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
+
+    Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
+    ``i`` sees the ``kernel_size`` group members centred on it; at the sequence edges
+    the window shifts inwards, so every query sees exactly ``kernel_size`` keys. With
+    ``causal``, it sees the ``kernel_size`` members ending at itself (fewer at the start).
+
+    Args:
+        kernel_size: odd int >= 1 with ``kernel_size * dilation <= N``.
+        dilation: int >= 1.
+    """
+    fn = "neighborhood_attention"
+    _, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
+    if Nq != Nk:
+        raise ValueError(f"{fn}: q and k must have the same sequence length, got Nq={Nq}, Nk={Nk}")
+    kernel_size = _checks.integer(kernel_size, "kernel_size", fn, minimum=1)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{fn}: kernel_size must be odd, got {kernel_size}")
+    dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
+    if Nk > 0 and kernel_size * dilation > Nk:
+        raise ValueError(f"{fn}: kernel_size * dilation = {kernel_size * dilation} exceeds the sequence length {Nk}")
+    causal = _checks.boolean(causal, "causal", fn)
+    sc = _checks.scale(scale, q.shape[-1], fn)
+    _checks.boolean(return_lse, "return_lse", fn)
+    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, kernel_size=kernel_size,
+                          dilation=dilation)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, return_lse=False):
+    """Attention restricted to the (query block, key block) pairs set in ``layout``.
+
+    Args:
+        layout: bool ``(H, ceil(Nq / block_size), ceil(Nk / block_size))`` with ``H`` 1
+            (shared by all heads) or ``Hq``; a 2-D layout is shared by all heads. Build
+            one with :mod:`attention_ext.patterns` (BigBird, Sparse Transformer strided /
+            fixed, Longformer).
+        block_size: tokens per layout block (>= 1).
+        causal: additionally mask keys after the query (needed inside diagonal blocks of
+            autoregressive patterns).
+    """
+    fn = "block_sparse_attention"
+    _, Hq, _, Nq, Nk = _checks.qkv(q, k, v, fn)
+    block_size = _checks.integer(block_size, "block_size", fn, minimum=1)
+    _checks.tensor(layout, "layout")
+    if layout.dtype != torch.bool:
+        raise TypeError(f"{fn}: layout must be a bool tensor, got dtype {layout.dtype}")
+    if layout.dim() == 2:
+        layout = layout.unsqueeze(0)
+    nqb, nkb = -(-Nq // block_size), -(-Nk // block_size)
+    if layout.dim() != 3 or layout.shape[0] not in (1, Hq) or tuple(layout.shape[1:]) != (nqb, nkb):
+        raise ValueError(f"{fn}: layout must have shape (1 or Hq={Hq}, {nqb}, {nkb}) for Nq={Nq}, Nk={Nk}, "
+                         f"block_size={block_size}; got {tuple(layout.shape)}")
+    if layout.device != q.device:
+        raise ValueError(f"{fn}: layout.device ({layout.device}) must equal q.device ({q.device})")
+    causal = _checks.boolean(causal, "causal", fn)
+    sc = _checks.scale(scale, q.shape[-1], fn)
+    _checks.boolean(return_lse, "return_lse", fn)
+    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, layout=layout.contiguous(),
+                          block_size=block_size)
+    return (out, lse) if return_lse else out

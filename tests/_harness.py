@@ -1,0 +1,54 @@
+"""Glue between our functions and the float64 reference: build inputs, run forward and
+backward on both, compare with the dtype rules of reference.check_close."""
+
+import torch
+
+import reference as R
+
+LOWP = (torch.float16, torch.bfloat16)
+
+
+def make_qkv(B, Hq, Hkv, Nq, Nk, D, *, Dv=None, dtype=torch.float32, device="cpu", scale_inputs=1.0):
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, Hq, Nq, D, dtype=torch.float64) * scale_inputs
+    k = torch.randn(B, Hkv, Nk, D, dtype=torch.float64) * scale_inputs
+    v = torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+
+
+def check_attention(fn, q, k, v, mask, *, scale=None, grads=True, fp32_grad_rel=1e-4):
+    """fn(q, k, v) -> (out, lse). Compares out, lse and (optionally) dq/dk/dv with the
+    float64 reference under `mask` (bool, broadcast to (B, Hq, Nq, Nk))."""
+    dtype = q.dtype
+    out, lse = fn(q, k, v)
+    # float64 CPU leaves, so the reference gradients are float64 too
+    q64, k64, v64 = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = R.attention(q64, k64, v64, mask, scale=scale)
+    assert out.shape == ref_out.shape and out.dtype == dtype and out.device == q.device
+    assert lse.shape == ref_lse.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+    lowp_out = R.attention_lowp(ql, kl, vl, mask, scale=scale) if dtype in LOWP else None
+    R.check_close(out, ref_out, lowp=lowp_out, what="out")
+    # lse is float32 (float64 for float64 inputs) for every input dtype; -inf where a row
+    # sees nothing
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse.cpu()), ~finite), "lse must be -inf exactly on rows with no visible key"
+    lse_tol = 1e-9 if dtype == torch.float64 else 1e-4
+    if finite.any():
+        err = (lse.detach().double().cpu()[finite] - ref_lse.detach()[finite]).abs().max().item()
+        assert err <= lse_tol * max(1.0, ref_lse.detach()[finite].abs().max().item()), f"lse error {err}"
+    assert not torch.isnan(out).any()
+    if not grads:
+        return out, lse
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    rq, rk, rv = torch.autograd.grad(ref_out, (q64, k64, v64), g.double().cpu())
+    lowp = (None, None, None)
+    if dtype in LOWP:
+        lowp = torch.autograd.grad(lowp_out, (ql, kl, vl), g)
+    for name, ours, ref, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), lowp):
+        assert ours.shape == ref.shape and ours.dtype == dtype
+        assert not torch.isnan(ours).any(), f"{name} has NaN"
+        R.check_close(ours, ref, lowp=lp, what=name, fp32_rel=fp32_grad_rel)
+    return out, lse
