@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import ctypes
+import gc
+
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -46,6 +49,21 @@ def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
     return {k: (None if k in errors else v) for k, v in best.items()}, errors
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+if _LIBC is not None:
+    # Big blocks through mmap, returned to the system on free: otherwise glibc keeps
+    # freed memory mapped and reuses it, and the peak RSS of a later contender would
+    # not show what it allocated. M_MMAP_THRESHOLD = -3.
+    _LIBC.mallopt(-3, 1 << 20)
+
+
 def _read_hwm_kb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -74,6 +92,9 @@ def peak_memory_mb(fn, device="cpu"):
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -1,0 +1,106 @@
+"""flash_attention vs PyTorch SDPA (its CPU flash kernel) and a naive matmul-softmax-matmul.
+
+B=1, H=8, N in {1024, 4096, 8192}, D in {64, 128}, causal and not, fp32 and bf16, forward
+and forward+backward. Reports best-of-rounds times, SDPA/ours ratios (> 1: ours is
+faster), achieved GFLOP/s next to the machine's GEMM GFLOP/s for the dtype (measured in
+the same run), and the peak memory each contender adds.
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import attention_ext as ae
+
+from . import _util as U
+
+
+def naive(q, k, v, causal):
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def gemm_gflops(dtype, n=2048, rounds=3):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, _ = U.interleaved({"mm": lambda: a @ b}, rounds=rounds)
+    return 2 * n**3 / best["mm"] / 1e9 if best["mm"] else None
+
+
+def attention_flops(n, d, causal, h=8, b=1):
+    f = 4 * b * h * n * n * d
+    return f / 2 if causal else f
+
+
+def run_case(dtype, n, d, causal, rounds, with_naive):
+    q, k, v = (torch.randn(1, 8, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 8, n, d, dtype=dtype)
+    fwd = {
+        "ours": lambda: ae.flash_attention(q, k, v, causal=causal),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    }
+    if with_naive:
+        fwd["naive"] = lambda: naive(q, k, v, causal)
+
+    def fwd_bwd(f):
+        return lambda: torch.autograd.grad(f(), (q, k, v), g)
+
+    both = {name: fwd_bwd(f) for name, f in fwd.items()}
+    with torch.no_grad():
+        t_f, err_f = U.interleaved(fwd, rounds=rounds)
+    t_b, err_b = U.interleaved(both, rounds=rounds)
+    mem = {}
+    for name, f in both.items():
+        if name not in err_b:
+            mem[name] = U.peak_memory_mb(f)
+    return t_f, t_b, mem, {**err_f, **err_b}
+
+
+def main(args, rest):
+    p = argparse.ArgumentParser(prog="python -m benchmarks flash")
+    p.add_argument("--sizes", type=int, nargs="*", default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    opts = p.parse_args(rest)
+    sizes = opts.sizes or ([256, 512] if args.quick else [1024, 4096, 8192])
+    rounds = 1 if args.quick else opts.rounds
+    rows = []
+    gemm = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gemm[dtype] = gemm_gflops(dtype)
+        for d in (64, 128):
+            for n in sizes:
+                for causal in (False, True):
+                    with_naive = n <= 4096 and (dtype == torch.float32 or n <= 1024)
+                    t_f, t_b, mem, errs = run_case(dtype, n, d, causal, rounds, with_naive)
+                    fl = attention_flops(n, d, causal)
+                    row = {
+                        "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
+                        "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa ms": t_f["sdpa"] * 1e3 if t_f["sdpa"] else None,
+                        "fwd sdpa/ours": t_f["sdpa"] / t_f["ours"] if t_f["sdpa"] else None,
+                        "fwd naive/ours": t_f["naive"] / t_f["ours"] if t_f.get("naive") else None,
+                        "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
+                        "f+b ours ms": t_b["ours"] * 1e3,
+                        "f+b sdpa/ours": t_b["sdpa"] / t_b["ours"] if t_b["sdpa"] else None,
+                        "f+b naive/ours": t_b["naive"] / t_b["ours"] if t_b.get("naive") else None,
+                        "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
+                        "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"),
+                        "mem naive MiB": mem.get("naive"),
+                    }
+                    rows.append(row)
+                    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()},
+                          errs or "", flush=True)
+    cols = list(rows[0].keys())
+    body = U.header("flash_attention vs SDPA (CPU flash) and naive, B=1 H=8", U.command_line())
+    body += ("\nRatios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
+             "(half with causal) forward and 3.5x that for forward+backward. GEMM roof measured in this run: "
+             + ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in gemm.items() if v)
+             + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
+             "contender runs only where it fits in reasonable time.\n\n")
+    body += U.table(rows, cols)
+    print(body)
+    if not args.no_write and not args.quick:
+        U.write_section("flash", body)
