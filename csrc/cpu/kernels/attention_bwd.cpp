@@ -14,6 +14,7 @@
 #include "../../common/mask.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "softmax_tile.h"
 #include "tile_util.h"
 
 namespace attention_ext::cpu {
@@ -144,27 +145,36 @@ void bwd_impl(const AttentionBwdArgs& a) {
           const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
           const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
           if (cls == kEmpty) continue;
-          gemm<acc_t>(nk, BQ, D, k_rows + k0 * Dp, Dp, 1, q_t(bhq) + q0 * D, BQ, st, BQ, false);
-          gemm<acc_t>(nk, BQ, Dv, v_rows + k0 * Dv, Dv, 1, do_t(bhq) + q0 * Dv, BQ, dpt, BQ, false);
-          const acc_t* l2 = lse2(bhq) + q0;
-          const acc_t* dl = delta(bhq) + q0;
-          for (int64_t r = 0; r < nk; ++r) {
-            acc_t* pr = st + r * BQ;
-            acc_t* dr = dpt + r * BQ;
-            for (int64_t i = 0; i < BQ; i += VL) {
+          // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
+          int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
+          if (cls == kPartial && trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1)) {
+            if (i0 >= i1) continue;
+            i0 -= i0 % VL;  // queries are the columns of the transposed products
+          }
+          const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
+          acc_t* st0 = st + j0 * BQ + i0;
+          acc_t* dpt0 = dpt + j0 * BQ + i0;
+          gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(bhq) + q0 * D + i0, BQ, st0, BQ, false);
+          gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(bhq) + q0 * Dv + i0, BQ, dpt0, BQ, false);
+          const acc_t* l2 = lse2(bhq) + q0 + i0;
+          const acc_t* dl = delta(bhq) + q0 + i0;
+          for (int64_t r = 0; r < nj; ++r) {
+            acc_t* pr = st0 + r * BQ;
+            acc_t* dr = dpt0 + r * BQ;
+            for (int64_t i = 0; i < ni_vec; i += VL) {
               const V p = exp2_poly(at::vec::fmsub(V::loadu(pr + i), V(c_scale), V::loadu(l2 + i)));
               p.store(pr + i);
               (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
             }
           }
           if (cls == kPartial) {
-            mask_tile_t(mask, b, h, q0, mq, k0, nk, st, BQ);
-            mask_tile_t(mask, b, h, q0, mq, k0, nk, dpt, BQ);
+            mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, st0, BQ);
+            mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);
           }
-          // dpt now holds dS^T
-          gemm<acc_t>(nk, Dvp, mq, st, BQ, 1, do_rows(bhq) + q0 * Dvp, Dvp, dv_acc, Dvp, true);
-          gemm<acc_t>(nk, Dp, mq, dpt, BQ, 1, q_rows(bhq) + q0 * Dp, Dp, dk_acc, Dp, true);
-          gemm<acc_t>(mq, Dp, nk, dpt, 1, BQ, k_rows + k0 * Dp, Dp, dq_acc + q0 * Dp, Dp, true);
+          // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
+          gemm<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_acc + j0 * Dvp, Dvp, true);
+          gemm<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_acc + j0 * Dp, Dp, true);
+          gemm<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp, true);
         }
       }
       scalar_t* dk_out = dk + ((b * a.Hkv + hk) * a.Nk + k0) * D;

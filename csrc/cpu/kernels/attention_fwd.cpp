@@ -79,14 +79,23 @@ void fwd_impl(const AttentionFwdArgs& a) {
       const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
       const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
       if (cls == kEmpty) continue;
-      gemm<acc_t>(mq, round_up(nk, VL), D, qs, D, 1, kT_head + kt * kt_tile, BK, s, BK, false);
-      for (int64_t r = 0; r < mq; ++r) {
-        acc_t* row = s + r * BK;
-        if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0, nk, row);
-        const acc_t alpha = online_softmax_row(row, nk, row_max[r], row_sum[r]);
+      // rows [r0, r1) x columns [c0, c1) of the tile hold everything allowed
+      int64_t r0 = 0, r1 = mq, c0 = 0, c1 = nk;
+      if (cls == kPartial && trim_tile(mask, q0, mq, k0, nk, &r0, &r1, &c0, &c1)) {
+        if (r0 >= r1) continue;
+        c0 -= c0 % VL;  // the score product's columns start on a vector boundary
+      }
+      const int64_t nc = c1 - c0;
+      acc_t* s0 = s + c0;
+      gemm<acc_t>(r1 - r0, round_up(nc, VL), D, qs + r0 * D, D, 1, kT_head + kt * kt_tile + c0, BK, s0 + r0 * BK,
+                  BK, false);
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t* row = s0 + r * BK;
+        if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
+        const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
-      gemm<acc_t>(mq, Dvp, nk, s, BK, 1, v_head + k0 * Dvp, Dvp, o, Dvp, true);
+      gemm<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_head + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp, true);
     }
 
     scalar_t* out_t = out + ((b * a.Hq + h) * a.Nq + q0) * a.Dv;

@@ -21,6 +21,28 @@ inline void mask_row(const MaskSpec& m, int64_t b, int64_t h, int64_t i, int64_t
     if (!allowed(m, b, h, i, k0 + c)) row[c] = kNegInf<acc_t>;
 }
 
+// Smallest sub-rectangle [*r0, *r1) x [*c0, *c1) (offsets inside the tile q0.. x k0..)
+// holding every allowed element of a Partial tile whose rows are intervals (windows,
+// neighborhoods, causal diagonals): the products then skip what the band leaves out.
+// Returns false when rows are not intervals (the whole tile is computed instead).
+inline bool trim_tile(const MaskSpec& m, int64_t q0, int64_t mq, int64_t k0, int64_t nk, int64_t* r0,
+                      int64_t* r1, int64_t* c0, int64_t* c1) {
+  int64_t rb = mq, re = 0, cb = nk, ce = 0;
+  for (int64_t r = 0; r < mq; ++r) {
+    int64_t j0, j1;
+    if (!row_interval(m, q0 + r, &j0, &j1)) return false;
+    j0 = std::max(j0 - k0, int64_t(0));
+    j1 = std::min(j1 - k0, nk);
+    if (j0 >= j1) continue;
+    rb = std::min(rb, r);
+    re = r + 1;
+    cb = std::min(cb, j0);
+    ce = std::max(ce, j1);
+  }
+  *r0 = rb, *r1 = re, *c0 = cb, *c1 = ce;
+  return true;
+}
+
 // Online softmax over one row of base-2 scores s[0, n): updates the running max and
 // sum, turns s into probabilities relative to the new max, and returns the factor the
 // row's output accumulator must be rescaled by. A row with nothing visible so far keeps
@@ -31,13 +53,20 @@ inline acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_
   constexpr int64_t VL = V::size();
   V vmax(kNegInf<acc_t>);
   int64_t c = 0;
-  for (; c + VL <= n; c += VL) vmax = at::vec::maximum(vmax, V::loadu(s + c));
+  for (; c + VL <= n; c += VL) vmax = fast_max(vmax, V::loadu(s + c));
   acc_t mx = hmax(vmax);
   for (; c < n; ++c) mx = std::max(mx, s[c]);
-  const acc_t m_new = std::max(row_max, mx);
+  acc_t m_new = std::max(row_max, mx);
   if (m_new == kNegInf<acc_t>) {
-    std::fill(s, s + n, acc_t(0));
-    return acc_t(1);
+    // nothing visible so far, unless a visible score is NaN (the fast max drops NaN):
+    // then go on with a finite reference so the NaN reaches the output
+    bool nan = false;
+    for (c = 0; c < n; ++c) nan |= std::isnan(s[c]);
+    if (!nan) {
+      std::fill(s, s + n, acc_t(0));
+      return acc_t(1);
+    }
+    m_new = acc_t(0);
   }
   const V vm(m_new);
   V vsum(acc_t(0));

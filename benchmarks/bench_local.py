@@ -1,0 +1,134 @@
+"""sliding_window_attention vs SDPA with a dense boolean mask, compiled FlexAttention with a
+sliding-window block mask (forward only: FlexAttention has no CPU backward), and the
+naive masked reference.
+
+Causal windows (query i sees keys i-w..i), B=1, H=8, D=64, N = 2k..64k, windows 256 and
+1024, fp32 and bf16, plus the target point N=16384, window 512. Reports times, peer/ours
+ratios, our scaling ratio t(2N)/t(N), and peak memory of forward+backward.
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import attention_ext as ae
+
+from . import _util as U
+
+
+def dense_mask(n, w):
+    i = torch.arange(n).view(-1, 1)
+    j = torch.arange(n).view(1, -1)
+    return (j <= i) & (j >= i - w)
+
+
+def naive(q, k, v, mask):
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+_flex_cache = {}
+
+
+def flex_fn(n, w, dtype):
+    """Compiled flex_attention and its block mask for this size (compiled once)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex_cache:
+        _flex_cache["fn"] = torch.compile(flex_attention, dynamic=False)
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= w)
+
+    bm = create_block_mask(sliding, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
+    fn = _flex_cache["fn"]
+    return lambda q, k, v: fn(q, k, v, block_mask=bm)
+
+
+def window_flops(n, w, d=64, h=8):
+    # allowed (query, key) pairs of a causal window, 4·D flops each
+    pairs = sum(min(i, w) + 1 for i in range(n)) if n <= 4096 else n * (w + 1) - w * (w + 1) // 2
+    return 4 * h * pairs * d
+
+
+def run_case(n, w, dtype, rounds, peers):
+    d = 64
+    q, k, v = (torch.randn(1, 8, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 8, n, d, dtype=dtype)
+    fwd = {"ours": lambda: ae.sliding_window_attention(q, k, v, w, causal=True)}
+    errors = {}
+    if "sdpa" in peers:
+        mask = dense_mask(n, w)
+        fwd["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if "naive" in peers:
+        mask = dense_mask(n, w)
+        fwd["naive"] = lambda: naive(q, k, v, mask)
+    if "flex" in peers:
+        try:
+            fx = flex_fn(n, w, dtype)
+            fwd["flex"] = lambda: fx(q, k, v)
+        except Exception as e:  # noqa: BLE001
+            errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    with torch.no_grad():
+        t_f, e = U.interleaved(fwd, rounds=rounds)
+    errors.update(e)
+    both = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), g)) for name, f in fwd.items() if name != "flex"}
+    t_b, e = U.interleaved(both, rounds=rounds)
+    errors.update(e)
+    mem = {name: U.peak_memory_mb(f) for name, f in both.items() if t_b.get(name)}
+    return t_f, t_b, mem, errors
+
+
+def main(args, rest):
+    p = argparse.ArgumentParser(prog="python -m benchmarks local")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-n", type=int, default=65536)
+    opts = p.parse_args(rest)
+    rounds = 1 if args.quick else opts.rounds
+    sizes = [1024, 2048] if args.quick else [n for n in (2048, 4096, 8192, 16384, 32768, 65536) if n <= opts.max_n]
+    cases = [(torch.float32, 512, 16384)] if not args.quick else []
+    for dtype in (torch.float32, torch.bfloat16):
+        for w in (256, 1024):
+            cases += [(dtype, w, n) for n in sizes]
+    rows, times = [], {}
+    for dtype, w, n in cases:
+        peers = {"flex"}
+        if n <= 16384:
+            peers.add("sdpa")
+        if n <= 8192 and dtype == torch.float32:
+            peers.add("naive")
+        t_f, t_b, mem, errs = run_case(n, w, dtype, rounds, peers)
+        times[(dtype, w, n)] = (t_f["ours"], t_b["ours"])
+        prev = times.get((dtype, w, n // 2))
+        fl = window_flops(n, w)
+        row = {
+            "dtype": str(dtype).replace("torch.", ""), "N": n, "window": w,
+            "fwd ours ms": t_f["ours"] * 1e3,
+            "fwd sdpa/ours": t_f["sdpa"] / t_f["ours"] if t_f.get("sdpa") else None,
+            "fwd flex/ours": t_f["flex"] / t_f["ours"] if t_f.get("flex") else None,
+            "fwd naive/ours": t_f["naive"] / t_f["ours"] if t_f.get("naive") else None,
+            "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
+            "f+b ours ms": t_b["ours"] * 1e3,
+            "f+b sdpa/ours": t_b["sdpa"] / t_b["ours"] if t_b.get("sdpa") else None,
+            "f+b naive/ours": t_b["naive"] / t_b["ours"] if t_b.get("naive") else None,
+            "fwd t(2N)/t(N)": t_f["ours"] / prev[0] if prev else None,
+            "f+b t(2N)/t(N)": t_b["ours"] / prev[1] if prev else None,
+            "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"), "mem naive MiB": mem.get("naive"),
+        }
+        rows.append(row)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
+        if errs:
+            row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
+    cols = list(rows[0].keys()) + (["notes"] if any("notes" in r for r in rows) else [])
+    body = U.header("sliding_window_attention (causal) vs SDPA + dense mask, compiled FlexAttention, naive; "
+                    "B=1 H=8 D=64", U.command_line())
+    body += ("\nRatios are peer time / our time (> 1: ours faster). FlexAttention runs forward only (no CPU "
+             "backward); SDPA with a dense mask runs up to N=16k, naive up to 8k (fp32). GFLOP/s count 4·D "
+             "flops per allowed (query, key) pair. Peak memory: forward+backward, process peak RSS above "
+             "the start.\n\n")
+    body += U.table(rows, cols)
+    print(body)
+    if not args.no_write and not args.quick:
+        U.write_section("local", body)
