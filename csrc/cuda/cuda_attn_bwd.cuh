@@ -362,8 +362,9 @@ template <typename T, int D>
 void launch_tc_bwd_dkdv(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<D>;
   auto kernel = tc_bwd_dkdv_kernel<T, D>;
-  if (Cfg::SMEM > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
+  // Always opt in: the kernel's static shared memory (mask spec, tile schedule) counts
+  // against the default 48 KB too.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
   const int64_t blocks = p.B * p.Hkv * ((p.Nk + Cfg::BN - 1) / Cfg::BN);
   kernel<<<dim3(static_cast<unsigned>(blocks)), Cfg::NTHREADS, Cfg::SMEM, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -373,8 +374,9 @@ template <typename T, int D>
 void launch_tc_bwd_dq(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = DqCfg<D>;
   auto kernel = tc_bwd_dq_kernel<T, D>;
-  if (Cfg::SMEM > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
+  // Always opt in: the kernel's static shared memory (mask spec, tile schedule) counts
+  // against the default 48 KB too.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
   const int64_t blocks = p.B * p.Hq * ((p.Nq + Cfg::BM - 1) / Cfg::BM);
   kernel<<<dim3(static_cast<unsigned>(blocks)), Cfg::NTHREADS, Cfg::SMEM, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/mask.h"
 
@@ -198,6 +199,59 @@ AE_DEV void gemm_rb(float (&acc)[NT][4], const uint32_t (&a)[KS][4], const T* sB
   }
 }
 
+// Multi-row versions: a warp owns MW 16-row atoms (rows a_row0 + 16 m), so every B
+// fragment loaded from shared memory feeds MW mma instead of one (MW = 2 halves the
+// shared-memory traffic per flop of the forward pass).
+template <typename T, int MW, int NT, int COLS>
+AE_DEV void gemm_abt_mw(float (&acc)[MW][NT][4], const T* sA, int a_row0, const T* sB, int b_row0, int k_valid) {
+  static_assert(NT % 2 == 0, "B is loaded two n-tiles at a time");
+  const int lane = threadIdx.x & 31;
+  const LaneOffsets<COLS> la(lane & 15, lane >> 4);
+  const LaneOffsets<COLS> lb((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+  const T* pa = sA + a_row0 * COLS;
+  const T* pb = sB + b_row0 * COLS;
+#pragma unroll
+  for (int ks = 0; ks < COLS / 16; ++ks) {
+    if (ks * 16 >= k_valid) break;
+    uint32_t a[MW][4];
+#pragma unroll
+    for (int m = 0; m < MW; ++m) ldmatrix_x4(a[m], pa + la.at(16 * m, 2 * ks));
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      ldmatrix_x4(b, pb + lb.at(nt * 8, 2 * ks));
+#pragma unroll
+      for (int m = 0; m < MW; ++m) {
+        MmaOp<T>::mma(acc[m][nt], a[m], b[0], b[1]);
+        MmaOp<T>::mma(acc[m][nt + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <typename T, int MW, int NT, int KS, int COLS>
+AE_DEV void gemm_rb_mw(float (&acc)[MW][NT][4], const uint32_t (&a)[MW][KS][4], const T* sB, int b_row0, int chunk0,
+                       int n_valid) {
+  static_assert(NT % 2 == 0, "B is loaded two n-tiles at a time");
+  const int lane = threadIdx.x & 31;
+  const LaneOffsets<COLS> lb((lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+  const T* pb = sB + b_row0 * COLS + chunk0 * 8;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt += 2) {
+    if ((chunk0 + nt) * 8 >= n_valid) break;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, pb + lb.at(ks * 16, nt));
+#pragma unroll
+      for (int m = 0; m < MW; ++m) {
+        MmaOp<T>::mma(acc[m][nt], a[m][ks], b[0], b[1]);
+        MmaOp<T>::mma(acc[m][nt + 1], a[m][ks], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Accumulators of a 16 x 16*KS product -> A fragments of the next product (the C layout
 // of n-tiles 2ks, 2ks+1 is exactly the A layout of k-step ks).
 template <typename T, int KS>
@@ -313,6 +367,10 @@ AE_DEV int sched_fill(SchedShared& sh, int64_t& pos, int64_t end, ClassFn cls_of
   __syncthreads();
   return sh.count;
 }
+
+// cuda_attn_ops.cu reserves 2 KB of shared memory for what the kernels declare statically
+static_assert(sizeof(MaskSpec) + sizeof(SchedShared) + 64 <= 2048, "static shared memory exceeds its reserve");
+static_assert(std::is_trivially_copyable_v<MaskSpec>, "the mask spec is copied into shared memory as bytes");
 
 AE_DEV int64_t sched_index(int32_t e) { return e >> 2; }
 AE_DEV int sched_class(int32_t e) { return e & 3; }

@@ -41,8 +41,10 @@ Strides4 strides4(const at::Tensor& t) {
 // Head-dim bucket of the tensor-core kernels, 0 when none fits.
 int tc_bucket(int64_t d8) { return d8 <= 64 ? 64 : d8 <= 128 ? 128 : d8 <= 256 ? 256 : 0; }
 
+// bytes of dynamic shared memory, plus the kernels' static shared memory (mask spec and
+// tile schedule, under 2 KB)
 bool smem_fits(size_t bytes) {
-  return bytes <= static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return bytes + 2048 <= static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
 
 bool tc_arch() { return at::cuda::getCurrentDeviceProperties()->major >= 8; }

@@ -60,12 +60,13 @@ struct TcBwdParams {
 constexpr int64_t kLseRowPad = 128;
 
 // Tile configurations per head-dim bucket D (64, 128, 256); 16-bit elements.
-// Forward: BM query rows (16 per warp) x BN keys; smem Q + K + V.
+// Forward: BM query rows (16 * MW per warp) x BN keys; smem Q + K + V.
 template <int D>
 struct FwdCfg {
-  static constexpr int NWARPS = D <= 128 ? 8 : 4;
-  static constexpr int BM = 16 * NWARPS;
-  static constexpr int BN = D <= 128 ? 64 : 32;
+  static constexpr int NWARPS = 4;
+  static constexpr int MW = D <= 128 ? 2 : 1;  // 16-row atoms per warp (the O accumulator limits D = 256 to one)
+  static constexpr int BM = 16 * MW * NWARPS;
+  static constexpr int BN = D <= 64 ? 64 : 32;  // 64 keys spill registers at D = 128 with MW = 2
   static constexpr int NTHREADS = 32 * NWARPS;
   static constexpr size_t SMEM = size_t(BM + 2 * BN) * D * 2;
 };
