@@ -1,0 +1,250 @@
+"""GPU timing check of the CUDA attention kernels (self-contained; run on a GPU machine).
+
+    PYTHONPATH=. python benchmarks/gpu_attention_check.py [--budget 60] [--quick]
+
+Times, with CUDA events (best of several runs after warm-up), bf16, H=16, D=128:
+  * our attention_fwd and fwd+bwd against F.scaled_dot_product_attention restricted to
+    the flash backend (torch.nn.attention.sdpa_kernel), causal and not, N 2k..16k;
+  * a causal sliding window of 1024 against compiled FlexAttention with a sliding-window
+    block mask, N 8k..64k.
+Prints markdown tables with times, our speed relative to the peer (peer time / our
+time, > 1 means we are faster) and TFLOP/s counted over the pairs the mask allows
+(fwd 4*D flops per allowed pair, fwd+bwd 3.5x that). A peer that fails is reported,
+not fatal. Sections stop early once --budget seconds have passed.
+"""
+
+import argparse
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import attention_ext  # noqa: F401
+
+OPS = torch.ops.attention_ext
+
+
+def time_ms(fn, reps=10, warmup=2):
+    """Best of `reps` runs, in milliseconds (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b))
+    return best
+
+
+def reps_for(ms_guess):
+    return max(3, min(20, int(300 / max(ms_guess, 1e-3))))
+
+
+def pairs_causal(nq, nk):
+    # bottom-right aligned: row i sees keys j <= i + nk - nq
+    off = nk - nq
+    return sum(max(0, min(nk, i + off + 1)) for i in range(nq))
+
+
+def pairs_window_causal(n, w):
+    return sum(min(i + 1, w + 1) for i in range(n))
+
+
+def ours(q, k, v, *, kind=0, causal=False, left=0, right=0, scale):
+    return OPS.attention_fwd(q, k, v, None, None, kind, causal, left, right, 1, 1, 0, 1, scale)
+
+
+def ours_fwd_bwd(q, k, v, g, **kw):
+    out, lse = ours(q, k, v, **kw)
+    return OPS.attention_bwd(g, None, q, k, v, out, lse, None, None, kw.get("kind", 0), kw.get("causal", False),
+                             kw.get("left", 0), kw.get("right", 0), 1, 1, 0, 1, kw["scale"])
+
+
+def fmt(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def short_error(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def sdpa_section(args, t_start, rows):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, D = 16, 128
+    shapes = [(4, 2048), (2, 4096), (1, 8192), (1, 16384)] if not args.quick else [(2, 4096)]
+    for B, N in shapes:
+        for causal in (False, True):
+            if time.time() - t_start > args.budget:
+                rows.append(f"| {B} | {N} | {causal} | skipped (budget) | | | | | | |")
+                continue
+            q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            g = torch.randn_like(q)
+            scale = 1.0 / math.sqrt(D)
+            pairs = B * H * (pairs_causal(N, N) if causal else N * N)
+            fl_f, fl_fb = 4 * D * pairs, 3.5 * 4 * D * pairs
+            qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+            def sd_f():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            def sd_fb():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    out = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal)
+                return torch.autograd.grad(out, (qr, kr, vr), g)
+
+            res = {}
+            for name, fn in (("ours_f", lambda: ours(q, k, v, causal=causal, scale=scale)),
+                             ("ours_fb", lambda: ours_fwd_bwd(q, k, v, g, causal=causal, scale=scale)),
+                             ("sdpa_f", sd_f), ("sdpa_fb", sd_fb)):
+                try:
+                    t0 = time_ms(fn, reps=1, warmup=1)
+                    res[name] = time_ms(fn, reps=reps_for(t0), warmup=1)
+                except Exception as e:  # noqa: BLE001 - a failing contender is a result
+                    res[name] = None
+                    print(f"[sdpa B={B} N={N} causal={causal}] {name} failed: {short_error(e)}")
+            # sanity: our output against the flash backend's
+            err = None
+            try:
+                err = (ours(q, k, v, causal=causal, scale=scale)[0].float() - sd_f().float()).abs().max().item()
+            except Exception as e:  # noqa: BLE001
+                print(f"[sdpa B={B} N={N}] comparison failed: {short_error(e)}")
+
+            def ratio(a, b):
+                return None if res[a] is None or res[b] is None else res[b] / res[a]
+
+            def tf(name, flops):
+                return None if res[name] is None else flops / (res[name] * 1e-3) / 1e12
+
+            rows.append(f"| {B} | {N} | {causal} | {fmt(res['ours_f'])} | {fmt(res['sdpa_f'])} | "
+                        f"{fmt(ratio('ours_f', 'sdpa_f'), 2)} | {fmt(tf('ours_f', fl_f), 0)} / "
+                        f"{fmt(tf('sdpa_f', fl_f), 0)} | {fmt(res['ours_fb'])} | {fmt(res['sdpa_fb'])} | "
+                        f"{fmt(ratio('ours_fb', 'sdpa_fb'), 2)} | {fmt(tf('ours_fb', fl_fb), 0)} / "
+                        f"{fmt(tf('sdpa_fb', fl_fb), 0)} | {fmt(err, 4)} |")
+            del q, k, v, g, qr, kr, vr
+            torch.cuda.empty_cache()
+
+
+def flex_section(args, t_start, rows):
+    H, D, W = 16, 128, 1024
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        rows.append(f"| all | FlexAttention unavailable: {short_error(e)} | | | | | | | |")
+        return
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= W)
+
+    sizes = [8192, 16384, 32768, 65536] if not args.quick else [8192]
+    for N in sizes:
+        if time.time() - t_start > args.budget:
+            rows.append(f"| {N} | skipped (budget) | | | | | | | |")
+            continue
+        B = 1
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        g = torch.randn_like(q)
+        scale = 1.0 / math.sqrt(D)
+        pairs = B * H * pairs_window_causal(N, W)
+        fl_f, fl_fb = 4 * D * pairs, 3.5 * 4 * D * pairs
+        kw = dict(kind=1, causal=True, left=W, right=0, scale=scale)
+        res, flex_err = {}, None
+        for name, fn in (("ours_f", lambda: ours(q, k, v, **kw)), ("ours_fb", lambda: ours_fwd_bwd(q, k, v, g, **kw))):
+            try:
+                t0 = time_ms(fn, reps=1, warmup=1)
+                res[name] = time_ms(fn, reps=reps_for(t0), warmup=1)
+            except Exception as e:  # noqa: BLE001
+                res[name] = None
+                print(f"[window N={N}] {name} failed: {short_error(e)}")
+        err = None
+        try:
+            bm = create_block_mask(sliding, None, None, N, N, device="cuda")
+            qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+            def fx_f():
+                return flex(q, k, v, block_mask=bm, scale=scale)
+
+            def fx_fb():
+                out = flex(qr, kr, vr, block_mask=bm, scale=scale)
+                return torch.autograd.grad(out, (qr, kr, vr), g)
+
+            for name, fn in (("flex_f", fx_f), ("flex_fb", fx_fb)):
+                t0 = time_ms(fn, reps=1, warmup=1)
+                res[name] = time_ms(fn, reps=reps_for(t0), warmup=1)
+            err = (ours(q, k, v, **kw)[0].float() - fx_f().float()).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            flex_err = short_error(e)
+            res.setdefault("flex_f", None)
+            res.setdefault("flex_fb", None)
+            print(f"[window N={N}] FlexAttention failed: {flex_err}")
+            traceback.print_exc(limit=2)
+
+        def ratio(a, b):
+            return None if res.get(a) is None or res.get(b) is None else res[b] / res[a]
+
+        def tf(name, flops):
+            return None if res.get(name) is None else flops / (res[name] * 1e-3) / 1e12
+
+        note = f" ({flex_err})" if flex_err else ""
+        rows.append(f"| {N} | {fmt(res['ours_f'])} | {fmt(res['flex_f'])}{note} | {fmt(ratio('ours_f', 'flex_f'), 2)} | "
+                    f"{fmt(tf('ours_f', fl_f), 0)} / {fmt(tf('flex_f', fl_f), 0)} | {fmt(res['ours_fb'])} | "
+                    f"{fmt(res['flex_fb'])} | {fmt(ratio('ours_fb', 'flex_fb'), 2)} | "
+                    f"{fmt(tf('ours_fb', fl_fb), 0)} / {fmt(tf('flex_fb', fl_fb), 0)} | {fmt(err, 4)} |")
+        del q, k, v, g
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds per section before skipping sizes")
+    ap.add_argument("--quick", action="store_true", help="one size per section")
+    ap.add_argument("--skip-sdpa", action="store_true")
+    ap.add_argument("--skip-flex", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"cuda_built={attention_ext._C.cuda_built}")
+    sdpa_rows, flex_rows = [], []
+    if not args.skip_sdpa:
+        t0 = time.time()
+        try:
+            sdpa_section(args, t0, sdpa_rows)
+        except Exception as e:  # noqa: BLE001
+            sdpa_rows.append(f"| section failed: {short_error(e)} |")
+            traceback.print_exc()
+    if not args.skip_flex:
+        t0 = time.time()
+        try:
+            flex_section(args, t0, flex_rows)
+        except Exception as e:  # noqa: BLE001
+            flex_rows.append(f"| section failed: {short_error(e)} |")
+            traceback.print_exc()
+    if sdpa_rows:
+        print("\n### bf16, H=16, D=128: ours vs SDPA flash backend (times in ms; speed = SDPA time / ours)\n")
+        print("| B | N | causal | ours fwd | sdpa fwd | speed fwd | TFLOP/s fwd ours / sdpa | ours fwd+bwd | "
+              "sdpa fwd+bwd | speed fwd+bwd | TFLOP/s fwd+bwd ours / sdpa | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(sdpa_rows))
+    if flex_rows:
+        print("\n### bf16, B=1, H=16, D=128, causal sliding window 1024: ours vs compiled FlexAttention "
+              "(times in ms; speed = Flex time / ours)\n")
+        print("| N | ours fwd | flex fwd | speed fwd | TFLOP/s fwd ours / flex | ours fwd+bwd | flex fwd+bwd | "
+              "speed fwd+bwd | TFLOP/s fwd+bwd ours / flex | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(flex_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
