@@ -75,3 +75,60 @@ def integer(value, name, fn, *, minimum=None):
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
     return value
+
+
+# ---- linear attention --------------------------------------------------------------
+
+LINEAR_MAX_DIM = 4096  # csrc/common/linear_args.h kLinearMaxDim
+
+
+def linear_qkv(q, k, v, fn):
+    """Checks q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) for the linear
+    attention ops (any D, Dv in 1..LINEAR_MAX_DIM on every device); returns
+    (B, Hq, Hkv, Nq, Nk, D, Dv)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, dim), got shape {tuple(t.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: q.dtype must be one of float32, float64, bfloat16, float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype})")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name}.device ({t.device}) must equal q.device ({q.device})")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{fn}: {name}.shape[0] (batch) = {t.shape[0]} must equal q.shape[0] = {q.shape[0]}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if v.shape[1] != Hkv:
+        raise ValueError(f"{fn}: v.shape[1] (heads) = {v.shape[1]} must equal k.shape[1] = {Hkv}")
+    if v.shape[2] != Nk:
+        raise ValueError(f"{fn}: v.shape[2] (seq) = {v.shape[2]} must equal k.shape[2] = {Nk}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"{fn}: q heads (q.shape[1]={Hq}) must be a positive multiple of k/v heads "
+                         f"(k.shape[1]={Hkv})")
+    if k.shape[3] != D:
+        raise ValueError(f"{fn}: k.shape[-1] (feature dim) = {k.shape[3]} must equal q.shape[-1] = {D}")
+    for name, dim in (("q.shape[-1]", D), ("v.shape[-1]", Dv)):
+        if not 1 <= dim <= LINEAR_MAX_DIM:
+            raise ValueError(f"{fn}: {name} = {dim} must be in 1..{LINEAR_MAX_DIM}")
+    return B, Hq, Hkv, Nq, Nk, D, Dv
+
+
+def choice(value, name, options, fn):
+    """value must be one of the keys of `options`; returns options[value]."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{fn}: {name} must be one of {sorted(options)}, got {value!r}")
+    return options[value]
+
+
+def real(value, name, fn, *, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    return value
