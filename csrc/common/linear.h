@@ -34,11 +34,12 @@ AE_LIN_HD T lin_exp(T x) {
 template <typename T>
 AE_LIN_HD T feature(int64_t fmap, T x) {
   if (fmap == kFeatureElu) return x > T(0) ? x + T(1) : lin_exp(x);
-  if (fmap == kFeatureRelu) return x > T(0) ? x : T(0);
+  if (fmap == kFeatureRelu) return x < T(0) ? T(0) : x;  // NaN stays NaN
   return x;
 }
 
-// phi'(x); relu'(0) = 0 (as torch.relu's backward).
+// phi'(x); relu'(0) = 0 (as torch.relu's backward). From phi(x) alone: elu
+// min(phi, 1), relu phi > 0, identity 1 (what the CPU kernels use).
 template <typename T>
 AE_LIN_HD T feature_grad(int64_t fmap, T x) {
   if (fmap == kFeatureElu) return x > T(0) ? T(1) : lin_exp(x);

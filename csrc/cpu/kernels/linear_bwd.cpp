@@ -37,33 +37,35 @@ struct BwdKernel {
         scale(acc_t(args.scale)),
         eps(acc_t(args.eps)) {}
 
-  // Key-chunk operands; any of the pointers may be null when not needed.
+  // Key-chunk operands: phi(k) as rows and transposed, phi'(k), v as rows and transposed.
   struct KV {
-    acc_t *fkT, *fk, *v, *vT;
+    acc_t *fk, *fkT, *dphi, *v, *vT;
   };
-  int64_t kv_size() const { return d.D * d.Cp + d.C * d.Dp + d.C * d.Dvp + d.Dv * d.Cp; }
+  int64_t kv_size() const { return 2 * d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp + d.Dv * d.Cp; }
   KV kv_at(acc_t* p) const {
     KV kv;
-    kv.fkT = p;
-    kv.fk = kv.fkT + d.D * d.Cp;
-    kv.v = kv.fk + d.C * d.Dp;
+    kv.fk = p;
+    kv.fkT = kv.fk + d.C * d.Dp;
+    kv.dphi = kv.fkT + d.D * d.Cp;
+    kv.v = kv.dphi + d.C * d.Dp;
     kv.vT = kv.v + d.C * d.Dvp;
     return kv;
   }
-  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool t_forms, bool row_forms) const {
+  acc_t* kv_end(const KV& kv) const { return kv.vT + d.Dv * d.Cp; }
+  // Rows always; the transposed forms and phi'(k) on request. Returns the key count.
+  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool with_grad) const {
     const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
-    const scalar_t* kp = row_ptr<scalar_t>(a.k, b, hk, k0);
-    const scalar_t* vp = row_ptr<scalar_t>(a.v, b, hk, k0);
-    if (t_forms) {
-      load_features_t(kp, a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, kv.fkT, d.Cp);
-      load_transposed(vp, a.v.stride[2], a.v.stride[3], n, d.Dv, kv.vT, d.Cp);
+    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
+                  kv.fk, d.Dp, d.C, with_grad ? kv.dphi : nullptr);
+    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
+    if (transposed) {
+      transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
+      transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
     }
-    if (row_forms) load_features(kp, a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1), kv.fk, d.Dp, d.C);
-    load_rows(vp, a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
     return n;
   }
 
-  int64_t query_scratch() const { return 2 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
+  int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
 
   // Query chunk qc of head (b, h). st: state before the chunk (causal) or final state;
   // stT: S of st transposed [Dv][Dp] (full only). Accumulates fq^T g, fq^T dd into
@@ -79,8 +81,9 @@ struct BwdKernel {
     acc_t* dfq = dA + d.C * d.Cp;
     acc_t* rowsum = dfq + d.C * d.Dp;
     acc_t* dd = rowsum + d.C;
-    const scalar_t* qp = row_ptr<scalar_t>(a.q, b, h, q0);
-    load_features(qp, a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq, d.Dp, m);
+    acc_t* dphi = dd + d.C;
+    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
+                  d.Dp, m, full ? dphi : nullptr);
     load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
               m);
     const bool need_A = a.causal && (a.normalize || full);
@@ -135,13 +138,9 @@ struct BwdKernel {
       gemm_lower_t<acc_t>(m, d.Dvp, A, d.Cp, g, d.Dvp, dvacc, d.Dvp, true);
     }
     scalar_t* dq = static_cast<scalar_t*>(a.dq) + ((b * d.Hq + h) * d.Nq + q0) * d.D;
-    for (int64_t r = 0; r < m; ++r) {
-      const scalar_t* qr = qp + r * a.q.stride[2];
-      for (int64_t x = 0; x < d.D; ++x) {
-        const acc_t qx = acc_t(to_acc(qr[x * a.q.stride[3]]));
-        dq[r * d.D + x] = from_acc<scalar_t>(dfq[r * d.Dp + x] * scale * feature_grad<acc_t>(a.feature_map, qx));
-      }
-    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t x = 0; x < d.D; ++x)
+        dq[r * d.D + x] = from_acc<scalar_t>(dfq[r * d.Dp + x] * scale * dphi[r * d.Dp + x]);
   }
 
   // dk, dv of key chunk kc: dfk / dvacc hold the intra-chunk part (zero if none); G is the
@@ -152,15 +151,11 @@ struct BwdKernel {
     gemm<acc_t>(n, d.Dp, d.Dv, kv.v, d.Dvp, 1, GT, d.Dp, dfk, d.Dp, true);
     gemm<acc_t>(n, d.Dvp, d.D, kv.fk, d.Dp, 1, G, d.Dvp, dvacc, d.Dvp, true);
     const acc_t* gz = G + d.D * d.Dvp;
-    const scalar_t* kp = row_ptr<scalar_t>(a.k, b, hk, k0);
     scalar_t* dk = static_cast<scalar_t*>(a.dk) + ((b * d.Hkv + hk) * d.Nk + k0) * d.D;
     scalar_t* dv = static_cast<scalar_t*>(a.dv) + ((b * d.Hkv + hk) * d.Nk + k0) * d.Dv;
     for (int64_t r = 0; r < n; ++r) {
-      const scalar_t* kr = kp + r * a.k.stride[2];
-      for (int64_t x = 0; x < d.D; ++x) {
-        const acc_t kx = acc_t(to_acc(kr[x * a.k.stride[3]]));
-        dk[r * d.D + x] = from_acc<scalar_t>((dfk[r * d.Dp + x] + gz[x]) * feature_grad<acc_t>(a.feature_map, kx));
-      }
+      for (int64_t x = 0; x < d.D; ++x)
+        dk[r * d.D + x] = from_acc<scalar_t>((dfk[r * d.Dp + x] + gz[x]) * kv.dphi[r * d.Dp + x]);
       for (int64_t c = 0; c < d.Dv; ++c) dv[r * d.Dv + c] = from_acc<scalar_t>(dvacc[r * d.Dvp + c]);
     }
   }
@@ -186,16 +181,16 @@ struct BwdKernel {
       acc_t* stT = gdelta + d.state;
       acc_t* GT = stT + TT;
       const KV kv = kv_at(GT + TT);
-      acc_t* dfk = kv.vT + d.Dv * d.Cp;
+      acc_t* dfk = kv_end(kv);
       acc_t* dvacc = dfk + d.C * d.Dp;
       acc_t* scratch = dvacc + d.C * d.Dvp;
       // forward scan; causal keeps the state before every chunk
       Buffer<acc_t> before(a.causal ? std::max<int64_t>(d.nck, 1) * d.state : 1);
       load_state(a.S0, a.z0, bh, st);
       for (int64_t kc = 0; kc < d.nck; ++kc) {
-        const int64_t n = load_kv(b, hk, kc, kv, true, false);
+        const int64_t n = load_kv(b, hk, kc, kv, false, false);
         if (a.causal) std::copy(st, st + d.state, before.get() + kc * d.state);
-        chunk_state(d, n, kv.fkT, kv.v, gdelta);
+        chunk_state(d, n, kv.fk, kv.v, gdelta);
         state_add(st, gdelta, d.state);
       }
       load_state(a.grad_S, a.grad_z, bh, G);
@@ -242,8 +237,8 @@ struct BwdKernel {
     parallel_tasks(bhk * nck, [&](int64_t t) {
       const int64_t bh = t / nck, kc = t % nck;
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, true, false);
-      chunk_state(d, n, kv.fkT, kv.v, states.get() + t * d.state);
+      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false, false);
+      chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
     parallel_tasks(bhk * nslices, [&](int64_t t) {
@@ -267,7 +262,7 @@ struct BwdKernel {
       const int64_t bh = t / ncq, qc = t % ncq, b = bh / d.Hkv, hk = bh % d.Hkv;
       acc_t* stT = task_scratch<acc_t>(TT + kv_size() + query_scratch());
       const KV kv = kv_at(stT + TT);
-      acc_t* scratch = kv.vT + d.Dv * d.Cp;
+      acc_t* scratch = kv_end(kv);
       acc_t* gdelta = gstates.get() + t * d.state;
       std::fill(gdelta, gdelta + d.state, acc_t(0));
       const acc_t* st;
@@ -307,7 +302,7 @@ struct BwdKernel {
       acc_t* stT = task_scratch<acc_t>(2 * TT + kv_size() + d.C * (d.Dp + d.Dvp) + query_scratch());
       acc_t* GT = stT + TT;
       const KV kv = kv_at(GT + TT);
-      acc_t* dfk = kv.vT + d.Dv * d.Cp;
+      acc_t* dfk = kv_end(kv);
       acc_t* dvacc = dfk + d.C * d.Dp;
       acc_t* scratch = dvacc + d.C * d.Dvp;
       std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));

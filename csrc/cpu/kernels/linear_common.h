@@ -59,32 +59,38 @@ inline const scalar_t* row_ptr(const Operand& op, int64_t b, int64_t h, int64_t 
   return static_cast<const scalar_t*>(op.data) + b * op.stride[0] + h * op.stride[1] + n * op.stride[2];
 }
 
-// dst[r][c] = mult * phi(src[r][c]) for r < rows, c < cols; zero up to ld and rows_pad.
-template <typename scalar_t, typename acc_t>
-void load_features(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, int64_t fmap,
-                   acc_t mult, acc_t* dst, int64_t ld, int64_t rows_pad) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * s_row;
-    acc_t* d = dst + r * ld;
-    for (int64_t c = 0; c < cols; ++c) d[c] = feature<acc_t>(fmap, acc_t(to_acc(s[c * s_col]))) * mult;
-    for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
+// x[c] = mult * phi(x[c]) for c < n, in place; dphi[c] = phi'(x[c]) when not null.
+template <typename acc_t>
+void features_row(acc_t* x, int64_t n, int64_t fmap, acc_t mult, acc_t* dphi) {
+  using V = Vec<acc_t>;
+  const V one(acc_t(1)), zero(acc_t(0)), m(mult);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V v = V::loadu(x + c);
+    V f = v, g = one;
+    if (fmap == kFeatureElu) {
+      f = V::blendv(v.exp(), v + one, v > zero);
+      g = at::vec::minimum(f, one);  // exp(x) for x <= 0, 1 above
+    } else if (fmap == kFeatureRelu) {
+      f = V::blendv(v, zero, v < zero);
+      g = V::blendv(zero, one, v > zero);
+    }
+    (f * m).store(x + c);
+    if (dphi) g.store(dphi + c);
   }
-  for (int64_t r = rows; r < rows_pad; ++r)
-    for (int64_t c = 0; c < ld; ++c) dst[r * ld + c] = acc_t(0);
+  for (; c < n; ++c) {
+    if (dphi) dphi[c] = feature_grad<acc_t>(fmap, x[c]);
+    x[c] = feature<acc_t>(fmap, x[c]) * mult;
+  }
 }
 
-// dst[c][r] = phi(src[r][c]) for r < rows, c < cols; columns rows..ld zero.
+// dst[r][c] = mult * phi(src[r][c]) for r < rows, c < cols; zero up to ld and rows_pad.
+// dphi (same layout, optional) gets phi'(src[r][c]).
 template <typename scalar_t, typename acc_t>
-void load_features_t(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, int64_t fmap,
-                     acc_t* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = acc_t(0);
-  constexpr int64_t RB = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
-    const int64_t r1 = std::min(rows, r0 + RB);
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = feature<acc_t>(fmap, acc_t(to_acc(src[r * s_row + c * s_col])));
-  }
+void load_features(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, int64_t fmap,
+                   acc_t mult, acc_t* dst, int64_t ld, int64_t rows_pad, acc_t* dphi = nullptr) {
+  load_rows(src, s_row, s_col, rows, cols, dst, ld, rows_pad);
+  for (int64_t r = 0; r < rows; ++r) features_row(dst + r * ld, cols, fmap, mult, dphi ? dphi + r * ld : nullptr);
 }
 
 // dst[c][r] = src[r][c] for a dense acc_t block (rows x cols, leading dim lds) into
@@ -159,19 +165,17 @@ void mask_lower(int64_t m, acc_t* tile, int64_t ld, acc_t* rowsum) {
   }
 }
 
-// Chunk state delta: dS = fk^T v (D x Dvp), dz = column sums of fk (Dp), for the
-// chunk's n keys held as fkT [D][Cp] and v [n][Dvp].
+// Chunk state delta: dS = fk^T v (D x Dvp), dz = column sums of fk (Dp, keys summed in
+// order), for the chunk's n keys held as fk [n][Dp] and v [n][Dvp].
 template <typename acc_t>
-void chunk_state(const Dims<acc_t>& d, int64_t n, const acc_t* fkT, const acc_t* v, acc_t* st) {
-  gemm<acc_t>(d.D, d.Dvp, n, fkT, d.Cp, 1, v, d.Dvp, st, d.Dvp, false);
+void chunk_state(const Dims<acc_t>& d, int64_t n, const acc_t* fk, const acc_t* v, acc_t* st) {
+  gemm<acc_t>(d.D, d.Dvp, n, fk, 1, d.Dp, v, d.Dvp, st, d.Dvp, false);
   acc_t* z = st + d.D * d.Dvp;
-  for (int64_t x = 0; x < d.D; ++x) {
-    const acc_t* row = fkT + x * d.Cp;
-    acc_t s = 0;
-    for (int64_t j = 0; j < n; ++j) s += row[j];
-    z[x] = s;
+  std::fill(z, z + d.Dp, acc_t(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t* row = fk + j * d.Dp;
+    for (int64_t x = 0; x < d.Dp; ++x) z[x] += row[x];
   }
-  for (int64_t x = d.D; x < d.Dp; ++x) z[x] = acc_t(0);
 }
 
 // dst += src over one state (kStateSize elements).

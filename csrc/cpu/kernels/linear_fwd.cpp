@@ -33,16 +33,23 @@ struct FwdKernel {
         scale(acc_t(args.scale)),
         eps(acc_t(args.eps)) {}
 
-  // Key chunk kc of kv head (b, hk): fkT [D][Cp], v [C][Dvp]; returns its key count.
-  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, acc_t* fkT, acc_t* v) const {
+  // Key chunk kc of kv head (b, hk) at p: fk [C][Dp], fkT [D][Cp], v [C][Dvp].
+  struct KV {
+    acc_t *fk, *fkT, *v;
+  };
+  int64_t kv_size() const { return d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp; }
+  KV kv_at(acc_t* p) const { return {p, p + d.C * d.Dp, p + d.C * d.Dp + d.D * d.Cp}; }
+  // Returns the chunk's key count; the transposed form only when `transposed`.
+  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed) const {
     const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
-    load_features_t(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, fkT,
-                    d.Cp);
-    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, v, d.Dvp, d.C);
+    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
+                  kv.fk, d.Dp, n);
+    if (transposed) transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
+    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
     return n;
   }
 
-  int64_t out_scratch() const { return d.C * d.Dp + 2 * d.C * d.Cp + d.C * d.Dvp + d.C; }
+  int64_t out_scratch() const { return d.C * d.Dp + d.C * d.Cp + d.C * d.Dvp + d.C; }
 
   // Output rows of query chunk qc of head (b, h), with `st` the state before the chunk
   // (causal) or the final state (non-causal); fkT / v the same chunk's keys (causal).
@@ -93,22 +100,23 @@ struct FwdKernel {
   void run_per_head() const {
     parallel_tasks(d.B * d.Hkv, [&](int64_t bh) {
       const int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
-      acc_t* st = task_scratch<acc_t>(2 * d.state + d.D * d.Cp + d.C * d.Dvp + out_scratch());
+      acc_t* st = task_scratch<acc_t>(2 * d.state + kv_size() + out_scratch());
       acc_t* delta = st + d.state;
-      acc_t* fkT = delta + d.state;
-      acc_t* v = fkT + d.D * d.Cp;
-      acc_t* scratch = v + d.C * d.Dvp;
+      const KV kv = kv_at(delta + d.state);
+      acc_t* scratch = kv.v + d.C * d.Dvp;
       load_state(bh, st);
       for (int64_t kc = 0; kc < d.nck; ++kc) {
-        const int64_t n = load_kv(b, hk, kc, fkT, v);
+        const int64_t n = load_kv(b, hk, kc, kv, a.causal);
         if (a.causal)
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) out_chunk(b, h, kc, st, fkT, v, scratch);
-        chunk_state(d, n, fkT, v, delta);
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+            out_chunk(b, h, kc, st, kv.fkT, kv.v, scratch);
+        chunk_state(d, n, kv.fk, kv.v, delta);
         state_add(st, delta, d.state);
       }
       if (!a.causal)
         for (int64_t qc = 0; qc < d.ncq; ++qc)
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) out_chunk(b, h, qc, st, fkT, v, scratch);
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+            out_chunk(b, h, qc, st, nullptr, nullptr, scratch);
       store_state(bh, st);
     });
   }
@@ -120,10 +128,9 @@ struct FwdKernel {
     Buffer<acc_t> states(bhk * std::max<int64_t>(nck, 1) * d.state);
     parallel_tasks(bhk * nck, [&](int64_t t) {
       const int64_t bh = t / nck, kc = t % nck;
-      acc_t* fkT = task_scratch<acc_t>(d.D * d.Cp + d.C * d.Dvp);
-      acc_t* v = fkT + d.D * d.Cp;
-      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, fkT, v);
-      chunk_state(d, n, fkT, v, states.get() + t * d.state);
+      const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
+      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false);
+      chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     // exclusive scan over chunks, split over slices of the state
     const int64_t slice = 512, nslices = (d.state + slice - 1) / slice;
@@ -147,17 +154,16 @@ struct FwdKernel {
     parallel_tasks(d.B * d.Hq * d.ncq, [&](int64_t t) {
       const int64_t qc = t % d.ncq, bh = t / d.ncq, b = bh / d.Hq, h = bh % d.Hq, hk = h / d.group;
       const int64_t bhk_i = b * d.Hkv + hk;
-      acc_t* fkT = task_scratch<acc_t>(d.D * d.Cp + d.C * d.Dvp + out_scratch());
-      acc_t* v = fkT + d.D * d.Cp;
-      acc_t* scratch = v + d.C * d.Dvp;
+      const KV kv = kv_at(task_scratch<acc_t>(kv_size() + out_scratch()));
+      acc_t* scratch = kv.v + d.C * d.Dvp;
       const acc_t* st;
       if (a.causal) {
-        load_kv(b, hk, qc, fkT, v);
+        load_kv(b, hk, qc, kv, true);
         st = states.get() + (bhk_i * nck + qc) * d.state;
       } else {
         st = finals.get() + bhk_i * d.state;
       }
-      out_chunk(b, h, qc, st, fkT, v, scratch);
+      out_chunk(b, h, qc, st, kv.fkT, kv.v, scratch);
     });
     parallel_tasks(bhk, [&](int64_t bh) { store_state(bh, finals.get() + bh * d.state); });
   }
