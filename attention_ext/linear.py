@@ -86,6 +86,7 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, norm
         normalize: False gives the un-normalised ``phi(q) S``.
         chunk_size: rows per chunk (1..1024). Causal runs masked products inside a chunk
             and a running state across chunks; it changes rounding only, not the result.
+            A CPU tuning knob: the CUDA kernels always use 64-row chunks.
         scale: multiplies phi(q); default 1.
         return_state: also return the final state ``(S, z)``, so that
             :func:`linear_attention_step` can continue the sequence.
