@@ -616,7 +616,7 @@ __global__ void __launch_bounds__(kThreads)
     step_kernel(LinParams p, int64_t T, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                 const scalar_t* __restrict__ v, const acc_t* __restrict__ S0, const acc_t* __restrict__ z0,
                 scalar_t* __restrict__ out, acc_t* __restrict__ S, acc_t* __restrict__ z) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sF = reinterpret_cast<acc_t*>(smem_raw);  // phi(k_t), then scale * phi(q_t)
   acc_t* sZ = sF + p.D;
   acc_t* sRed = sZ + p.D;  // [8][32] partial numerators
