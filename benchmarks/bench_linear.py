@@ -10,7 +10,7 @@ Timings are the best of interleaved rounds; fwd+bwd runs autograd.grad of the ou
 against a fixed cotangent. Peak memory: see benchmarks/_util.peak_memory_mb. Peers
 whose estimated memory or time would be excessive are skipped ("–").
 
-    python -m benchmarks linear [--quick] [--heads 4] [--sizes 1024,2048,...] [--dims 64,128]
+    python -m benchmarks linear [--quick] [--threads 1] [--heads 4] [--sizes 1024,2048,...] [--dims 64,128]
 """
 
 import argparse
@@ -155,8 +155,12 @@ def main(args, rest):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mem-cap-gb", type=float, default=4.0, help="skip cumsum above this estimated state size")
-    p.add_argument("--flash-cap-gflop", type=float, default=700.0, help="skip CPU flash above this fwd+bwd work")
+    p.add_argument("--flash-cap-gflop", type=float, default=400.0, help="skip CPU flash above this fwd+bwd work")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every contender (default: torch's default)")
     opts = p.parse_args(rest)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     device = args.device
     dtype = getattr(torch, opts.dtype)
     if args.quick:
