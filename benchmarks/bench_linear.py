@@ -138,6 +138,28 @@ def run_size(B, H, N, D, device, dtype, rounds, mem_cap_gb, flash_cap_gflop, nam
     return row, errors
 
 
+def scaling_pass(B, H, sizes, D, device, dtype, rounds):
+    """Ours alone at every N, interleaved in the same rounds (so that machine drift hits
+    every N alike), best of `rounds`: the basis of t(2N)/t(N)."""
+    fwd, fb = {}, {}
+    for N in sizes:
+        q, k, v, go = _make_inputs(B, H, N, D, device, dtype)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def f(q=q, k=k, v=v):
+            with torch.no_grad():
+                ours(q, k, v)
+
+        def g(qg=qg, kg=kg, vg=vg, go=go):
+            out = ours(qg, kg, vg)
+            torch.autograd.grad(out, (qg, kg, vg), go)
+
+        fwd[N], fb[N] = f, g
+    t_f, _ = _util.interleaved(fwd, rounds=rounds, device=device)
+    t_b, _ = _util.interleaved(fb, rounds=rounds, device=device)
+    return t_f, t_b
+
+
 def _ms(x):
     return None if x is None else x * 1e3
 
@@ -153,6 +175,7 @@ def main(args, rest):
     p.add_argument("--sizes", default=None, help="comma-separated N (default 1024..65536, powers of 2)")
     p.add_argument("--dims", default="64,128")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--scaling-rounds", type=int, default=10, help="rounds of the ours-only scaling pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mem-cap-gb", type=float, default=4.0, help="skip cumsum above this estimated state size")
     p.add_argument("--flash-cap-gflop", type=float, default=400.0, help="skip CPU flash above this fwd+bwd work")
@@ -164,10 +187,11 @@ def main(args, rest):
     device = args.device
     dtype = getattr(torch, opts.dtype)
     if args.quick:
-        sizes, dims, rounds = [1024, 2048], [64], 1
+        sizes, dims, rounds, srounds = [1024, 2048], [64], 1, 1
     else:
         sizes = [1 << e for e in range(10, 17)]
         dims, rounds = [int(x) for x in opts.dims.split(",")], opts.rounds
+        srounds = opts.scaling_rounds
     if opts.sizes:
         sizes = [int(x) for x in opts.sizes.split(",")]
     names = list(CONTENDERS)
@@ -182,24 +206,32 @@ def main(args, rest):
                 all_errors[f"{n} N={N} D={D}"] = e
             print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
-    # scaling ratios and speedups
+    # scaling pass (ours alone, all N interleaved), then ratios and speedups
+    scal = {}
+    for D in dims:
+        t_f, t_b = scaling_pass(B, H, sizes, D, device, dtype, srounds)
+        for N in sizes:
+            scal[(D, N)] = {"fwd": t_f[N], "fb": t_b[N]}
+        print("scaling", D, {N: (round(t_f[N] * 1e3, 2), round(t_b[N] * 1e3, 2)) for N in sizes}, flush=True)
     by_key = {(r["D"], r["N"]): r for r in rows}
     for r in rows:
-        prev = by_key.get((r["D"], r["N"] // 2))
+        prev = scal.get((r["D"], r["N"] // 2))
+        cur = scal[(r["D"], r["N"])]
         for mode in ("fwd", "fb"):
             r[f"{mode} ms"] = _ms(r[f"{mode} ours"])
             for n in names:
                 r[f"{mode} {n} ms"] = _ms(r[f"{mode} {n}"])
-            r[f"{mode} t(2N)/t(N)"] = _ratio(prev[f"{mode} ours"], r[f"{mode} ours"]) if prev else None
+            r[f"{mode} scal ms"] = _ms(cur[mode])
+            r[f"{mode} t(2N)/t(N)"] = _ratio(prev[mode], cur[mode]) if prev else None
             for n in names[1:]:
                 r[f"{mode} x{n}"] = _ratio(r[f"{mode} ours"], r[f"{mode} {n}"])
 
     def mode_table(mode):
-        cols = ["D", "N", "ours ms", "chunked ms", "cumsum ms", "flash ms", "ours t(2N)/t(N)",
+        cols = ["D", "N", "ours ms", "chunked ms", "cumsum ms", "flash ms", "ours alone ms", "ours t(2N)/t(N)",
                 "vs chunked", "vs cumsum", "vs flash"]
         out = []
         for r in rows:
-            out.append({"D": r["D"], "N": r["N"], "ours ms": r[f"{mode} ours ms"],
+            out.append({"D": r["D"], "N": r["N"], "ours ms": r[f"{mode} ours ms"], "ours alone ms": r[f"{mode} scal ms"],
                         "chunked ms": r[f"{mode} chunked ms"], "cumsum ms": r[f"{mode} cumsum ms"],
                         "flash ms": r[f"{mode} flash ms"], "ours t(2N)/t(N)": r[f"{mode} t(2N)/t(N)"],
                         "vs chunked": r[f"{mode} xchunked"], "vs cumsum": r[f"{mode} xcumsum"],
@@ -235,9 +267,12 @@ def main(args, rest):
         summary.append("- Failures: " + "; ".join(f"{k}: {v}" for k, v in all_errors.items()))
 
     body = _util.header("Linear attention (causal, elu+1, normalised)", _util.command_line())
-    body += (f"\nB={B}, H={H}, {opts.dtype}, chunk_size={CHUNK}, device {device}. Times in ms (best of {rounds} "
-             f"interleaved rounds); `vs X` = t(X) / t(ours) (> 1: ours faster); `–` = skipped (cumsum above "
-             f"{opts.mem_cap_gb:g} GB estimated state, CPU flash above {opts.flash_cap_gflop:g} GFLOP) or failed.\n\n")
+    body += (f"\nB={B}, H={H}, {opts.dtype}, chunk_size={CHUNK}, device {device}, {torch.get_num_threads()} "
+             f"thread(s). Times in ms, best of {rounds} rounds interleaving the contenders at each size; "
+             f"`vs X` = t(X) / t(ours) from those rounds (> 1: ours faster). `ours alone` and t(2N)/t(N): a "
+             f"separate pass of ours only, every N interleaved in the same {srounds} rounds so that machine drift "
+             f"hits all N alike. `–` = skipped (cumsum above {opts.mem_cap_gb:g} GB estimated state, CPU flash above "
+             f"{opts.flash_cap_gflop:g} GFLOP of fwd+bwd work) or failed.\n\n")
     body += "\n".join(summary) + "\n\n"
     body += "### Forward\n\n" + mode_table("fwd") + "\n\n"
     body += "### Forward + backward\n\n" + mode_table("fb") + "\n\n"

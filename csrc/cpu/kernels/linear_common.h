@@ -3,10 +3,11 @@
 // Layouts inside one task (acc_t = float, double for float64 inputs; VL its vector width):
 //   C = chunk rows, Cp = round_up(C, VL), Dp = round_up(D, VL), Dvp = round_up(Dv, VL)
 //   fq  [C][Dp]    scale * phi(q) of one query head's chunk
-//   fkT [D][Cp]    phi(k)^T of the chunk (B operand of fq fk^T, A operand of fk^T v)
-//   fk  [C][Dp]    phi(k) rows (backward only)
-//   v   [C][Dvp]   v rows;  vT [Dv][Cp] (backward only)
-//   state          S [D][Dvp] followed by z [Dp]: kStateSize(D, Dv) elements
+//   fk  [C][Dp]    phi(k) rows (A operand of fk^T v read through strides, B of dA fk)
+//   fkT [D][Cp]    phi(k)^T, transposed from fk (B operand of fq fk^T)
+//   v   [C][Dvp]   v rows;  vT [Dv][Cp] (backward: B operand of g v^T)
+//   state          S [D][Dvp] followed by z [Dp]: Dims::state elements
+// Feature maps run vectorised on rows (features_row); phi' comes from the same pass.
 // Padding rows/columns are zero, so products may run over padded widths.
 //
 // Summation orders depend on the shape and the chunk size only: every task computes the
