@@ -86,6 +86,21 @@ def _trim():
         pass
 
 
+def _keep_heap():
+    """glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh
+    mmaps and unmaps them on free, so every call whose outputs exceed 32 MiB pays page
+    faults for them (costly in this VM: the forward at N=32768, D=64 took 2.6x the time of
+    N=16384 with the default, 2.0x with this). Keep freed memory in the heap instead; it
+    applies to every contender alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def _allowed(name, B, H, N, D, device, mem_cap_gb, flash_cap_gflop):
     if name == "cumsum":  # the per-token state, its gradient and the einsum operands
         return 4 * B * H * N * D * D * 4 / 2**30 <= mem_cap_gb
@@ -181,7 +196,10 @@ def main(args, rest):
     p.add_argument("--flash-cap-gflop", type=float, default=400.0, help="skip CPU flash above this fwd+bwd work")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every contender (default: torch's default)")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep: large freed blocks stay in the heap (see _keep_heap); default: glibc's behaviour")
     opts = p.parse_args(rest)
+    heap_kept = opts.malloc == "keep" and args.device == "cpu" and _keep_heap()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = args.device
@@ -272,7 +290,11 @@ def main(args, rest):
              f"`vs X` = t(X) / t(ours) from those rounds (> 1: ours faster). `ours alone` and t(2N)/t(N): a "
              f"separate pass of ours only, every N interleaved in the same {srounds} rounds so that machine drift "
              f"hits all N alike. `–` = skipped (cumsum above {opts.mem_cap_gb:g} GB estimated state, CPU flash above "
-             f"{opts.flash_cap_gflop:g} GFLOP of fwd+bwd work) or failed.\n\n")
+             f"{opts.flash_cap_gflop:g} GFLOP of fwd+bwd work) or failed. "
+             f"Allocator: {'large freed blocks kept in the heap (`--malloc keep`, every contender alike)' if heap_kept else 'glibc default'}: "
+             f"with glibc's default every output above 32 MiB is a fresh mmap whose page faults each call pays, "
+             f"which alone made t(2N)/t(N) reach 2.4-2.7 between N=16384 and 32768 in a `--malloc default` run "
+             f"of this same code (the kernels' own time scales as below).\n\n")
     body += "\n".join(summary) + "\n\n"
     body += "### Forward\n\n" + mode_table("fwd") + "\n\n"
     body += "### Forward + backward\n\n" + mode_table("fb") + "\n\n"
