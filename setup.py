@@ -60,6 +60,7 @@ ISA_FLAGS = {
 }
 # Kernel sources compiled once per ISA (csrc/cpu/kernels/).
 KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "table.cpp"]
+KERNEL_SOURCES += ["linear_fwd.cpp", "linear_bwd.cpp"]  # linear attention
 
 
 def _rel(paths):
@@ -108,6 +109,7 @@ def extensions():
     with_cuda = _want_cuda()
     c_sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/common/attention_args.cpp", "csrc/cpu/isa.cpp",
                  "csrc/cpu/attention_ops.cpp"]
+    c_sources += ["csrc/common/linear_args.cpp", "csrc/cpu/linear_ops.cpp"]  # linear attention
     c_sources += [f"csrc/cpu/kernels/{n}" for n in KERNEL_SOURCES]
     cxx = CXX_FLAGS + ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     exts = []

@@ -11,6 +11,7 @@ torch.compile, and is reachable as ``torch.ops.attention_ext.*``.
 from . import _isa, patterns
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
+from .linear import FavorFeatures, linear_attention, linear_attention_step
 
 _isa._select_at_import()
 
@@ -19,6 +20,9 @@ __all__ = [
     "sliding_window_attention",
     "neighborhood_attention",
     "block_sparse_attention",
+    "linear_attention",
+    "linear_attention_step",
+    "FavorFeatures",
     "patterns",
     "available_cpu_isas",
     "cpu_isa",

@@ -17,12 +17,13 @@ def tensor(x, name):
     return x
 
 
-def qkv(q, k, v, fn):
-    """Checks a (batch, heads, seq, head_dim) q/k/v triple; returns (B, Hq, Hkv, Nq, Nk)."""
+def _qkv_common(q, k, v, fn, dim_name):
+    """Rank, dtype, device, batch, head and length agreement of a q/k/v triple;
+    returns (B, Hq, Hkv, Nq, Nk, D, Dv)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         tensor(t, name)
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, {dim_name}), got shape {tuple(t.shape)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{fn}: q.dtype must be one of float32, float64, bfloat16, float16, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -33,17 +34,24 @@ def qkv(q, k, v, fn):
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"{fn}: {name}.shape[0] (batch) = {t.shape[0]} must equal q.shape[0] = {q.shape[0]}")
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if v.shape[1] != Hkv:
-        raise ValueError(f"{fn}: v heads ({v.shape[1]}) must equal k heads ({Hkv})")
+        raise ValueError(f"{fn}: v heads (v.shape[1]={v.shape[1]}) must equal k heads (k.shape[1]={Hkv})")
     if v.shape[2] != Nk:
         raise ValueError(f"{fn}: v.shape[2] (seq) = {v.shape[2]} must equal k.shape[2] = {Nk}")
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"{fn}: q heads (Hq={Hq}) must be a positive multiple of k/v heads (Hkv={Hkv})")
     if k.shape[3] != D:
-        raise ValueError(f"{fn}: k.shape[-1] (head_dim) = {k.shape[3]} must equal q.shape[-1] = {D}")
+        raise ValueError(f"{fn}: k.shape[-1] ({dim_name}) = {k.shape[3]} must equal q.shape[-1] = {D}")
+    return B, Hq, Hkv, Nq, Nk, D, Dv
+
+
+def qkv(q, k, v, fn):
+    """Checks a (batch, heads, seq, head_dim) q/k/v triple for the softmax attention ops;
+    returns (B, Hq, Hkv, Nq, Nk)."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = _qkv_common(q, k, v, fn, "head_dim")
     limit = CUDA_MAX_HEAD_DIM if q.device.type == "cuda" else CPU_MAX_HEAD_DIM
-    for name, d in (("q.shape[-1] (head_dim)", D), ("v.shape[-1] (head_dim)", v.shape[3])):
+    for name, d in (("q.shape[-1] (head_dim)", D), ("v.shape[-1] (head_dim)", Dv)):
         if not 1 <= d <= limit:
             raise ValueError(f"{fn}: {name} = {d} is not supported on {q.device.type} (1..{limit})")
         if q.device.type == "cuda" and d % 8 != 0:
@@ -113,3 +121,37 @@ def global_tokens(value, batch, nk, device, fn):
         return 0, value.contiguous()
     count = integer(value, "global_tokens", fn, minimum=0)
     return min(count, nk), None
+
+
+# ---- linear attention --------------------------------------------------------------
+
+LINEAR_MAX_DIM = 4096  # csrc/common/linear_args.h kLinearMaxDim
+
+
+def linear_qkv(q, k, v, fn):
+    """Checks q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) for the linear
+    attention ops (any D, Dv in 1..LINEAR_MAX_DIM on every device); returns
+    (B, Hq, Hkv, Nq, Nk, D, Dv)."""
+    shape = _qkv_common(q, k, v, fn, "feature dim")
+    for name, dim in (("q.shape[-1]", shape[5]), ("v.shape[-1]", shape[6])):
+        if not 1 <= dim <= LINEAR_MAX_DIM:
+            raise ValueError(f"{fn}: {name} = {dim} must be in 1..{LINEAR_MAX_DIM}")
+    return shape
+
+
+def choice(value, name, options, fn):
+    """value must be one of the keys of `options`; returns options[value]."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{fn}: {name} must be one of {sorted(options)}, got {value!r}")
+    return options[value]
+
+
+def real(value, name, fn, *, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    return value

@@ -47,3 +47,75 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd(f"{_lib}::attention_fwd", _attention_backward,
                                 setup_context=_attention_setup_context)
+
+
+# ---- linear_fwd / linear_bwd / linear_step: linear attention -----------------------
+
+def _linear_state_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _linear_state_like(q, k, v):
+    B, Hkv, D, Dv = q.shape[0], k.shape[1], q.shape[-1], v.shape[-1]
+    sd = _linear_state_dtype(q.dtype)
+    return q.new_empty((B, Hkv, D, Dv), dtype=sd), q.new_empty((B, Hkv, D), dtype=sd)
+
+
+@torch.library.register_fake(f"{_lib}::linear_fwd")
+def _linear_fwd_fake(q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size):
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
+    return (out,) + _linear_state_like(q, k, v)
+
+
+@torch.library.register_fake(f"{_lib}::linear_bwd")
+def _linear_bwd_fake(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, feature_map, causal, normalize, eps, scale,
+                     chunk_size):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)) + _linear_state_like(q, k, v)
+
+
+@torch.library.register_fake(f"{_lib}::linear_step")
+def _linear_step_fake(q, k, v, S, z, feature_map, normalize, eps, scale):
+    out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
+    return (out,) + _linear_state_like(q, k, v)
+
+
+# The backward saves q, k, v and out (plus the initial state); linear_bwd recomputes the
+# per-chunk states instead of keeping them from the forward.
+def _linear_setup_context(ctx, inputs, output):
+    q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, output[0], S0, z0)
+    ctx.params = (feature_map, causal, normalize, eps, scale, chunk_size)
+
+
+def _linear_backward(ctx, grad_out, grad_S, grad_z):
+    q, k, v, out, S0, z0 = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dS0, dz0 = torch.ops.attention_ext.linear_bwd(grad_out, grad_S, grad_z, q, k, v, out, S0, z0,
+                                                              *ctx.params)
+    has_state = S0 is not None
+    return (dq, dk, dv, dS0 if has_state else None, dz0 if has_state else None) + (None,) * 6
+
+
+torch.library.register_autograd(f"{_lib}::linear_fwd", _linear_backward, setup_context=_linear_setup_context)
+
+
+# linear_step is the causal recurrence over its T tokens from the state (S, z), so its
+# gradient is linear_bwd's with that initial state (chunked; same math, other rounding).
+def _linear_step_setup_context(ctx, inputs, output):
+    q, k, v, S, z, feature_map, normalize, eps, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], S, z)
+    ctx.params = (feature_map, True, normalize, eps, scale, 64)
+
+
+def _linear_step_backward(ctx, grad_out, grad_S, grad_z):
+    q, k, v, out, S, z = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dS, dz = torch.ops.attention_ext.linear_bwd(grad_out, grad_S, grad_z, q, k, v, out, S, z,
+                                                            *ctx.params)
+    return (dq, dk, dv, dS, dz) + (None,) * 4
+
+
+torch.library.register_autograd(f"{_lib}::linear_step", _linear_step_backward,
+                                setup_context=_linear_step_setup_context)

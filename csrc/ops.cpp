@@ -22,3 +22,21 @@ TORCH_LIBRARY(attention_ext, m) {
       "-> (Tensor dq, Tensor dk, Tensor dv)",
       {at::Tag::pt2_compliant_tag});
 }
+
+// Linear attention (csrc/common/linear.h): feature_map 0 identity, 1 elu + 1, 2 relu;
+// the state (S, z) is (B, Hkv, D, Dv) + (B, Hkv, D), float32 (float64 for float64).
+TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
+  m.def(
+      "linear_fwd(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, int feature_map, bool causal, "
+      "bool normalize, float eps, float scale, int chunk_size) -> (Tensor out, Tensor S, Tensor z)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_bwd(Tensor grad_out, Tensor? grad_S, Tensor? grad_z, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor? S0, Tensor? z0, int feature_map, bool causal, bool normalize, float eps, float scale, "
+      "int chunk_size) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, int feature_map, bool normalize, "
+      "float eps, float scale) -> (Tensor out, Tensor S_new, Tensor z_new)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -40,13 +40,57 @@ struct AttentionBwdArgs {
   double scale;
 };
 
+// Linear attention (csrc/common/linear.h has the math). States are contiguous
+// (B, Hkv, D, Dv) and (B, Hkv, D) in the accumulation type: float32, float64 for
+// float64 inputs. A null initial state means zeros.
+struct LinearFwdArgs {
+  DType dtype;
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;  // causal: Nq == Nk
+  Operand q, k, v;
+  const void *S0, *z0;  // initial state or nullptr
+  void* out;            // contiguous (B, Hq, Nq, Dv), dtype
+  void *S, *z;          // final state
+  int64_t feature_map, chunk;
+  bool causal, normalize;
+  double eps, scale;
+};
+
+struct LinearBwdArgs {
+  DType dtype;
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
+  Operand q, k, v, out, grad_out;
+  const void *S0, *z0;          // initial state or nullptr
+  const void *grad_S, *grad_z;  // gradient of the final state or nullptr
+  void *dq, *dk, *dv;           // contiguous, dtype
+  void *dS0, *dz0;              // contiguous, state dtype
+  int64_t feature_map, chunk;
+  bool causal, normalize;
+  double eps, scale;
+};
+
+// T tokens after the state (S0, z0), one at a time (decoding).
+struct LinearStepArgs {
+  DType dtype;
+  int64_t B, Hq, Hkv, T, D, Dv;
+  Operand q, k, v;
+  const void *S0, *z0;  // required
+  void* out;            // contiguous (B, Hq, T, Dv), dtype
+  void *S, *z;          // state after the T tokens
+  int64_t feature_map;
+  bool normalize;
+  double eps, scale;
+};
+
 struct KernelTable {
   int abi_version;
   const char* isa;
   void (*attention_fwd)(const AttentionFwdArgs&);
   void (*attention_bwd)(const AttentionBwdArgs&);
+  void (*linear_fwd)(const LinearFwdArgs&);
+  void (*linear_bwd)(const LinearBwdArgs&);
+  void (*linear_step)(const LinearStepArgs&);
 };
 
-constexpr int kKernelAbiVersion = 1;
+constexpr int kKernelAbiVersion = 2;
 
 }  // namespace attention_ext::cpu

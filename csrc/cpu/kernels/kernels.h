@@ -8,6 +8,9 @@ inline namespace CPU_CAPABILITY {
 
 void attention_fwd(const AttentionFwdArgs& a);
 void attention_bwd(const AttentionBwdArgs& a);
+void linear_fwd(const LinearFwdArgs& a);
+void linear_bwd(const LinearBwdArgs& a);
+void linear_step(const LinearStepArgs& a);
 
 // The table this build exports (see kernel_table.h).
 const KernelTable* kernel_table();

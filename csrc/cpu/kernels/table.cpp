@@ -7,7 +7,8 @@ namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
 const KernelTable* kernel_table() {
-  static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd};
+  static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
+                                   &linear_fwd,    &linear_bwd,    &linear_step};
   return &table;
 }
 

@@ -1,0 +1,36 @@
+// Host-side checks of the linear_* ops shared by the CPU and CUDA op bodies. The Python
+// layer (attention_ext/linear.py) gives users friendlier messages; these keep direct
+// torch.ops.attention_ext calls memory-safe.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "linear.h"
+
+namespace attention_ext {
+
+struct LinearShape {
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
+};
+
+// Largest q/k feature and v head dimension the linear kernels accept.
+constexpr int64_t kLinearMaxDim = 4096;
+
+// dtype of the state (S, z) for inputs of dtype t: float32, float64 for float64.
+inline at::ScalarType linear_state_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); causal needs Nq == Nk.
+LinearShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             bool causal);
+
+void check_linear_params(const char* op, int64_t feature_map, int64_t chunk, double eps, double scale);
+
+// Optional state pair: both or neither, (B, Hkv, D, Dv) and (B, Hkv, D), state dtype,
+// on q's device. Returns contiguous copies (undefined tensors when absent).
+std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char* name, const LinearShape& s,
+                                                     const at::Tensor& q, const std::optional<at::Tensor>& S,
+                                                     const std::optional<at::Tensor>& z);
+
+}  // namespace attention_ext

@@ -1,0 +1,347 @@
+// Linear attention backward on CPU (linear_bwd), reverse-chunked.
+//
+// Saved from the forward: q, k, v and out only. The chunk states S_c, z_c are
+// recomputed here (a forward scan of the chunk deltas), never saved: the forward keeps
+// no O(N D Dv / C) buffer alive between the passes. With g_i = dout_i / den_i and
+// dd_i = -(g_i . out_i) (normalize; otherwise g = dout, dd = 0), and G_c, gz_c the
+// gradient of the state after chunk c (the final state's gradient plus everything later
+// queries contributed, a reverse scan):
+//   dA   = (g v^T + dd 1^T) masked to j <= i
+//   dfq  = g S_c^T + dd z_c^T + dA fk                                   -> dq
+//   dfk  = dA^T fq + v G_c^T + 1 gz_c^T,   dv = A^T g + fk G_c           -> dk, dv
+//   G_{c-1} = G_c + sum_heads fq^T g,   gz_{c-1} = gz_c + sum_heads fq^T dd
+// and the initial state's gradient is G before chunk 0. GQA: dk, dv and G sum over the
+// query heads of the kv head; nothing is repeated.
+//
+// Parallelism as in linear_fwd.cpp: one task per (batch, kv head) walking the chunks
+// (forward scan, then backwards), or chunk tasks in five passes (deltas, scan, gradient
+// deltas, reverse scan, gradients) when batch x kv heads cannot fill the machine. Same
+// operations in the same order either way: bitwise identical for any thread count.
+#include "linear_common.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+using namespace linear;
+
+template <typename scalar_t, typename acc_t>
+struct BwdKernel {
+  const LinearBwdArgs& a;
+  Dims<acc_t> d;
+  acc_t scale, eps;
+
+  explicit BwdKernel(const LinearBwdArgs& args)
+      : a(args),
+        d(args.B, args.Hq, args.Hkv, args.Nq, args.Nk, args.D, args.Dv, args.chunk),
+        scale(acc_t(args.scale)),
+        eps(acc_t(args.eps)) {}
+
+  // Key-chunk operands: phi(k) as rows and transposed, phi'(k), v as rows and transposed.
+  struct KV {
+    acc_t *fk, *fkT, *dphi, *v, *vT;
+  };
+  int64_t kv_size() const { return 2 * d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp + d.Dv * d.Cp; }
+  KV kv_at(acc_t* p) const {
+    KV kv;
+    kv.fk = p;
+    kv.fkT = kv.fk + d.C * d.Dp;
+    kv.dphi = kv.fkT + d.D * d.Cp;
+    kv.v = kv.dphi + d.C * d.Dp;
+    kv.vT = kv.v + d.C * d.Dvp;
+    return kv;
+  }
+  acc_t* kv_end(const KV& kv) const { return kv.vT + d.Dv * d.Cp; }
+  // Rows always; the transposed forms and phi'(k) on request. Returns the key count.
+  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool with_grad) const {
+    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
+    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
+                  kv.fk, d.Dp, d.C, with_grad ? kv.dphi : nullptr);
+    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
+    if (transposed) {
+      transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
+      transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
+    }
+    return n;
+  }
+
+  int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
+
+  // Query chunk qc of head (b, h). st: state before the chunk (causal) or final state;
+  // stT: S of st transposed [Dv][Dp] (full only). Accumulates fq^T g, fq^T dd into
+  // gdelta (when not null); full: writes dq and (causal) accumulates the intra-chunk
+  // dfk [C][Dp] and dv [C][Dvp].
+  void query_chunk(int64_t b, int64_t h, int64_t qc, const acc_t* st, const acc_t* stT, const KV& kv, acc_t* gdelta,
+                   acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
+    const int64_t q0 = qc * d.C, m = std::min(d.C, d.Nq - q0);
+    acc_t* fq = scratch;
+    acc_t* g = fq + d.C * d.Dp;
+    acc_t* A = g + d.C * d.Dvp;
+    acc_t* dA = A + d.C * d.Cp;
+    acc_t* dfq = dA + d.C * d.Cp;
+    acc_t* rowsum = dfq + d.C * d.Dp;
+    acc_t* dd = rowsum + d.C;
+    acc_t* dphi = dd + d.C;
+    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
+                  d.Dp, m, full ? dphi : nullptr);
+    load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
+              m);
+    const bool need_A = a.causal && (a.normalize || full);
+    if (need_A) {
+      gemm_lower_cols<acc_t>(m, m, d.D, fq, d.Dp, kv.fkT, d.Cp, A, d.Cp);
+      mask_lower<acc_t>(m, A, d.Cp, a.normalize ? rowsum : nullptr);
+    }
+    const acc_t* z = st + d.D * d.Dvp;
+    if (a.normalize) {
+      const scalar_t* op = row_ptr<scalar_t>(a.out, b, h, q0);
+      for (int64_t r = 0; r < m; ++r) {
+        acc_t den = 0;
+        const acc_t* fr = fq + r * d.Dp;
+        for (int64_t x = 0; x < d.D; ++x) den += fr[x] * z[x];
+        if (a.causal) den += rowsum[r];
+        den += eps;
+        const acc_t inv = acc_t(1) / den;
+        acc_t* gr = g + r * d.Dvp;
+        const scalar_t* orow = op + r * a.out.stride[2];
+        acc_t s = 0;
+        for (int64_t c = 0; c < d.Dv; ++c) {
+          gr[c] *= inv;
+          s += gr[c] * acc_t(to_acc(orow[c * a.out.stride[3]]));
+        }
+        dd[r] = -s;
+      }
+    }
+    if (gdelta) {
+      gemm<acc_t>(d.D, d.Dvp, m, fq, 1, d.Dp, g, d.Dvp, gdelta, d.Dvp, true);
+      if (a.normalize) {
+        acc_t* gz = gdelta + d.D * d.Dvp;
+        for (int64_t x = 0; x < d.D; ++x) {
+          acc_t s = 0;
+          for (int64_t r = 0; r < m; ++r) s += fq[r * d.Dp + x] * dd[r];
+          gz[x] += s;
+        }
+      }
+    }
+    if (!full) return;
+    gemm<acc_t>(m, d.Dp, d.Dv, g, d.Dvp, 1, stT, d.Dp, dfq, d.Dp, false);
+    if (a.normalize)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t x = 0; x < d.D; ++x) dfq[r * d.Dp + x] += dd[r] * z[x];
+    if (a.causal) {
+      gemm_lower_cols<acc_t>(m, m, d.Dv, g, d.Dvp, kv.vT, d.Cp, dA, d.Cp);
+      if (a.normalize)
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j <= r; ++j) dA[r * d.Cp + j] += dd[r];
+      mask_lower<acc_t>(m, dA, d.Cp, nullptr);
+      gemm_lower_a<acc_t>(m, d.Dp, dA, d.Cp, kv.fk, d.Dp, dfq, d.Dp, true);
+      gemm_lower_t<acc_t>(m, d.Dp, dA, d.Cp, fq, d.Dp, dfk, d.Dp, true);
+      gemm_lower_t<acc_t>(m, d.Dvp, A, d.Cp, g, d.Dvp, dvacc, d.Dvp, true);
+    }
+    scalar_t* dq = static_cast<scalar_t*>(a.dq) + ((b * d.Hq + h) * d.Nq + q0) * d.D;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t x = 0; x < d.D; ++x)
+        dq[r * d.D + x] = from_acc<scalar_t>(dfq[r * d.Dp + x] * scale * dphi[r * d.Dp + x]);
+  }
+
+  // dk, dv of key chunk kc: dfk / dvacc hold the intra-chunk part (zero if none); G is the
+  // gradient of the state after the chunk, GT its S part transposed [Dv][Dp].
+  void key_finish(int64_t b, int64_t hk, int64_t kc, const KV& kv, const acc_t* G, const acc_t* GT, acc_t* dfk,
+                  acc_t* dvacc) const {
+    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
+    gemm<acc_t>(n, d.Dp, d.Dv, kv.v, d.Dvp, 1, GT, d.Dp, dfk, d.Dp, true);
+    gemm<acc_t>(n, d.Dvp, d.D, kv.fk, d.Dp, 1, G, d.Dvp, dvacc, d.Dvp, true);
+    const acc_t* gz = G + d.D * d.Dvp;
+    scalar_t* dk = static_cast<scalar_t*>(a.dk) + ((b * d.Hkv + hk) * d.Nk + k0) * d.D;
+    scalar_t* dv = static_cast<scalar_t*>(a.dv) + ((b * d.Hkv + hk) * d.Nk + k0) * d.Dv;
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t x = 0; x < d.D; ++x)
+        dk[r * d.D + x] = from_acc<scalar_t>((dfk[r * d.Dp + x] + gz[x]) * kv.dphi[r * d.Dp + x]);
+      for (int64_t c = 0; c < d.Dv; ++c) dv[r * d.Dv + c] = from_acc<scalar_t>(dvacc[r * d.Dvp + c]);
+    }
+  }
+
+  void load_state(const void* S, const void* z, int64_t bh, acc_t* st) const {
+    const auto* Sp = static_cast<const acc_t*>(S);
+    const auto* zp = static_cast<const acc_t*>(z);
+    state_in(d, Sp ? Sp + bh * d.D * d.Dv : nullptr, zp ? zp + bh * d.D : nullptr, st);
+  }
+  void store_grad_state(int64_t bh, const acc_t* G) const {
+    state_out(d, G, static_cast<acc_t*>(a.dS0) + bh * d.D * d.Dv, static_cast<acc_t*>(a.dz0) + bh * d.D);
+  }
+  void transpose_state(const acc_t* st, acc_t* stT) const { transpose_block(st, d.Dvp, d.D, d.Dv, stT, d.Dp); }
+
+  // ---- one task per (batch, kv head) ------------------------------------------------
+  void run_per_head() const {
+    parallel_tasks(d.B * d.Hkv, [&](int64_t bh) {
+      const int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+      const int64_t TT = d.Dv * d.Dp;
+      acc_t* st = task_scratch<acc_t>(3 * d.state + 2 * TT + kv_size() + d.C * (d.Dp + d.Dvp) + query_scratch());
+      acc_t* G = st + d.state;
+      acc_t* gdelta = G + d.state;
+      acc_t* stT = gdelta + d.state;
+      acc_t* GT = stT + TT;
+      const KV kv = kv_at(GT + TT);
+      acc_t* dfk = kv_end(kv);
+      acc_t* dvacc = dfk + d.C * d.Dp;
+      acc_t* scratch = dvacc + d.C * d.Dvp;
+      // forward scan; causal keeps the state before every chunk
+      Buffer<acc_t> before(a.causal ? std::max<int64_t>(d.nck, 1) * d.state : 1);
+      load_state(a.S0, a.z0, bh, st);
+      for (int64_t kc = 0; kc < d.nck; ++kc) {
+        const int64_t n = load_kv(b, hk, kc, kv, false, false);
+        if (a.causal) std::copy(st, st + d.state, before.get() + kc * d.state);
+        chunk_state(d, n, kv.fk, kv.v, gdelta);
+        state_add(st, gdelta, d.state);
+      }
+      load_state(a.grad_S, a.grad_z, bh, G);
+      if (a.causal) {
+        for (int64_t kc = d.nck - 1; kc >= 0; --kc) {
+          const acc_t* sb = before.get() + kc * d.state;
+          load_kv(b, hk, kc, kv, true, true);
+          transpose_state(sb, stT);
+          transpose_state(G, GT);
+          std::fill(gdelta, gdelta + d.state, acc_t(0));
+          std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+            query_chunk(b, h, kc, sb, stT, kv, gdelta, dfk, dvacc, true, scratch);
+          key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+          state_add(G, gdelta, d.state);
+        }
+      } else {
+        transpose_state(st, stT);
+        for (int64_t qc = 0; qc < d.ncq; ++qc) {
+          std::fill(gdelta, gdelta + d.state, acc_t(0));
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+            query_chunk(b, h, qc, st, stT, kv, gdelta, nullptr, nullptr, true, scratch);
+          state_add(G, gdelta, d.state);
+        }
+        transpose_state(G, GT);
+        for (int64_t kc = 0; kc < d.nck; ++kc) {
+          load_kv(b, hk, kc, kv, false, true);
+          std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
+          key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+        }
+      }
+      store_grad_state(bh, G);
+    });
+  }
+
+  // ---- chunk tasks ------------------------------------------------------------------
+  void run_chunked() const {
+    const int64_t bhk = d.B * d.Hkv, nck = d.nck, ncq = d.ncq;
+    const int64_t slice = 512, nslices = (d.state + slice - 1) / slice;
+    const int64_t TT = d.Dv * d.Dp;
+    // 1. chunk deltas; 2. scan: states[bh][kc] = state before kc (causal), finals = last
+    Buffer<acc_t> states(bhk * std::max<int64_t>(nck, 1) * d.state);
+    Buffer<acc_t> finals(bhk * d.state);
+    parallel_tasks(bhk * nck, [&](int64_t t) {
+      const int64_t bh = t / nck, kc = t % nck;
+      const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
+      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false, false);
+      chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
+    });
+    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
+    parallel_tasks(bhk * nslices, [&](int64_t t) {
+      const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, d.state - s0);
+      acc_t* run = finals.get() + bh * d.state + s0;
+      for (int64_t kc = 0; kc < nck; ++kc) {
+        acc_t* cell = states.get() + (bh * nck + kc) * d.state + s0;
+        if (a.causal)
+          for (int64_t i = 0; i < len; ++i) {
+            const acc_t delta = cell[i];
+            cell[i] = run[i];
+            run[i] += delta;
+          }
+        else
+          state_add(run, cell, len);
+      }
+    });
+    // 3. gradient deltas per query chunk (non-causal: with dq as well)
+    Buffer<acc_t> gstates(bhk * std::max<int64_t>(ncq, 1) * d.state);
+    parallel_tasks(bhk * ncq, [&](int64_t t) {
+      const int64_t bh = t / ncq, qc = t % ncq, b = bh / d.Hkv, hk = bh % d.Hkv;
+      acc_t* stT = task_scratch<acc_t>(TT + kv_size() + query_scratch());
+      const KV kv = kv_at(stT + TT);
+      acc_t* scratch = kv_end(kv);
+      acc_t* gdelta = gstates.get() + t * d.state;
+      std::fill(gdelta, gdelta + d.state, acc_t(0));
+      const acc_t* st;
+      if (a.causal) {
+        load_kv(b, hk, qc, kv, true, false);
+        st = states.get() + (bh * nck + qc) * d.state;
+      } else {
+        st = finals.get() + bh * d.state;
+        transpose_state(st, stT);
+      }
+      for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+        query_chunk(b, h, qc, st, stT, kv, gdelta, nullptr, nullptr, !a.causal, scratch);
+    });
+    // 4. scan of the gradient deltas: causal backwards and exclusive (gstates[bh][c] =
+    //    gradient of the state after chunk c), non-causal a plain sum in chunk order
+    Buffer<acc_t> gfinal(bhk * d.state);
+    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.grad_S, a.grad_z, bh, gfinal.get() + bh * d.state); });
+    parallel_tasks(bhk * nslices, [&](int64_t t) {
+      const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, d.state - s0);
+      acc_t* run = gfinal.get() + bh * d.state + s0;
+      for (int64_t i = 0; i < ncq; ++i) {
+        const int64_t qc = a.causal ? ncq - 1 - i : i;
+        acc_t* cell = gstates.get() + (bh * ncq + qc) * d.state + s0;
+        if (a.causal)
+          for (int64_t e = 0; e < len; ++e) {
+            const acc_t delta = cell[e];
+            cell[e] = run[e];
+            run[e] += delta;
+          }
+        else
+          state_add(run, cell, len);
+      }
+    });
+    // 5. gradients per key chunk (causal: with dq and the intra-chunk terms)
+    parallel_tasks(bhk * nck, [&](int64_t t) {
+      const int64_t bh = t / nck, kc = t % nck, b = bh / d.Hkv, hk = bh % d.Hkv;
+      acc_t* stT = task_scratch<acc_t>(2 * TT + kv_size() + d.C * (d.Dp + d.Dvp) + query_scratch());
+      acc_t* GT = stT + TT;
+      const KV kv = kv_at(GT + TT);
+      acc_t* dfk = kv_end(kv);
+      acc_t* dvacc = dfk + d.C * d.Dp;
+      acc_t* scratch = dvacc + d.C * d.Dvp;
+      std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
+      const acc_t* G;
+      if (a.causal) {
+        const acc_t* sb = states.get() + t * d.state;
+        G = gstates.get() + t * d.state;
+        load_kv(b, hk, kc, kv, true, true);
+        transpose_state(sb, stT);
+        for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+          query_chunk(b, h, kc, sb, stT, kv, nullptr, dfk, dvacc, true, scratch);
+      } else {
+        G = gfinal.get() + bh * d.state;
+        load_kv(b, hk, kc, kv, false, true);
+      }
+      transpose_state(G, GT);
+      key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+    });
+    parallel_tasks(bhk, [&](int64_t bh) { store_grad_state(bh, gfinal.get() + bh * d.state); });
+  }
+
+  void run() const {
+    if (one_task_per_head(d.B * d.Hkv))
+      run_per_head();
+    else
+      run_chunked();
+  }
+};
+
+}  // namespace
+
+void linear_bwd(const LinearBwdArgs& a) {
+  switch (a.dtype) {
+    case DType::Float32: return BwdKernel<float, float>(a).run();
+    case DType::Float64: return BwdKernel<double, double>(a).run();
+    case DType::BFloat16: return BwdKernel<c10::BFloat16, float>(a).run();
+    case DType::Float16: return BwdKernel<c10::Half, float>(a).run();
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

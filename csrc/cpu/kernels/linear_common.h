@@ -1,0 +1,215 @@
+// Pieces shared by the linear-attention CPU kernels (linear_fwd.cpp, linear_bwd.cpp).
+//
+// Layouts inside one task (acc_t = float, double for float64 inputs; VL its vector width):
+//   C = chunk rows, Cp = round_up(C, VL), Dp = round_up(D, VL), Dvp = round_up(Dv, VL)
+//   fq  [C][Dp]    scale * phi(q) of one query head's chunk
+//   fk  [C][Dp]    phi(k) rows (A operand of fk^T v read through strides, B of dA fk)
+//   fkT [D][Cp]    phi(k)^T, transposed from fk (B operand of fq fk^T)
+//   v   [C][Dvp]   v rows;  vT [Dv][Cp] (backward: B operand of g v^T)
+//   state          S [D][Dvp] followed by z [Dp]: Dims::state elements
+// Feature maps run vectorised on rows (features_row); phi' comes from the same pass.
+// Padding rows/columns are zero, so products may run over padded widths.
+//
+// Summation orders depend on the shape and the chunk size only: every task computes the
+// same numbers whichever thread runs it and however the chunks are split into passes.
+#pragma once
+
+#include "../../common/linear.h"
+#include "gemm.h"
+#include "kernels.h"
+#include "tile_util.h"
+
+namespace attention_ext::cpu {
+inline namespace CPU_CAPABILITY {
+namespace linear {
+
+template <typename acc_t>
+struct Dims {
+  static constexpr int64_t VL = Vec<acc_t>::size();
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv, C;
+  int64_t Cp, Dp, Dvp, group, ncq, nck, state;
+
+  Dims(int64_t B_, int64_t Hq_, int64_t Hkv_, int64_t Nq_, int64_t Nk_, int64_t D_, int64_t Dv_, int64_t chunk)
+      : B(B_), Hq(Hq_), Hkv(Hkv_), Nq(Nq_), Nk(Nk_), D(D_), Dv(Dv_) {
+    C = std::max<int64_t>(1, std::min(chunk, std::max(Nq, Nk)));
+    Cp = round_up(C, VL);
+    Dp = round_up(D, VL);
+    Dvp = round_up(Dv, VL);
+    group = Hq / Hkv;
+    ncq = (Nq + C - 1) / C;
+    nck = (Nk + C - 1) / C;
+    state = D * Dvp + Dp;
+  }
+};
+
+// One task's scratch of at least n elements, reused across tasks of the same thread.
+template <typename T>
+T* task_scratch(int64_t n) {
+  thread_local std::unique_ptr<Buffer<T>> buf;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buf.reset();
+    buf = std::make_unique<Buffer<T>>(n);
+    size = n;
+  }
+  return buf->get();
+}
+
+template <typename scalar_t>
+inline const scalar_t* row_ptr(const Operand& op, int64_t b, int64_t h, int64_t n) {
+  return static_cast<const scalar_t*>(op.data) + b * op.stride[0] + h * op.stride[1] + n * op.stride[2];
+}
+
+// x[c] = mult * phi(x[c]) for c < n, in place; dphi[c] = phi'(x[c]) when not null.
+template <typename acc_t>
+void features_row(acc_t* x, int64_t n, int64_t fmap, acc_t mult, acc_t* dphi) {
+  using V = Vec<acc_t>;
+  const V one(acc_t(1)), zero(acc_t(0)), m(mult);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V v = V::loadu(x + c);
+    V f = v, g = one;
+    if (fmap == kFeatureElu) {
+      f = V::blendv(v.exp(), v + one, v > zero);
+      g = at::vec::minimum(f, one);  // exp(x) for x <= 0, 1 above
+    } else if (fmap == kFeatureRelu) {
+      f = V::blendv(v, zero, v < zero);
+      g = V::blendv(zero, one, v > zero);
+    }
+    (f * m).store(x + c);
+    if (dphi) g.store(dphi + c);
+  }
+  for (; c < n; ++c) {
+    if (dphi) dphi[c] = feature_grad<acc_t>(fmap, x[c]);
+    x[c] = feature<acc_t>(fmap, x[c]) * mult;
+  }
+}
+
+// dst[r][c] = mult * phi(src[r][c]) for r < rows, c < cols; zero up to ld and rows_pad.
+// dphi (same layout, optional) gets phi'(src[r][c]).
+template <typename scalar_t, typename acc_t>
+void load_features(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, int64_t fmap,
+                   acc_t mult, acc_t* dst, int64_t ld, int64_t rows_pad, acc_t* dphi = nullptr) {
+  load_rows(src, s_row, s_col, rows, cols, dst, ld, rows_pad);
+  for (int64_t r = 0; r < rows; ++r) features_row(dst + r * ld, cols, fmap, mult, dphi ? dphi + r * ld : nullptr);
+}
+
+// dst[c][r] = src[r][c] for a dense acc_t block (rows x cols, leading dim lds) into
+// dst with leading dim ldd; dst columns rows..ldd zero.
+template <typename acc_t>
+void transpose_block(const acc_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = acc_t(0);
+  constexpr int64_t RB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    const int64_t r1 = std::min(rows, r0 + RB);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
+// Row blocks of the micro kernel's height, so triangular products skip the zero half.
+template <typename acc_t>
+constexpr int64_t kRowBlock = Blocking<acc_t>::MR;
+
+// Lower-triangular C = A B^T-shaped products: rows [0, m) of C (ld ldc), where row i
+// needs columns j <= i only. Computes columns [0, round_up(min(i_end, ncols), VL)) of each
+// row block; the caller masks the rest.
+template <typename acc_t>
+void gemm_lower_cols(int64_t m, int64_t ncols, int64_t K, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                     acc_t* c, int64_t ldc) {
+  constexpr int64_t VL = Vec<acc_t>::size(), MR = kRowBlock<acc_t>;
+  for (int64_t m0 = 0; m0 < m; m0 += MR) {
+    const int64_t mr = std::min(MR, m - m0);
+    const int64_t nc = round_up(std::min(m0 + mr, ncols), VL);
+    gemm<acc_t>(mr, nc, K, a + m0 * lda, lda, 1, b, ldb, c + m0 * ldc, ldc, false);
+  }
+}
+
+// C (+)= L B with L lower triangular (row i reads L[i][k] for k <= i): each row block
+// runs K up to its last row.
+template <typename acc_t>
+void gemm_lower_a(int64_t m, int64_t N, const acc_t* l, int64_t ldl, const acc_t* b, int64_t ldb, acc_t* c,
+                  int64_t ldc, bool accumulate) {
+  constexpr int64_t MR = kRowBlock<acc_t>;
+  for (int64_t m0 = 0; m0 < m; m0 += MR) {
+    const int64_t mr = std::min(MR, m - m0);
+    gemm<acc_t>(mr, N, m0 + mr, l + m0 * ldl, ldl, 1, b, ldb, c + m0 * ldc, ldc, accumulate);
+  }
+}
+
+// C (+)= L^T B with L (m x m, ld ldl) lower triangular: row j of C reads L[i][j] for
+// i >= j, i < m.
+template <typename acc_t>
+void gemm_lower_t(int64_t m, int64_t N, const acc_t* l, int64_t ldl, const acc_t* b, int64_t ldb, acc_t* c,
+                  int64_t ldc, bool accumulate) {
+  constexpr int64_t MR = kRowBlock<acc_t>;
+  for (int64_t j0 = 0; j0 < m; j0 += MR) {
+    const int64_t mr = std::min(MR, m - j0);
+    // A(i, k) = L[j0 + k][j0 + i]
+    gemm<acc_t>(mr, N, m - j0, l + j0 * ldl + j0, 1, ldl, b + j0 * ldb, ldb, c + j0 * ldc, ldc, accumulate);
+  }
+}
+
+// Zeroes row r's columns (r, ld) of an m x ld lower-triangular tile and returns nothing;
+// with rowsum != nullptr also stores sum_{j <= r} tile[r][j] (sequential order).
+template <typename acc_t>
+void mask_lower(int64_t m, acc_t* tile, int64_t ld, acc_t* rowsum) {
+  for (int64_t r = 0; r < m; ++r) {
+    acc_t* row = tile + r * ld;
+    for (int64_t j = r + 1; j < ld; ++j) row[j] = acc_t(0);
+    if (rowsum) {
+      acc_t s = 0;
+      for (int64_t j = 0; j <= r; ++j) s += row[j];
+      rowsum[r] = s;
+    }
+  }
+}
+
+// Chunk state delta: dS = fk^T v (D x Dvp), dz = column sums of fk (Dp, keys summed in
+// order), for the chunk's n keys held as fk [n][Dp] and v [n][Dvp].
+template <typename acc_t>
+void chunk_state(const Dims<acc_t>& d, int64_t n, const acc_t* fk, const acc_t* v, acc_t* st) {
+  gemm<acc_t>(d.D, d.Dvp, n, fk, 1, d.Dp, v, d.Dvp, st, d.Dvp, false);
+  acc_t* z = st + d.D * d.Dvp;
+  std::fill(z, z + d.Dp, acc_t(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t* row = fk + j * d.Dp;
+    for (int64_t x = 0; x < d.Dp; ++x) z[x] += row[x];
+  }
+}
+
+// dst += src over one state (kStateSize elements).
+template <typename acc_t>
+inline void state_add(acc_t* dst, const acc_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// Unpacks a contiguous (D, Dv) + (D) state of the caller (or zeros) into the padded
+// layout, and back.
+template <typename acc_t>
+void state_in(const Dims<acc_t>& d, const acc_t* S, const acc_t* z, acc_t* st) {
+  std::fill(st, st + d.state, acc_t(0));
+  if (S)
+    for (int64_t x = 0; x < d.D; ++x) std::copy(S + x * d.Dv, S + (x + 1) * d.Dv, st + x * d.Dvp);
+  if (z) std::copy(z, z + d.D, st + d.D * d.Dvp);
+}
+
+template <typename acc_t>
+void state_out(const Dims<acc_t>& d, const acc_t* st, acc_t* S, acc_t* z) {
+  for (int64_t x = 0; x < d.D; ++x) std::copy(st + x * d.Dvp, st + x * d.Dvp + d.Dv, S + x * d.Dv);
+  std::copy(st + d.D * d.Dvp, st + d.D * d.Dvp + d.D, z);
+}
+
+// Whether one task per (batch, kv head) keeps every thread busy; otherwise the kernels
+// split the sequence into chunk tasks and scan the chunk states in a separate pass.
+// Both ways run the same arithmetic in the same order, so the choice (which depends
+// on the thread count) never changes a bit of the result.
+inline bool one_task_per_head(int64_t bh) {
+  const int64_t t = at::get_num_threads();
+  return t <= 1 || (bh >= t && (bh % t == 0 || bh >= 4 * t));
+}
+
+}  // namespace linear
+}  // namespace CPU_CAPABILITY
+}  // namespace attention_ext::cpu

@@ -1,0 +1,548 @@
+"""attention_ext.linear_attention / linear_attention_step / FavorFeatures.
+
+The reference below is written from the documented formula (attention_ext/linear.py),
+in float64, as the explicit quadratic form phi(Q) phi(K)^T with a causal mask; it
+never calls attention_ext.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention_ext
+from attention_ext import FavorFeatures, linear_attention, linear_attention_step
+
+FMAPS = ["elu", "relu", "identity"]
+
+
+# ---- independent float64 reference ----------------------------------------------------
+
+def _phi(x, fmap):
+    if fmap == "elu":
+        return F.elu(x) + 1
+    if fmap == "relu":
+        return F.relu(x)
+    return x
+
+
+def reference(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=True, scale=1.0, state=None):
+    """Quadratic float64 linear attention. Returns (out, (S, z)); differentiable in its
+    (float64) inputs."""
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    fq = scale * _phi(q, fmap)
+    fk = _phi(k, fmap)
+    fkr = fk.repeat_interleave(group, 1)
+    vr = v.repeat_interleave(group, 1)
+    a = fq @ fkr.transpose(-1, -2)
+    if causal:
+        n = q.shape[2]
+        a = a.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device).tril(), 0.0)
+    num = a @ vr
+    den = a.sum(-1)
+    S = fk.transpose(-1, -2) @ v
+    z = fk.sum(-2)
+    if state is not None:
+        S0, z0 = (t.to(torch.float64) for t in state)
+        num = num + fq @ S0.repeat_interleave(group, 1)
+        den = den + (fq * z0.repeat_interleave(group, 1).unsqueeze(-2)).sum(-1)
+        S, z = S + S0, z + z0
+    out = num / (den + eps).unsqueeze(-1) if normalize else num
+    return out, (S, z)
+
+
+def make(B=2, Hq=4, Hkv=2, Nq=37, Nk=None, D=24, Dv=40, *, dtype=torch.float64, device="cpu", fmap="elu",
+         positive=None, requires_grad=False):
+    """Random q, k, v. identity features are made positive (a well-conditioned normaliser)."""
+    Nk = Nq if Nk is None else Nk
+    q = torch.randn(B, Hq, Nq, D, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Nk, D, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Nk, Dv, dtype=torch.float64)
+    if positive or (positive is None and fmap == "identity"):
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
+    return out
+
+
+def tol_for(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+
+
+def assert_close(out, ref, dtype, what="out"):
+    ref = ref.detach().double().cpu()
+    err = (out.detach().double().cpu() - ref).abs().max().item() if out.numel() else 0.0
+    tol = tol_for(dtype) * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} ({dtype})"
+
+
+# ---- forward --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmap", FMAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_forward_matches_reference(device, fmap, causal, normalize):
+    q, k, v = make(fmap=fmap, device=device)
+    out, (S, z) = linear_attention(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, chunk_size=16,
+                                   return_state=True)
+    ref, (rS, rz) = reference(q.cpu(), k.cpu(), v.cpu(), fmap=fmap, causal=causal, normalize=normalize)
+    assert out.shape == (2, 4, 37, 40) and out.dtype == torch.float64
+    assert S.shape == (2, 2, 24, 40) and z.shape == (2, 2, 24)
+    assert_close(out, ref, torch.float64)
+    assert_close(S, rS, torch.float64, "S")
+    assert_close(z, rz, torch.float64, "z")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision(device, dtype, causal):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=150, D=32, Dv=64, dtype=dtype, device=device)
+    out, (S, z) = linear_attention(q, k, v, causal=causal, return_state=True)
+    assert out.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+    # reference on the rounded inputs: what remains is fp32 accumulation + output rounding
+    ref, (rS, rz) = reference(q.cpu(), k.cpu(), v.cpu(), causal=causal)
+    assert_close(out, ref, dtype)
+    assert_close(S, rS, torch.float32, "S")
+    assert_close(z, rz, torch.float32, "z")
+
+
+@pytest.mark.parametrize("N,chunk", [(1, 64), (1, 1), (2, 1), (5, 3), (63, 64), (64, 64), (65, 64), (100, 7),
+                                     (129, 128), (300, 1024)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_and_chunks(device, N, chunk, causal):
+    q, k, v = make(B=1, Hq=3, Hkv=3, Nq=N, D=8, Dv=16, device=device)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=chunk)
+    ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), causal=causal)
+    assert_close(out, ref, torch.float64)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 1), (6, 3), (2, 2)])
+def test_gqa(device, Hq, Hkv):
+    q, k, v = make(B=2, Hq=Hq, Hkv=Hkv, Nq=50, D=16, Dv=8, device=device, dtype=torch.float32)
+    for causal in (False, True):
+        out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=16, return_state=True)
+        ref, (rS, rz) = reference(q.cpu(), k.cpu(), v.cpu(), causal=causal)
+        assert S.shape == (2, Hkv, 16, 8)
+        assert_close(out, ref, torch.float32)
+        assert_close(S, rS, torch.float32, "S")
+
+
+def test_cross_lengths_non_causal(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=19, Nk=70, D=16, Dv=24, device=device)
+    out = linear_attention(q, k, v, chunk_size=16)
+    ref, _ = reference(q.cpu(), k.cpu(), v.cpu())
+    assert_close(out, ref, torch.float64)
+
+
+def test_empty_sequences(device):
+    q, k, v = make(B=2, Hq=2, Hkv=1, Nq=0, D=8, Dv=8, device=device)
+    for causal in (False, True):
+        out, (S, z) = linear_attention(q, k, v, causal=causal, return_state=True)
+        assert out.shape == (2, 2, 0, 8)
+        assert S.abs().sum().item() == 0 and z.abs().sum().item() == 0
+    # queries but no keys: zero state, so zero output
+    q, k, v = make(B=1, Hq=1, Hkv=1, Nq=4, Nk=0, D=8, Dv=8, device=device)
+    assert linear_attention(q, k, v).abs().sum().item() == 0
+
+
+def test_scale_and_eps(device):
+    q, k, v = make(B=1, Hq=2, Hkv=2, Nq=33, D=8, Dv=8, device=device)
+    for normalize in (True, False):
+        out = linear_attention(q, k, v, causal=True, scale=0.3, eps=0.5, normalize=normalize, chunk_size=8)
+        ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), causal=True, scale=0.3, eps=0.5, normalize=normalize)
+        assert_close(out, ref, torch.float64)
+
+
+def test_relu_zero_normaliser_gives_zero(device):
+    # all-negative keys: relu features vanish, the normaliser is just eps, no NaN
+    q, k, v = make(B=1, Hq=1, Hkv=1, Nq=20, D=8, Dv=8, device=device, fmap="relu")
+    out = linear_attention(q, -k.abs() - 1, v, feature_map="relu", causal=True)
+    assert torch.isfinite(out).all() and out.abs().max().item() == 0
+
+
+def test_noncontiguous_inputs(device):
+    # (B, N, H, D) storage seen through a transpose, and a sliced feature dim
+    qb = torch.randn(2, 45, 4, 20, dtype=torch.float64, device=device)
+    kb = torch.randn(2, 45, 2, 20, dtype=torch.float64, device=device)
+    vb = torch.randn(2, 45, 2, 12, dtype=torch.float64, device=device)
+    q, k, v = qb.transpose(1, 2)[..., :16], kb.transpose(1, 2)[..., :16], vb.transpose(1, 2)
+    for causal in (False, True):
+        out = linear_attention(q, k, v, causal=causal, chunk_size=8)
+        ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), causal=causal)
+        assert_close(out, ref, torch.float64)
+
+
+def test_long_sequence_fp32_state(device):
+    # 64k tokens: an N x N buffer would not fit; the fp32 running state stays accurate
+    N, D = 65536, 8
+    q, k, v = (torch.randn(1, 1, N, D, device=device) * 0.5 for _ in range(3))
+    out = linear_attention(q, k, v, causal=True)
+    fq, fk, vv = (F.elu(q.double().cpu()) + 1)[0, 0], (F.elu(k.double().cpu()) + 1)[0, 0], v.double().cpu()[0, 0]
+    S = torch.cumsum(fk.unsqueeze(-1) * vv.unsqueeze(-2), 0)
+    z = torch.cumsum(fk, 0)
+    ref = torch.einsum("nd,nde->ne", fq, S) / ((fq * z).sum(-1, keepdim=True) + 1e-6)
+    assert_close(out[0, 0], ref, torch.float32)
+
+
+# ---- state: prefill + steps, initial state ---------------------------------------------
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("fmap", FMAPS)
+def test_prefill_then_steps_equals_full(device, normalize, fmap):
+    q, k, v = make(B=2, Hq=4, Hkv=2, Nq=41, D=16, Dv=8, device=device, dtype=torch.float32, fmap=fmap)
+    full = linear_attention(q, k, v, feature_map=fmap, causal=True, normalize=normalize, chunk_size=16)
+    P = 29
+    out, state = linear_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], feature_map=fmap, causal=True,
+                                  normalize=normalize, chunk_size=16, return_state=True)
+    outs = [out]
+    t = P
+    for width in (1, 1, 3, 1, 2, 4):  # one token or a few at a time
+        o, state = linear_attention_step(q[:, :, t:t + width], k[:, :, t:t + width], v[:, :, t:t + width], state,
+                                         feature_map=fmap, normalize=normalize)
+        outs.append(o)
+        t += width
+    assert t == 41
+    steps = torch.cat(outs, 2)
+    assert_close(steps, full, torch.float32)
+    _, (rS, rz) = reference(q.cpu(), k.cpu(), v.cpu(), fmap=fmap, causal=True)
+    assert_close(state[0], rS, torch.float32, "S")
+    assert_close(state[1], rz, torch.float32, "z")
+
+
+def test_steps_from_empty_state(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=6, D=8, Dv=8, device=device)
+    ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    state, outs = None, []
+    for t in range(6):
+        o, state = linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+        outs.append(o)
+    assert_close(torch.cat(outs, 2), ref, torch.float64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_initial_state(device, causal):
+    q, k, v = make(B=2, Hq=2, Hkv=1, Nq=30, D=8, Dv=8, device=device)
+    S0 = torch.randn(2, 1, 8, 8, dtype=torch.float64, device=device)
+    z0 = torch.rand(2, 1, 8, dtype=torch.float64, device=device) + 1
+    out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=8, initial_state=(S0, z0), return_state=True)
+    ref, (rS, rz) = reference(q.cpu(), k.cpu(), v.cpu(), causal=causal, state=(S0.cpu(), z0.cpu()))
+    assert_close(out, ref, torch.float64)
+    assert_close(S, rS, torch.float64, "S")
+    assert_close(z, rz, torch.float64, "z")
+    # the input state is not modified and not aliased
+    assert S.data_ptr() != S0.data_ptr()
+
+
+def test_split_prefill_equals_full(device):
+    q, k, v = make(B=1, Hq=2, Hkv=2, Nq=50, D=8, Dv=8, device=device)
+    full = linear_attention(q, k, v, causal=True, chunk_size=8)
+    o1, st = linear_attention(q[:, :, :21], k[:, :, :21], v[:, :, :21], causal=True, chunk_size=8,
+                              return_state=True)
+    o2 = linear_attention(q[:, :, 21:], k[:, :, 21:], v[:, :, 21:], causal=True, chunk_size=8, initial_state=st)
+    assert_close(torch.cat([o1, o2], 2), full, torch.float64)
+
+
+# ---- autograd ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmap", FMAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(device, fmap, causal, normalize):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=11, D=5, Dv=6, device=device, fmap=fmap, requires_grad=True)
+    if fmap == "relu":  # keep clear of relu's kink
+        with torch.no_grad():
+            q.add_(torch.sign(q) * 0.05)
+            k.add_(torch.sign(k) * 0.05)
+
+    def f(q, k, v):
+        out, (S, z) = linear_attention(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, chunk_size=4,
+                                       eps=1e-3, scale=0.7, return_state=True)
+        return out, S, z
+
+    assert torch.autograd.gradcheck(f, (q, k, v), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_initial_state(device, causal):
+    q, k, v = make(B=2, Hq=2, Hkv=2, Nq=9, D=4, Dv=3, device=device, requires_grad=True)
+    S0 = torch.randn(2, 2, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    z0 = (torch.rand(2, 2, 4, dtype=torch.float64, device=device) + 1).requires_grad_()
+
+    def f(q, k, v, S0, z0):
+        out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=4, initial_state=(S0, z0),
+                                       return_state=True)
+        return out, S, z
+
+    assert torch.autograd.gradcheck(f, (q, k, v, S0, z0), atol=1e-7, rtol=1e-6)
+
+
+def test_gradcheck_step(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=3, D=4, Dv=3, device=device, requires_grad=True)
+    S0 = torch.randn(1, 1, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    z0 = (torch.rand(1, 1, 4, dtype=torch.float64, device=device) + 1).requires_grad_()
+
+    def f(q, k, v, S0, z0):
+        out, (S, z) = linear_attention_step(q, k, v, (S0, z0), normalize=True)
+        return out, S, z
+
+    assert torch.autograd.gradcheck(f, (q, k, v, S0, z0), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grads_match_reference(device, dtype, causal):
+    q, k, v = make(B=2, Hq=4, Hkv=2, Nq=70, D=16, Dv=24, device=device, dtype=dtype, requires_grad=True)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=32)
+    g = torch.randn_like(out)
+    out.backward(g)
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(qr, kr, vr, causal=causal)
+    ref.backward(g.cpu().double())
+    tol = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}[dtype]
+    for name, ours, r in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+        assert ours.dtype == dtype
+        assert_close(ours, r, tol, name)
+
+
+def test_grad_through_state_only(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=10, D=4, Dv=4, device=device, requires_grad=True)
+    _, (S, z) = linear_attention(q, k, v, causal=True, return_state=True)
+    (S.sum() + 2 * z.sum()).backward()
+    qr, kr, vr = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    _, (rS, rz) = reference(qr, kr, vr, causal=True)
+    (rS.sum() + 2 * rz.sum()).backward()
+    assert q.grad.abs().max().item() == 0
+    assert_close(k.grad, kr.grad, torch.float64, "dk")
+    assert_close(v.grad, vr.grad, torch.float64, "dv")
+
+
+# ---- custom-op machinery ------------------------------------------------------------------
+
+def test_opcheck(device):
+    ops = torch.ops.attention_ext
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=10, D=8, Dv=8, device=device, dtype=torch.float32, requires_grad=True)
+    S0 = torch.randn(1, 1, 8, 8, device=device, requires_grad=True)
+    z0 = (torch.rand(1, 1, 8, device=device) + 1).requires_grad_()
+    for causal in (False, True):
+        torch.library.opcheck(ops.linear_fwd.default, (q, k, v, None, None, 1, causal, True, 1e-6, 1.0, 4))
+        torch.library.opcheck(ops.linear_fwd.default, (q, k, v, S0, z0, 2, causal, False, 1e-6, 0.5, 3))
+        out = ops.linear_fwd(q, k, v, S0, z0, 1, causal, True, 1e-6, 1.0, 4)[0].detach()
+        go = torch.randn_like(out)
+        torch.library.opcheck(ops.linear_bwd.default, (go, None, None, q.detach(), k.detach(), v.detach(), out,
+                                                       None, None, 1, causal, True, 1e-6, 1.0, 4))
+    torch.library.opcheck(ops.linear_step.default, (q[:, :, :2], k[:, :, :2], v[:, :, :2], S0, z0, 1, True, 1e-6,
+                                                    1.0))
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=20, D=8, Dv=8, device=device, dtype=torch.float32, requires_grad=True)
+
+    def f(q, k, v):
+        out, (S, z) = linear_attention(q, k, v, causal=True, chunk_size=8, return_state=True)
+        o2, _ = linear_attention_step(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], (S, z))
+        return out.sum() + o2.sum() + S.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- CPU specifics: determinism, ISA builds -------------------------------------------------
+
+def _run_all(q, k, v, causal):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=16, return_state=True)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * g).sum().backward()
+    return [out, S, z, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bitwise_repeatable_across_threads(B, Hkv, causal):
+    # thread counts change the work split (one task per head vs chunk tasks + scans):
+    # the results must not change by a single bit
+    q, k, v = make(B=B, Hq=2 * Hkv, Hkv=Hkv, Nq=100, D=12, Dv=20, dtype=torch.float32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results.append(_run_all(q, k, v, causal))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", attention_ext.available_cpu_isas())
+def test_every_isa_build(isa):
+    before = attention_ext.cpu_isa()
+    try:
+        attention_ext.set_cpu_isa(isa)
+        for causal in (False, True):
+            q, k, v = make(B=1, Hq=2, Hkv=1, Nq=45, D=12, Dv=20, dtype=torch.float32, requires_grad=True)
+            out = linear_attention(q, k, v, causal=causal, chunk_size=16)
+            out.backward(torch.ones_like(out))
+            qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref, _ = reference(qr, kr, vr, causal=causal)
+            ref.backward(torch.ones_like(ref))
+            assert_close(out, ref, torch.float32)
+            assert_close(k.grad, kr.grad, torch.float32, "dk")
+            st = linear_attention_step(q[:, :, :3].detach(), k[:, :, :3].detach(), v[:, :, :3].detach(), None)[0]
+            assert_close(st, reference(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=True)[0], torch.float32)
+    finally:
+        attention_ext.set_cpu_isa(before)
+
+
+# ---- bad inputs: exception type and the argument named ---------------------------------------
+
+def test_bad_inputs(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=8, D=4, Dv=4, device=device, dtype=torch.float32)
+    cases = [
+        (dict(feature_map="gelu"), ValueError, "feature_map"),
+        (dict(feature_map=1), ValueError, "feature_map"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=-3), ValueError, "chunk_size"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size"),
+        (dict(chunk_size=4096), ValueError, "chunk_size"),
+        (dict(eps=-1e-3), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(eps="small"), TypeError, "eps"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(causal=1), TypeError, "causal"),
+        (dict(normalize=None), TypeError, "normalize"),
+        (dict(return_state="yes"), TypeError, "return_state"),
+    ]
+    for kwargs, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            linear_attention(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match=r"k.shape\[-1\]"):
+        linear_attention(q, k[..., :3], v)
+    with pytest.raises(ValueError, match=r"v.shape\[2\]"):
+        linear_attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match=r"q heads"):
+        linear_attention(q[:, :1], k.expand(1, 2, 8, 4), v.expand(1, 2, 8, 4))
+    with pytest.raises(ValueError, match=r"k.shape\[2\]"):
+        linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match=r"q must be 4-D"):
+        linear_attention(q[0], k, v)
+    with pytest.raises(TypeError, match=r"k.dtype"):
+        linear_attention(q, k.double(), v)
+    with pytest.raises(TypeError, match=r"q.dtype"):
+        linear_attention(q.int(), k.int(), v.int())
+    with pytest.raises(TypeError, match=r"^v must be a torch.Tensor"):
+        linear_attention(q, k, v.tolist())
+
+
+def test_bad_state(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=1, D=4, Dv=6, device=device, dtype=torch.float32)
+    S = torch.zeros(1, 1, 4, 6, device=device)
+    z = torch.zeros(1, 1, 4, device=device)
+    with pytest.raises(ValueError, match=r"state\[0\] \(S\) must have shape"):
+        linear_attention_step(q, k, v, (S[..., :5], z))
+    with pytest.raises(ValueError, match=r"state\[0\] \(S\) must have shape"):
+        linear_attention_step(q, k, v, (S.expand(1, 2, 4, 6), z))  # per query head instead of kv head
+    with pytest.raises(ValueError, match=r"state\[1\] \(z\) must have shape"):
+        linear_attention_step(q, k, v, (S, z[..., :3]))
+    with pytest.raises(TypeError, match=r"state\[0\] \(S\).dtype"):
+        linear_attention_step(q, k, v, (S.double(), z))
+    with pytest.raises(TypeError, match=r"state must be a pair"):
+        linear_attention_step(q, k, v, S)
+    with pytest.raises(ValueError, match=r"initial_state\[1\] \(z\) must have shape"):
+        linear_attention(q, k, v, initial_state=(S, z[0]))
+    with pytest.raises(ValueError, match=r"q.shape\[2\]"):
+        linear_attention_step(q.expand(1, 2, 2, 4), k, v, (S, z))
+
+
+def test_op_level_checks(device):
+    ops = torch.ops.attention_ext
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=8, D=4, Dv=4, device=device, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="feature_map"):
+        ops.linear_fwd(q, k, v, None, None, 7, False, True, 1e-6, 1.0, 64)
+    with pytest.raises(RuntimeError, match="chunk_size"):
+        ops.linear_fwd(q, k, v, None, None, 1, False, True, 1e-6, 1.0, 0)
+    with pytest.raises(RuntimeError, match="initial state S must have shape"):
+        ops.linear_fwd(q, k, v, torch.zeros(1, 2, 4, 4, device=device), torch.zeros(1, 1, 4, device=device), 1,
+                       False, True, 1e-6, 1.0, 64)
+    with pytest.raises(RuntimeError, match="state"):
+        ops.linear_step(q, k, v, torch.zeros(1, 1, 4, 4, device=device, dtype=torch.float64),
+                        torch.zeros(1, 1, 4, device=device, dtype=torch.float64), 1, True, 1e-6, 1.0)
+
+
+# ---- FAVOR+ -------------------------------------------------------------------------------------
+
+def _softmax_attention(q, k, v, mask=None):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def test_favor_approximates_softmax(device):
+    torch.manual_seed(0)
+    B, H, N, D = 1, 2, 64, 16
+    q = torch.randn(B, H, N, D, dtype=torch.float64, device=device) * 0.6
+    k = torch.randn(B, H, N, D, dtype=torch.float64, device=device) * 0.6
+    v = torch.randn(B, H, N, D, dtype=torch.float64, device=device)
+    mask = torch.ones(N, N, dtype=torch.bool, device=device).tril()
+    exact = {False: _softmax_attention(q, k, v), True: _softmax_attention(q, k, v, mask)}
+    for causal in (False, True):
+        errors = []
+        for m in (16, 128, 1024):
+            errs = []
+            for seed in range(4):
+                feats = FavorFeatures(D, m, seed=seed).to(device)
+                approx = linear_attention(feats(q, is_query=True), feats(k, is_query=False), v,
+                                          feature_map="identity", causal=causal, eps=0.0)
+                errs.append((approx - exact[causal]).pow(2).mean().sqrt().item())
+            errors.append(sum(errs) / len(errs))
+        assert errors[0] > errors[1] > errors[2], errors
+        assert errors[2] < 0.5 * errors[0], errors
+        assert errors[2] < 0.05, errors
+
+
+def test_favor_module_behaviour(device):
+    f1 = FavorFeatures(8, 20, seed=3)
+    f2 = FavorFeatures(8, 20, seed=3)
+    assert torch.equal(f1.projection, f2.projection)
+    assert f1.projection.shape == (20, 8)
+    # orthogonal blocks: rows of one block are orthogonal
+    w = f1.projection[:8].double()
+    gram = w @ w.T
+    assert (gram - torch.diag(torch.diag(gram))).abs().max().item() < 1e-4
+    x = torch.randn(2, 3, 5, 8, device=device)
+    f1 = f1.to(device)
+    phi = f1(x, is_query=True)
+    assert phi.shape == (2, 3, 5, 20) and (phi > 0).all() and phi.dtype == x.dtype
+    assert f1(x.to(torch.bfloat16), is_query=False).dtype == torch.bfloat16
+    # unstabilised keys: the exact positive-feature formula
+    ref = torch.exp((x / 8 ** 0.25) @ f1.projection.T - (x / 8 ** 0.25).pow(2).sum(-1, keepdim=True) / 2) / 20 ** 0.5
+    torch.testing.assert_close(f1(x, is_query=False, stabilize=False), ref)
+    # redraw: fresh features in training mode only
+    r = FavorFeatures(8, 8, redraw=True, seed=1).to(device)
+    p0 = r.projection.clone()
+    r.eval()
+    r(x, is_query=True)
+    assert torch.equal(r.projection, p0)
+    r.train()
+    r(x, is_query=True)
+    assert not torch.equal(r.projection, p0)
+    non_orth = FavorFeatures(8, 12, orthogonal=False, seed=0)
+    assert non_orth.projection.shape == (12, 8)
+    with pytest.raises(ValueError, match="num_features"):
+        FavorFeatures(8, 0)
+    with pytest.raises(TypeError, match="seed"):
+        FavorFeatures(8, 4, seed="x")
+    with pytest.raises(ValueError, match="head_dim=8"):
+        f1(torch.randn(2, 5, 7, device=device), is_query=True)
+    with pytest.raises(TypeError, match="is_query"):
+        f1(x, is_query=None)
