@@ -1,4 +1,5 @@
 #include "kernels.h"
+#include "vec_math.h"
 
 #define AE_STR2(x) #x
 #define AE_STR(x) AE_STR2(x)
@@ -6,9 +7,16 @@
 namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
+void exp2_array(const float* x, float* y, int64_t n) {
+  constexpr int64_t VL = Vec<float>::size();
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) exp2_poly(Vec<float>::loadu(x + i)).store(y + i);
+  if (i < n) exp2_poly(Vec<float>::loadu(x + i, n - i)).store(y + i, n - i);
+}
+
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
-                                   &linear_fwd,    &linear_bwd,    &linear_step};
+                                 &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array};
   return &table;
 }
 
