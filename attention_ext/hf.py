@@ -470,11 +470,26 @@ def alternate(model_or_config, pattern="LG", window=None):
     return model_or_config
 
 
+def _layer_index(m):
+    for owner in (m, getattr(m, "self_attn", None), getattr(m, "attn", None), getattr(m, "attention", None)):
+        idx = getattr(owner, "layer_idx", None) if owner is not None else None
+        if isinstance(idx, int):
+            return idx
+    return None
+
+
 def _update_modules(model, config, types, window):
+    """The attributes that modules copy from the config at construction."""
     modernbert = type(config).__name__.startswith("ModernBert")
-    for m in model.modules():
-        idx = getattr(m, "layer_idx", None)
-        if not isinstance(idx, int) or not 0 <= idx < len(types):
+    replace = []
+    for name, m in model.named_modules():
+        if hasattr(m, "has_sliding_layers"):  # Qwen2-type models build the sliding mask only if set
+            m.has_sliding_layers = "sliding_attention" in types
+        own = getattr(m, "layer_types", None)
+        if isinstance(own, list) and "Rotary" in type(m).__name__ and set(types) - set(own):
+            replace.append(name)  # per-layer-type RoPE (Gemma 3, ModernBERT 5.x) lacks a new type
+        idx = _layer_index(m)
+        if idx is None or not 0 <= idx < len(types):
             continue
         local = types[idx] == "sliding_attention"
         if hasattr(m, "attention_type"):
@@ -483,8 +498,17 @@ def _update_modules(model, config, types, window):
             m.layer_type = types[idx]
         if hasattr(m, "is_sliding"):
             m.is_sliding = local
-        if hasattr(m, "sliding_window"):
+        if hasattr(m, "sliding_window") and getattr(m, "layer_idx", None) == idx:
             m.sliding_window = (window + 1 if modernbert else window) if local else None
+    for name in replace:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        buf = next(old.buffers(), None)
+        new = type(old)(old.config)
+        if buf is not None:
+            new = new.to(buf.device)
+        setattr(parent, attr, new)
 
 
 def _alternate_modernbert_457(model_or_config, config, pattern, window, is_model):
