@@ -231,7 +231,7 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=64, help="keys a local layer sees, itself included")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--eval-batches", type=int, default=4)
