@@ -71,8 +71,9 @@ def main(args, rest):
     p.add_argument("--sizes", default="8192,16384,32768")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--patterns", default=",".join(PATTERNS))
-    p.add_argument("--max-sdpa-mask-n", type=int, default=32768,
-                   help="largest N at which SDPA runs patterns with local layers (dense N x N masks)")
+    p.add_argument("--max-sdpa-mask-n", type=int, default=16384,
+                   help="largest N at which SDPA runs patterns with local layers: its forward+backward with "
+                        "dense N x N masks takes ~27 bytes x N^2 (1.8 GiB at 8k, ~28 GiB at 32k)")
     opts = p.parse_args(rest)
     import attention_ext.hf  # noqa: F401  (registers "attention_ext")
     import transformers
@@ -99,7 +100,8 @@ def main(args, rest):
             if errs:
                 row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
             elif "sdpa" not in impls:
-                row["notes"] = f"sdpa skipped (--max-sdpa-mask-n {opts.max_sdpa_mask_n})"
+                row["notes"] = (f"sdpa not run: dense masks need ~{27 * n * n / 2**30:.0f} GiB here "
+                                f"(--max-sdpa-mask-n {opts.max_sdpa_mask_n})")
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
