@@ -42,7 +42,12 @@ warns once):
 =================================  =================================================
 
 Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
-no weights (as SDPA).
+no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
+cross-attention run the ``"dense_mask"`` path.
+
+ModernBERT on transformers 4.57 does not use ``AttentionInterface``: registering also adds
+``"attention_ext"`` to its own attention table, so its layers run on our kernels too, but
+that version of the model builds its dense ``N x N`` masks itself (5.x does not).
 """
 
 from __future__ import annotations
@@ -169,7 +174,10 @@ def _eager(query, key, value, mask, scaling, softcap, dropout):
         scores = torch.tanh(scores / softcap) * softcap
     empty = None
     if mask is not None:
-        m = mask.unsqueeze(2)  # (B or 1, H or 1, 1, Nq, Nk)
+        if mask.shape[1] == 1:
+            m = mask.unsqueeze(2)  # (B or 1, 1, 1, Nq, Nk)
+        else:  # per query head
+            m = mask.reshape(mask.shape[0], Hkv, Hq // Hkv, *mask.shape[-2:])
         if m.dtype == torch.bool:
             scores = scores.masked_fill(~m, float("-inf"))
             empty = ~m.any(-1, keepdim=True)
@@ -230,10 +238,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     elif attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
-        if attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.stride(2) == 0 \
-                and Nq > 1:
-            raise RuntimeError("attention_ext: got a key-padding mask view without its tag (the model sliced the "
-                               "mask); refusing to guess the pattern")
+        if attention_mask.dim() == 4 and attention_mask.stride(2) == 0 and Nq > 1 and (causal or window):
+            # the same over all queries: a key-padding mask, which cannot be the whole pattern of a causal or
+            # windowed layer (e.g. our padding view, sliced by the model and so untagged); refuse to guess
+            raise RuntimeError("attention_ext: got a query-independent (key-padding) mask for a causal or windowed "
+                               "layer; pass a 2-D attention_mask instead")
         dense = _fit_keys(attention_mask, Nk)
         reason = "dense_mask"
         if window != model_window:
