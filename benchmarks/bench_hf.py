@@ -9,6 +9,7 @@ cross-entropy loss (time and the process's peak RSS above the start) at N = 8k..
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -71,10 +72,15 @@ def main(args, rest):
     p.add_argument("--sizes", default="8192,16384,32768")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (1 keeps a shared, loaded machine from stalling on thread barriers)")
     p.add_argument("--max-sdpa-mask-n", type=int, default=16384,
                    help="largest N at which SDPA runs patterns with local layers: its forward+backward with "
                         "dense N x N masks takes ~27 bytes x N^2 (1.8 GiB at 8k, ~28 GiB at 32k)")
     opts = p.parse_args(rest)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    load_start, t_start = os.getloadavg()[0], time.perf_counter()
     import attention_ext.hf  # noqa: F401  (registers "attention_ext")
     import transformers
 
@@ -112,9 +118,12 @@ def main(args, rest):
                     "forward+backward", U.command_line())
     body += (f"\ntransformers {transformers.__version__}. Qwen2 from_config: 6 layers, hidden 128, 2 query heads / "
              f"1 KV head of dim 64, MLP 256, vocabulary 256, fp32, batch 1, sliding_window {opts.window} "
-             "(a query sees 512 keys, itself included); the pattern repeats over the 6 layers (G global, L local) "
+             f"(a query sees {opts.window} keys, itself included); the pattern repeats over the 6 layers (G global, L local) "
              "and is set with `attention_ext.hf.alternate`. One step = forward, cross-entropy loss, backward. "
-             "Time: best of `calls` calls (the first call also measures memory; at N = 32k it is the only one). "
+             "Time: best of `calls` calls (the first call also measures memory; N >= 32k runs one call). "
+             f"1-minute load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+             f"{os.cpu_count()} cores (a shared machine; other jobs ran alongside), "
+             f"{(time.perf_counter() - t_start) / 60:.0f} minutes in all. "
              "Memory: the process's peak RSS above the start during one step (weights, activations, masks, "
              "gradients). SDPA runs the same weights with transformers' masks: `is_causal` for global layers and "
              "a dense N x N boolean mask for the sliding ones; attention_ext builds no mask.\n\n")
