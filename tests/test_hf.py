@@ -25,6 +25,16 @@ from transformers import (  # noqa: E402
     Qwen2Config,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread. A second one only waits on barriers, and on a loaded
+    machine those waits made these tests 6x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 W = 8  # sliding_window of the causal families: a query sees 8 keys, itself included
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
