@@ -59,6 +59,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
   auto do_t = [&](int64_t bh) { return q_t(bh) + Nqp * D; };
   auto lse2 = [&](int64_t bh) { return do_t(bh) + Nqp * Dv; };
   auto delta = [&](int64_t bh) { return lse2(bh) + Nqp; };
+  // rows of Q and dO holding NaN/inf, per (b, hq)
+  Buffer<uint8_t> q_bad(a.B * a.Hq * Nqp), do_bad(a.B * a.Hq * Nqp);
   const auto* lse_in = static_cast<const acc_t*>(a.lse);
   const auto* glse = static_cast<const acc_t*>(a.grad_lse);
   auto at4 = [](const Operand& op, int64_t b, int64_t h, int64_t n) {
@@ -70,8 +72,10 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const scalar_t* qs = at4(a.q, b, h, q0);
     const scalar_t* dos = at4(a.grad_out, b, h, q0);
     const scalar_t* os = at4(a.out, b, h, q0);
-    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(bh) + q0 * Dp, Dp, BQ);
-    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(bh) + q0 * Dvp, Dvp, BQ);
+    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(bh) + q0 * Dp, Dp, BQ, acc_t(1),
+              q_bad.get() + bh * Nqp + q0);
+    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(bh) + q0 * Dvp, Dvp, BQ, acc_t(1),
+              do_bad.get() + bh * Nqp + q0);
     load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(bh) + q0 * D, BQ);
     load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(bh) + q0 * Dv, BQ);
     acc_t* l2 = lse2(bh) + q0;
@@ -95,11 +99,13 @@ void bwd_impl(const AttentionBwdArgs& a) {
   // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
   const int64_t k_side = a.Nk * (Dp + Dv);
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
+  Buffer<uint8_t> k_bad(a.B * a.Hkv * a.Nk);
   parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
     const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
     const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
     acc_t* base = kbuf.get() + bh * k_side;
-    load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n);
+    load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n, acc_t(1),
+              k_bad.get() + bh * a.Nk + k0);
     load_rows(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * Dp + k0 * Dv, Dv, n);
   });
 
@@ -172,9 +178,13 @@ void bwd_impl(const AttentionBwdArgs& a) {
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);
           }
           // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
-          gemm<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_acc + j0 * Dvp, Dvp, true);
-          gemm<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_acc + j0 * Dp, Dp, true);
-          gemm<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp, true);
+          const uint8_t* qb = q_bad.get() + bhq * Nqp + q0 + i0;
+          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_acc + j0 * Dvp, Dvp,
+                              true, do_bad.get() + bhq * Nqp + q0 + i0);
+          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_acc + j0 * Dp, Dp, true,
+                              qb);
+          gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
+                              true, k_bad.get() + bh * a.Nk + k0 + j0);
         }
       }
       scalar_t* dk_out = dk + ((b * a.Hkv + hk) * a.Nk + k0) * D;

@@ -33,13 +33,15 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const int64_t kt_tile = D * BK;
   Buffer<acc_t> kT(a.B * a.Hkv * nkt * kt_tile);
   Buffer<acc_t> vP(a.B * a.Hkv * a.Nk * Dvp);
+  Buffer<uint8_t> v_bad(a.B * a.Hkv * a.Nk);  // rows of V holding NaN/inf
   parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
     const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
     const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
     const scalar_t* ks = k + b * a.k.stride[0] + h * a.k.stride[1] + k0 * a.k.stride[2];
     load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
     const scalar_t* vs = v + b * a.v.stride[0] + h * a.v.stride[1] + k0 * a.v.stride[2];
-    load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n);
+    load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n, acc_t(1),
+              v_bad.get() + bh * a.Nk + k0);
   });
 
   // log2(e) is folded into the query so that the softmax runs on exp2.
@@ -75,6 +77,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
     if (has_global(mask)) kt_begin = 0, kt_end = nkt;
     const acc_t* kT_head = kT.get() + (b * a.Hkv + hk) * nkt * kt_tile;
     const acc_t* v_head = vP.get() + (b * a.Hkv + hk) * a.Nk * Dvp;
+    const uint8_t* v_bad_head = v_bad.get() + (b * a.Hkv + hk) * a.Nk;
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
       const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
       const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
@@ -95,7 +98,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
-      gemm<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_head + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp, true);
+      gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_head + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
+                          true, v_bad_head + k0 + c0);
     }
 
     scalar_t* out_t = out + ((b * a.Hq + h) * a.Nq + q0) * a.Dv;

@@ -11,6 +11,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "vec_math.h"
@@ -98,6 +99,33 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int6
       const int mr = int(std::min<int64_t>(MR, M - m0));
       table.fn[accumulate][nv - 1][mr - 1](K, a + m0 * a_rs, a_rs, a_cs, b + n0, ldb, c + m0 * ldc + n0, ldc);
     }
+  }
+}
+
+// gemm for products whose A holds exact zeros where the mask forbids a pair (P, dS):
+// rows of B flagged in bad[0, K) (NaN or infinity) are applied only where A is non-zero,
+// so a non-finite value in a masked-out key or query never leaks (0 * NaN = NaN) while a
+// visible one still propagates. Without flagged rows this is plain gemm.
+template <typename T>
+inline void gemm_guarded(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                         int64_t ldb, T* c, int64_t ldc, bool accumulate, const uint8_t* bad) {
+  if (!bad || K <= 0 || !std::memchr(bad, 1, size_t(K))) {
+    gemm(M, N, K, a, a_rs, a_cs, b, ldb, c, ldc, accumulate);
+    return;
+  }
+  if (!accumulate)
+    for (int64_t i = 0; i < M; ++i) std::memset(c + i * ldc, 0, size_t(N) * sizeof(T));
+  for (int64_t k = 0; k < K;) {
+    int64_t e = k;
+    while (e < K && !bad[e]) ++e;
+    gemm(M, N, e - k, a + k * a_cs, a_rs, a_cs, b + k * ldb, ldb, c, ldc, true);
+    if (e == K) break;
+    for (int64_t i = 0; i < M; ++i) {
+      const T av = a[i * a_rs + e * a_cs];
+      if (av != T(0))
+        for (int64_t n = 0; n < N; ++n) c[i * ldc + n] += av * b[e * ldb + n];
+    }
+    k = e + 1;
   }
 }
 

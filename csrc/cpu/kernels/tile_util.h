@@ -48,9 +48,10 @@ inline S from_acc(T x) { return static_cast<S>(x); }
 
 // Copy rows [r0, r0 + rows) x cols [0, cols) of a strided (seq, dim) matrix into a dense
 // acc_t block with leading dimension ld, zero-filling cols..ld and rows..rows_pad.
+// With `bad`, bad[r] = 1 marks rows holding a NaN or infinity (see gemm_guarded).
 template <typename scalar_t, typename acc_t>
 void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols, acc_t* dst,
-               int64_t ld, int64_t rows_pad, acc_t mult = acc_t(1)) {
+               int64_t ld, int64_t rows_pad, acc_t mult = acc_t(1), uint8_t* bad = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * s_row;
     acc_t* d = dst + r * ld;
@@ -59,9 +60,16 @@ void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, 
     else
       for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c * s_col])) * mult;
     for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
+    if (bad) {
+      acc_t z = 0;  // x * 0 is NaN exactly for non-finite x
+      for (int64_t c = 0; c < cols; ++c) z += d[c] * acc_t(0);
+      bad[r] = z != z;
+    }
   }
-  for (int64_t r = rows; r < rows_pad; ++r)
+  for (int64_t r = rows; r < rows_pad; ++r) {
     for (int64_t c = 0; c < ld; ++c) dst[r * ld + c] = acc_t(0);
+    if (bad) bad[r] = 0;
+  }
 }
 
 // Transposed copy: dst[c * ld + r] = src[r][c] for rows [0, rows), cols [0, cols);

@@ -21,9 +21,17 @@ using Vec = at::vec::Vectorized<T>;
 // relative error 2.2e-7, about 2 ulp, asserted in tests/test_exp2.py), 2^n through the
 // exponent bits. Inputs below -126 give exactly 0 (so -inf from masking gives 0);
 // NaN stays NaN.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+namespace exp2_coef {
+constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022121727466583f,
+                c3 = 0.05550742521882057f, c4 = 0.009675459936261177f, c5 = 0.0013266970636323094f;
+}
+#endif
+
 inline Vec<float> exp2_poly(Vec<float> x) {
-  constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022121727466583f,
-                  c3 = 0.05550742521882057f, c4 = 0.009675459936261177f, c5 = 0.0013266970636323094f;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using namespace exp2_coef;
+#endif
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 xv = _mm512_min_ps(_mm512_set1_ps(127.f), x);
   const __mmask16 tiny = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.f), _CMP_LT_OQ);

@@ -1,0 +1,378 @@
+"""Reliability: fuzzed shapes against the float64 reference, numerics at the edges,
+determinism, what autograd saves, and bad input for every public function.
+
+Hypothesis runs derandomised (the same examples every run); `-m slow` runs the long
+sweep with many more examples."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attention_ext as ae
+import reference as R
+
+FUZZ = settings(derandomize=True, deadline=None, max_examples=60, suppress_health_check=list(HealthCheck))
+FUZZ_SLOW = settings(derandomize=True, deadline=None, max_examples=600, suppress_health_check=list(HealthCheck))
+
+
+@st.composite
+def attention_case(draw):
+    kind = draw(st.sampled_from(["flash", "window", "neighborhood", "block"]))
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 2, 4]))
+    Nq = draw(st.integers(1, 160))
+    Nk = Nq if kind == "neighborhood" else draw(st.integers(1, 160))
+    D = draw(st.sampled_from([8, 16, 24, 40, 64, 72]))
+    Dv = draw(st.sampled_from([D, 16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    causal = draw(st.booleans())
+    layout_q = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    grad_layout = draw(st.sampled_from(["contiguous", "expanded"]))
+    spec = {}
+    if kind == "window":
+        spec["window"] = (draw(st.integers(0, 40)), draw(st.integers(0, 40)))
+        spec["dilation"] = draw(st.integers(1, 4))
+        g = draw(st.sampled_from(["none", "count", "mask"]))
+        if g == "count":
+            spec["global_tokens"] = draw(st.integers(0, 5))
+        elif g == "mask":
+            spec["global_tokens"] = draw(st.lists(st.integers(0, Nk - 1), max_size=4))
+    elif kind == "neighborhood":
+        d = draw(st.integers(1, min(3, Nk)))
+        kmax = Nk // d  # NATTEN: kernel_size * dilation <= N
+        spec["kernel_size"] = draw(st.integers(0, (kmax - 1) // 2)) * 2 + 1
+        spec["dilation"] = d
+    elif kind == "block":
+        bs = draw(st.sampled_from([8, 16, 32, 48]))
+        spec["block_size"] = bs
+        spec["seed"] = draw(st.integers(0, 1000))
+    return kind, B, Hkv, group, Nq, Nk, D, Dv, dtype, causal, layout_q, grad_layout, spec
+
+
+def _make(shape, dtype, layout, gen):
+    B, H, N, D = shape
+    base = torch.randn(B, N, H, D + 3, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "transposed":  # (B, N, H, D+3) viewed as (B, H, N, D): non-contiguous
+        t = base[..., :D].transpose(1, 2)
+    elif layout == "sliced":
+        t = base.transpose(1, 2).contiguous()[..., 1:D + 1]
+    else:
+        t = base[..., :D].transpose(1, 2).contiguous()
+    return t.requires_grad_()
+
+
+def _run(case):
+    kind, B, Hkv, group, Nq, Nk, D, Dv, dtype, causal, layout_q, grad_layout, spec = case
+    Hq = Hkv * group
+    gen = torch.Generator().manual_seed(Nq * 1000 + Nk)
+    q = _make((B, Hq, Nq, D), dtype, layout_q, gen)
+    k = _make((B, Hkv, Nk, D), dtype, "contiguous", gen)
+    v = _make((B, Hkv, Nk, Dv), dtype, "sliced", gen)
+    if kind == "flash":
+        fn = lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, return_lse=True)  # noqa: E731
+        mask = R.causal_mask(Nq, Nk) if causal else None
+    elif kind == "window":
+        left, right = spec["window"]
+        right = 0 if causal else right
+        gt = spec.get("global_tokens")
+        mask = R.window_mask(Nq, Nk, left, right, dilation=spec["dilation"], causal=causal)
+        if isinstance(gt, list):
+            g = torch.zeros(Nk, dtype=torch.bool)
+            g[gt] = True
+            mask = mask | R.global_mask_2d(Nq, Nk, g, causal=causal)
+            gt = g
+        elif isinstance(gt, int) and gt > 0:
+            g = torch.zeros(Nk, dtype=torch.bool)
+            g[:gt] = True
+            mask = mask | R.global_mask_2d(Nq, Nk, g, causal=causal)
+        fn = lambda q, k, v: ae.sliding_window_attention(  # noqa: E731
+            q, k, v, spec["window"], causal=causal, dilation=spec["dilation"], global_tokens=gt, return_lse=True)
+    elif kind == "neighborhood":
+        mask = R.neighborhood_mask(Nq, spec["kernel_size"], dilation=spec["dilation"], causal=causal)
+        fn = lambda q, k, v: ae.neighborhood_attention(  # noqa: E731
+            q, k, v, spec["kernel_size"], dilation=spec["dilation"], causal=causal, return_lse=True)
+    else:
+        bs = spec["block_size"]
+        lg = torch.Generator().manual_seed(spec["seed"])
+        layout = torch.rand(Hq, -(-Nq // bs), -(-Nk // bs), generator=lg) < 0.5
+        mask = R.block_mask(layout, bs, Nq, Nk).unsqueeze(0)
+        if causal:
+            mask = mask & R.causal_mask(Nq, Nk)
+        fn = lambda q, k, v: ae.block_sparse_attention(  # noqa: E731
+            q, k, v, layout, block_size=bs, causal=causal, return_lse=True)
+    out, lse = fn(q, k, v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = R.attention(q64, k64, v64, mask)
+    lowp = None
+    if dtype in (torch.float16, torch.bfloat16):
+        ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
+        lowp_out = R.attention_lowp(ql, kl, vl, mask)
+        lowp = lowp_out
+    R.check_close(out, ref, lowp=lowp, what=f"{kind} out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse.to(lse.dtype)))
+    if grad_layout == "expanded":
+        g = torch.randn(1, 1, 1, Dv, dtype=torch.float64).to(dtype).expand_as(out)
+    else:
+        g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    lowp_grads = (None,) * 3
+    if lowp is not None:
+        lowp_grads = torch.autograd.grad(lowp, (ql, kl, vl), g)
+    for name, a, r, lg_ in zip("qkv", grads, ref_grads, lowp_grads):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        R.check_close(a, r, lowp=lg_, what=f"{kind} d{name}", fp32_rel=2e-4)
+
+
+@FUZZ
+@given(attention_case())
+def test_fuzz_attention(case):
+    _run(case)
+
+
+@pytest.mark.slow
+@FUZZ_SLOW
+@given(attention_case())
+def test_fuzz_attention_long(case):
+    _run(case)
+
+
+# ---- numerics at the edges ------------------------------------------------------------
+
+def _qkv(B=1, H=2, Nq=64, Nk=64, D=16, dtype=torch.float32):
+    return [torch.randn(B, H, n, D, dtype=dtype, requires_grad=True) for n in (Nq, Nk, Nk)]
+
+
+def test_nan_in_masked_key_or_value_does_not_leak():
+    q, k, v = _qkv(Nq=64, Nk=64)
+    with torch.no_grad():
+        k[:, :, 40] = float("nan")
+        v[:, :, 41] = float("nan")
+    # causal window 8: key 40 is seen by queries 40..48 only, key 41 by 41..49
+    out = ae.sliding_window_attention(q, k, v, 8, causal=True)
+    seen = torch.zeros(64, dtype=torch.bool)
+    seen[40:50] = True
+    assert torch.isnan(out[:, :, seen]).all(dim=-1).all()  # visible NaN propagates
+    assert torch.isfinite(out[:, :, ~seen]).all()  # masked NaN does not leak
+
+
+@pytest.mark.parametrize("op", ["window", "block", "neighborhood"])
+def test_nan_in_unseen_keys_leaves_everything_finite(op):
+    # keys nobody sees hold NaN; some share a computed tile with keys that are seen
+    if op == "window":  # 32 queries at positions 32..63, causal window 8: keys >= 24 seen
+        q, k, v = _qkv(Nq=32, Nk=64)
+        bad_k, bad_v = [10, 22], [11, 23]
+        fn = lambda q, k, v: ae.sliding_window_attention(q, k, v, 8, causal=True)  # noqa: E731
+    elif op == "block":  # key block 0 (keys 0..15) is seen by nobody
+        q, k, v = _qkv(Nq=32, Nk=64)
+        bad_k, bad_v = [10, 15], [11, 14]
+        layout = torch.tensor([[False, True, True, True]] * 2).expand(2, 2, 4)
+        fn = lambda q, k, v: ae.block_sparse_attention(q, k, v, layout, block_size=16)  # noqa: E731
+    else:  # dilation 2: even keys are seen by even queries only; query rows 0..63 even only
+        q, k, v = _qkv(Nq=64, Nk=64)
+        bad_k, bad_v = [5, 41], [7, 63]
+        fn = lambda q, k, v: ae.neighborhood_attention(q, k, v, 5, dilation=2)  # noqa: E731
+    with torch.no_grad():
+        k[:, :, bad_k] = float("nan")
+        v[:, :, bad_v] = float("nan")
+    out = fn(q, k, v)
+    if op == "neighborhood":  # odd queries see the NaN keys; even ones must stay clean
+        even = torch.arange(64) % 2 == 0
+        assert torch.isnan(out[:, :, ~even]).any() and torch.isfinite(out[:, :, even]).all()
+        g = torch.zeros_like(out)
+        g[:, :, even] = torch.randn_like(out[:, :, even])
+        with torch.no_grad():
+            q[:, :, ~even] = 0.0  # odd rows: not in the loss; their NaN output has no gradient path
+        out = fn(q, k, v)
+        out = torch.where(even.view(1, 1, -1, 1), out, torch.zeros_like(out))
+    else:
+        assert torch.isfinite(out).all()
+        g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    if op == "neighborhood":
+        dq = dq[:, :, even]
+        dk, dv = dk[:, :, even], dv[:, :, even]
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+
+
+def test_nan_in_masked_query_or_upstream_grad_does_not_leak():
+    q, k, v = _qkv(Nq=64, Nk=64)
+    with torch.no_grad():
+        q[:, :, 10] = float("nan")
+    out = ae.sliding_window_attention(q, k, v, 4, causal=True)
+    assert torch.isnan(out[:, :, 10]).all() and torch.isfinite(out[:, :, torch.arange(64) != 10]).all()
+    g = torch.randn_like(out)
+    g[:, :, 20] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    # query 10 sees keys 6..10, query 20 sees keys 16..20: other keys' grads stay finite
+    far = torch.ones(64, dtype=torch.bool)
+    far[6:11] = False
+    far[16:21] = False
+    assert torch.isfinite(dk[:, :, far]).all() and torch.isfinite(dv[:, :, far]).all()
+    assert torch.isfinite(dq[:, :, far]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_large_scores_do_not_overflow(device, dtype):
+    q, k, v = (torch.randn(1, 2, 100, 64, device=device).to(dtype) * s for s in (30.0, 30.0, 1.0))
+    # scores reach ~1e4 * scale: beyond fp16's range before the max is subtracted
+    out = ae.flash_attention(q, k, v, causal=True)
+    ref, _ = R.attention(q, k, v, R.causal_mask(100, 100))
+    assert torch.isfinite(out).all()
+    R.check_close(out, ref, lowp=R.attention_lowp(q, k, v, R.causal_mask(100, 100)))
+
+
+def test_fully_masked_rows_everywhere(device):
+    q, k, v = [t.to(device).detach().requires_grad_() for t in _qkv(Nq=40, Nk=40)]
+    layout = torch.zeros(2, 3, 3, dtype=torch.bool, device=device)
+    layout[0, 1, 1] = True  # head 0: only block (1, 1); head 1: nothing at all
+    out, lse = ae.block_sparse_attention(q, k, v, layout, block_size=16, return_lse=True)
+    assert torch.all(out[:, 1] == 0) and torch.isneginf(lse[:, 1]).all()
+    assert torch.all(out[:, 0, :16] == 0) and torch.all(out[:, 0, 32:] == 0)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.all(dq[:, 1] == 0) and torch.all(dq[:, 0, :16] == 0)
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+
+
+def test_empty_tensors_for_every_pattern(device):
+    for nq, nk in ((0, 0), (0, 7), (7, 0)):
+        q, k, v = [t.to(device).detach().requires_grad_() for t in _qkv(Nq=nq, Nk=nk)]
+        outs = [ae.flash_attention(q, k, v), ae.sliding_window_attention(q, k, v, 3)]
+        if nq == nk:
+            outs.append(ae.neighborhood_attention(q, k, v, 1))
+        outs.append(ae.block_sparse_attention(q, k, v, torch.ones(1, -(-nq // 8), -(-nk // 8), dtype=torch.bool,
+                                                                   device=device), block_size=8))
+        for o in outs:
+            assert o.shape == (1, 2, nq, 16) and torch.all(o == 0)
+
+
+# ---- determinism ------------------------------------------------------------------------
+
+def _all_ops(q, k, v):
+    n = q.shape[2]
+    return [
+        ae.flash_attention(q, k, v, causal=True),
+        ae.sliding_window_attention(q, k, v, 37, dilation=2, global_tokens=3),
+        ae.neighborhood_attention(q, k, v, 9, dilation=2),
+        ae.block_sparse_attention(q, k, v, ae.patterns.bigbird(n, 32, num_heads=q.shape[1]), block_size=32),
+    ]
+
+
+def test_forward_and_backward_bitwise_repeatable_across_thread_counts():
+    q, k, v = _qkv(B=1, H=2, Nq=333, Nk=333, D=32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1, max(2, threads)):
+            torch.set_num_threads(n)
+            res = []
+            for out in _all_ops(q, k, v):
+                res.append(out.detach())
+                res.extend(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+            runs.append(res)
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+# ---- memory: nothing Nq x Nk is saved ---------------------------------------------------
+
+def test_nothing_quadratic_is_saved_for_backward():
+    N, D = 1024, 16
+    q, k, v = _qkv(B=1, H=1, Nq=N, Nk=N, D=D)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = _all_ops(q, k, v)
+    assert saved, "the ops saved nothing: the hook did not see them"
+    assert max(saved) <= 4 * N * D, f"a saved tensor has {max(saved)} elements (N^2 = {N * N})"
+    torch.autograd.grad(sum(o.sum() for o in outs), (q, k, v))
+
+
+# ---- bad input: every argument of every public function ---------------------------------
+
+def _base():
+    return torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+
+
+COMMON = [
+    # (argument, override, exception, fragment)
+    ("q", dict(q="x"), TypeError, "q must be a torch.Tensor"),
+    ("q rank", dict(q=torch.randn(4, 10, 8)), ValueError, "q must be 4-D"),
+    ("k rank", dict(k=torch.randn(2, 10, 8)), ValueError, "k must be 4-D"),
+    ("v rank", dict(v=torch.randn(1, 1, 2, 10, 8)), ValueError, "v must be 4-D"),
+    ("q dtype", dict(q=torch.zeros(1, 4, 10, 8, dtype=torch.int32)), TypeError, "q.dtype"),
+    ("k dtype", dict(k=torch.randn(1, 2, 10, 8, dtype=torch.float64)), TypeError, "k.dtype"),
+    ("v dtype", dict(v=torch.randn(1, 2, 10, 8, dtype=torch.bfloat16)), TypeError, "v.dtype"),
+    ("k batch", dict(k=torch.randn(2, 2, 10, 8)), ValueError, r"k.shape\[0\]"),
+    ("heads", dict(k=torch.randn(1, 3, 10, 8), v=torch.randn(1, 3, 10, 8)), ValueError, "Hkv=3"),
+    ("v heads", dict(v=torch.randn(1, 1, 10, 8)), ValueError, "v heads"),
+    ("k head_dim", dict(k=torch.randn(1, 2, 10, 4)), ValueError, r"k.shape\[-1\]"),
+    ("v seq", dict(v=torch.randn(1, 2, 9, 8)), ValueError, r"v.shape\[2\]"),
+    ("scale", dict(scale=0), ValueError, "scale"),
+    ("scale type", dict(scale=[1.0]), TypeError, "scale"),
+    ("return_lse", dict(return_lse=None), TypeError, "return_lse"),
+]
+
+FUNCTIONS = {
+    "flash_attention": (lambda q, k, v, **kw: ae.flash_attention(q, k, v, **kw), [
+        ("causal", dict(causal=None), TypeError, "causal"),
+    ]),
+    "sliding_window_attention": (lambda q, k, v, window=3, **kw: ae.sliding_window_attention(q, k, v, window, **kw), [
+        ("window", dict(window=-2), ValueError, "window"),
+        ("window type", dict(window="3"), TypeError, "window"),
+        ("window pair", dict(window=(1,)), ValueError, "window"),
+        ("causal", dict(causal=0), TypeError, "causal"),
+        ("dilation", dict(dilation=0), ValueError, "dilation"),
+        ("global_tokens", dict(global_tokens=-3), ValueError, "global_tokens"),
+        ("global_tokens dtype", dict(global_tokens=torch.ones(1, 10)), TypeError, "global_tokens"),
+        ("global_tokens shape", dict(global_tokens=torch.ones(1, 11, dtype=torch.bool)), ValueError, "global_tokens"),
+    ]),
+    "neighborhood_attention": (lambda q, k, v, kernel_size=3, **kw: ae.neighborhood_attention(q, k, v, kernel_size,
+                                                                                               **kw), [
+        ("kernel_size", dict(kernel_size=2), ValueError, "kernel_size"),
+        ("kernel_size type", dict(kernel_size=None), TypeError, "kernel_size"),
+        ("kernel_size too big", dict(kernel_size=11), ValueError, "kernel_size"),
+        ("dilation", dict(dilation=-1), ValueError, "dilation"),
+        ("causal", dict(causal="no"), TypeError, "causal"),
+        ("lengths", dict(k=torch.randn(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8)), ValueError, "Nq=10, Nk=12"),
+    ]),
+    "block_sparse_attention": (lambda q, k, v, layout=None, **kw: ae.block_sparse_attention(
+        q, k, v, torch.ones(1, 1, 1, dtype=torch.bool) if layout is None else layout, **kw), [
+        ("layout type", dict(layout=1), TypeError, "layout"),
+        ("layout dtype", dict(layout=torch.ones(1, 1, 1)), TypeError, "layout"),
+        ("layout shape", dict(layout=torch.ones(1, 2, 1, dtype=torch.bool)), ValueError, "layout"),
+        ("block_size", dict(block_size=0), ValueError, "block_size"),
+        ("block_size type", dict(block_size=2.5), TypeError, "block_size"),
+        ("causal", dict(causal=1), TypeError, "causal"),
+    ]),
+}
+
+TABLE = [(fn, *case) for fn, (_, extra) in FUNCTIONS.items() for case in COMMON + extra]
+
+
+@pytest.mark.parametrize("fn,arg,override,exc,fragment", TABLE, ids=[f"{t[0]}-{t[1]}" for t in TABLE])
+def test_bad_input_table(fn, arg, override, exc, fragment):
+    call, _ = FUNCTIONS[fn]
+    q, k, v = _base()
+    kwargs = dict(q=q, k=k, v=v)
+    if fn == "block_sparse_attention":
+        kwargs["block_size"] = 16
+    kwargs.update(override)
+    with pytest.raises(exc, match=fragment):
+        call(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+def test_scale_default_is_inverse_sqrt_head_dim():
+    q, k, v = _qkv(D=16)
+    torch.testing.assert_close(ae.flash_attention(q, k, v), ae.flash_attention(q, k, v, scale=1 / math.sqrt(16)))
