@@ -6,9 +6,13 @@
 
 Every op has CPU and CUDA kernels, forward and backward, fake kernels for
 torch.compile, and is reachable as ``torch.ops.attention_ext.*``.
+
+``attention_ext.nn`` has modules (Attention, TransformerLM with local/global layer
+patterns); ``import attention_ext.hf`` registers ``attn_implementation="attention_ext"``
+with Hugging Face transformers.
 """
 
-from . import _isa, patterns
+from . import _isa, nn, patterns
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
 from .linear import FavorFeatures, linear_attention, linear_attention_step
@@ -24,6 +28,7 @@ __all__ = [
     "linear_attention_step",
     "FavorFeatures",
     "patterns",
+    "nn",
     "available_cpu_isas",
     "cpu_isa",
     "set_cpu_isa",

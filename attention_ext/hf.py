@@ -1,0 +1,538 @@
+"""Hugging Face ``transformers`` integration: run every attention layer on attention_ext.
+
+    import attention_ext.hf            # registers "attention_ext" (idempotent)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attention_ext")
+    model.set_attn_implementation("attention_ext")          # or switch an existing model
+    attention_ext.hf.alternate(model, "LLLLLG", window=512)  # Gemma 3 style 5 local : 1 global
+
+Importing this module registers two functions under the name ``"attention_ext"``
+(transformers 4.57 and 5.x, ``transformers>=4.57,<6``):
+
+* :func:`attention_forward` in ``AttentionInterface``: the attention of every layer.
+  Layout ``(B, H, N, D)`` as transformers passes it; K/V keep their ``num_key_value_heads``
+  (GQA is never repeated); ``scaling`` is passed through; causal/bidirectional comes from
+  the ``is_causal`` kwarg, else ``module.is_causal`` (and ``config.is_causal = False``
+  makes it bidirectional, as transformers' masks do); the window comes from the layer
+  (``config.layer_types[layer_idx]`` and the ``sliding_window`` kwarg, see :func:`layer_spec`).
+  transformers' ``sliding_window = w`` means a causal query sees the ``w`` keys
+  ``i - w < j <= i`` (itself included), i.e. our ``window=(w - 1, 0)``; a bidirectional
+  layer given ``w`` (ModernBERT passes ``config.sliding_window + 1``) sees ``|i - j| < w``,
+  our ``(w - 1, w - 1)``. Queries are aligned bottom-right, which is what a KV cache needs.
+* :func:`mask_function` in ``AttentionMaskInterface``: returns ``None`` when the layer mask
+  is plain causal / bidirectional / sliding-window and there is no padding, so no
+  ``N x N`` mask is ever built; with padding it returns a stride-0 *key-padding view*
+  (O(B * N) memory) that :func:`attention_forward` combines with the layer's own
+  causal/window spec; anything else (packed sequences, or-/and-mask overlays such as
+  Gemma 3's image tokens, chunked attention, static caches) gets transformers' exact
+  dense boolean mask.
+
+What runs where (``fallback_counts()`` counts every call by path; each fallback reason
+warns once):
+
+=================================  =================================================
+``"kernel"``                       our ops (flash_attention / sliding_window_attention)
+``"padding"``                      an attention_mask with zeros: exact masked SDPA on a
+                                   boolean mask built from the key padding and the
+                                   layer's causal/window band (transient ``Nq x Nk``)
+``"dense_mask"``                   a mask only transformers can describe (see above):
+                                   exact SDPA with that mask
+``"softcap"``                      ``attn_logit_softcapping`` (Gemma 2): our kernels have no
+                                   softcap, so exact eager math (scores ``Nq x Nk``)
+``"dropout"``                      attention dropout > 0 while training: exact eager math
+=================================  =================================================
+
+Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
+no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
+cross-attention run the ``"dense_mask"`` path.
+
+ModernBERT on transformers 4.57 does not use ``AttentionInterface``: registering also adds
+``"attention_ext"`` to its own attention table, so its layers run on our kernels too, but
+that version of the model builds its dense ``N x N`` masks itself (5.x does not).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import functional as _fn
+
+NAME = "attention_ext"
+TRANSFORMERS_SUPPORTED = ">=4.57,<6"
+
+_counts: collections.Counter = collections.Counter()
+_warned: set = set()
+
+_FALLBACK_WHY = {
+    "padding": "an attention_mask with padding: exact masked SDPA with a transient Nq x Nk boolean mask",
+    "dense_mask": "a mask pattern only transformers can describe (packed sequences, mask overlays, chunked "
+                  "attention or a static cache): exact SDPA with transformers' dense mask",
+    "softcap": "attention logit softcapping is not supported by the attention_ext kernels: exact eager math "
+               "(Nq x Nk scores) for these layers",
+    "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
+}
+
+
+def _count(path):
+    _counts[path] += 1
+    if path in _FALLBACK_WHY and path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"attention_ext.hf: {_FALLBACK_WHY[path]} (counted in attention_ext.hf.fallback_counts())",
+                      stacklevel=3)
+
+
+def fallback_counts():
+    """Calls of :func:`attention_forward` by path since the last :func:`reset_counts`:
+    ``{"kernel": n, "padding": n, "dense_mask": n, "softcap": n, "dropout": n}``."""
+    return {k: _counts.get(k, 0) for k in ("kernel", "padding", "dense_mask", "softcap", "dropout")}
+
+
+def reset_counts():
+    _counts.clear()
+
+
+# ---------------------------------------------------------------------------------
+# The layer's attention spec
+# ---------------------------------------------------------------------------------
+
+def layer_spec(module, sliding_window=None, is_causal=None):
+    """``(causal, window, model_window)`` for one attention call.
+
+    ``window`` is ``None`` (global) or transformers' ``sliding_window`` value ``w``;
+    ``model_window`` is what the model itself passed. The layer type in
+    ``config.layer_types[module.layer_idx]`` wins over the passed ``sliding_window``
+    ("full_attention" -> global; "sliding_attention" -> the passed value, else
+    ``config.sliding_window``), so a pattern set by :func:`alternate` is honoured also
+    by families whose modeling code ignores ``layer_types`` (Llama, Mistral).
+    """
+    config = getattr(module, "config", None)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+        if config is not None and getattr(config, "is_causal", True) is False:
+            is_causal = False
+    causal = bool(is_causal)
+    model_window = sliding_window if sliding_window else None
+    window = model_window
+    layer_types = getattr(config, "layer_types", None) if config is not None else None
+    idx = getattr(module, "layer_idx", None)
+    if layer_types is not None and isinstance(idx, int) and 0 <= idx < len(layer_types):
+        kind = layer_types[idx]
+        if kind == "full_attention":
+            window = None
+        elif kind == "sliding_attention" and window is None:
+            window = getattr(config, "sliding_window", None) or None
+    return causal, window, model_window
+
+
+def _reach(window, causal):
+    """transformers' sliding_window -> our inclusive (left, right) reach."""
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+def _band(nq, nk, causal, window, device):
+    """Bool (1, 1, nq, nk): the layer's causal/window pattern, queries aligned bottom-right."""
+    i = torch.arange(nq, device=device).view(-1, 1) + (nk - nq)
+    j = torch.arange(nk, device=device).view(1, -1)
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = _reach(window, causal)
+        allowed &= (i - j <= left) & (j - i <= right)
+    return allowed.view(1, 1, nq, nk)
+
+
+# ---------------------------------------------------------------------------------
+# Attention function
+# ---------------------------------------------------------------------------------
+
+def _kernel(query, key, value, causal, window, scaling):
+    if window is None:
+        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling)
+    return _fn.sliding_window_attention(query, key, value, _reach(window, causal), causal=causal, scale=scaling)
+
+
+def _sdpa(query, key, value, mask, scaling):
+    """Exact masked attention (bool or additive mask); rows with no key give zeros."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _eager(query, key, value, mask, scaling, softcap, dropout):
+    """Exact eager math (as transformers' eager path): scores, optional softcap, mask,
+    fp32 softmax, dropout. K/V are grouped, not repeated."""
+    B, Hq, Nq, D = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
+    q = query.reshape(B, Hkv, Hq // Hkv, Nq, D)
+    scores = (q @ key.unsqueeze(2).transpose(-1, -2)) * (scaling if scaling is not None else D ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    empty = None
+    if mask is not None:
+        if mask.shape[1] == 1:
+            m = mask.unsqueeze(2)  # (B or 1, 1, 1, Nq, Nk)
+        else:  # per query head
+            m = mask.reshape(mask.shape[0], Hkv, Hq // Hkv, *mask.shape[-2:])
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+            empty = ~m.any(-1, keepdim=True)
+        else:
+            scores = scores + m
+    p = torch.softmax(scores.float(), dim=-1)
+    if empty is not None:
+        p = p.masked_fill(empty, 0.0)
+    p = p.to(query.dtype)
+    if dropout:
+        p = F.dropout(p, p=dropout, training=True)
+    out = p @ value.unsqueeze(2)
+    return out.reshape(B, Hq, Nq, value.shape[-1])
+
+
+def _fit_keys(mask, nk):
+    """A dense mask whose key axis is longer than the layer's keys (a hybrid cache sized
+    the mask for another layer type): keep its last nk columns (bottom-right aligned)."""
+    if mask.shape[-1] == nk:
+        return mask
+    if mask.shape[-1] > nk:
+        return mask[..., -nk:]
+    raise NotImplementedError(
+        f"attention_ext: the attention mask covers {mask.shape[-1]} keys but this layer has {nk}; "
+        "this happens when a converted (alternate()) Mistral-type model runs a dense mask with a hybrid cache")
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      softcap=None, is_causal=None, s_aux=None, **kwargs):
+    """transformers attention function ``"attention_ext"``; returns ``(out (B, N, H, Dv), None)``."""
+    if s_aux is not None:
+        raise NotImplementedError("attention_ext: attention sinks (s_aux) are not supported")
+    if kwargs.get("output_attentions", False) and "output_attentions" not in _warned:
+        _warned.add("output_attentions")
+        warnings.warn("attention_ext.hf: output_attentions=True returns no attention weights", stacklevel=2)
+    causal, window, model_window = layer_spec(module, sliding_window, is_causal)
+    B, _, Nq, _ = query.shape
+    Nk = key.shape[2]
+    dense = None  # the exact boolean/additive mask of a fallback, if one is needed
+
+    info = getattr(attention_mask, "_attention_ext", None) if attention_mask is not None else None
+    if info is not None:
+        # our key-padding view: padding of absolute positions [end - Nk, end)
+        if info["causal"] is not None and info["causal"] != causal:
+            raise RuntimeError(f"attention_ext: the model's mask is {'causal' if info['causal'] else 'bidirectional'} "
+                               f"but layer {getattr(module, 'layer_idx', '?')} is "
+                               f"{'causal' if causal else 'bidirectional'}")
+        pad, end = info["padding"], info["end"]
+        start = end - Nk
+        if start < 0:
+            raise RuntimeError(f"attention_ext: {Nk} keys end at position {end}")
+        if pad.shape[-1] < end:
+            pad = F.pad(pad, (0, end - pad.shape[-1]))
+        keypad = pad[:, start:end]
+        if not bool(keypad.all()):
+            dense = keypad.view(B, 1, 1, Nk) & _band(Nq, Nk, causal, window, query.device)
+            reason = "padding"
+    elif attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
+        if attention_mask.dim() == 4 and attention_mask.stride(2) == 0 and Nq > 1 and (causal or window):
+            # the same over all queries: a key-padding mask, which cannot be the whole pattern of a causal or
+            # windowed layer (e.g. our padding view, sliced by the model and so untagged); refuse to guess
+            raise RuntimeError("attention_ext: got a query-independent (key-padding) mask for a causal or windowed "
+                               "layer; pass a 2-D attention_mask instead")
+        dense = _fit_keys(attention_mask, Nk)
+        reason = "dense_mask"
+        if window != model_window:
+            if window is None or (model_window is not None and model_window < window):
+                raise NotImplementedError(
+                    "attention_ext: this layer was converted to a wider pattern than the model's own mask, "
+                    "which cannot be recovered from a dense mask")
+            band = _band(Nq, Nk, causal, window, query.device)
+            dense = dense & band if dense.dtype == torch.bool else dense.masked_fill(~band, float("-inf"))
+
+    if softcap is not None or dropout:
+        _count("softcap" if softcap is not None else "dropout")
+        if dense is None:
+            dense = _band(Nq, Nk, causal, window, query.device)
+        out = _eager(query, key, value, dense, scaling, softcap, dropout)
+    elif dense is not None:
+        _count(reason)
+        out = _sdpa(query, key, value, dense, scaling)
+    else:
+        _count("kernel")
+        if value.dtype != query.dtype or key.dtype != query.dtype:
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        out = _kernel(query, key, value, causal, window, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---------------------------------------------------------------------------------
+# Mask function
+# ---------------------------------------------------------------------------------
+
+def _closure(fn):
+    names = fn.__code__.co_freevars
+    return {n: c.cell_contents for n, c in zip(names, fn.__closure__ or ())}
+
+
+def _analyse(mask_function):
+    """Describe an index-based transformers mask function as ``{"causal": bool|None,
+    "window": ..., "padding": [...]}``, or None when it is anything but an and-combination
+    of causal / bidirectional / sliding-window / padding / unpacked-sequence masks."""
+    out = {"causal": None, "window": None, "padding": []}
+    stack = [mask_function]
+    while stack:
+        fn = stack.pop()
+        qn = getattr(fn, "__qualname__", "")
+        if qn == "and_masks.<locals>.and_mask":
+            stack.extend(_closure(fn).get("mask_functions", ()))
+        elif qn == "causal_mask_function":
+            out["causal"] = True
+        elif qn == "bidirectional_mask_function":
+            out["causal"] = False if out["causal"] is None else out["causal"]
+        elif qn == "sliding_window_overlay.<locals>.inner_mask":
+            out["window"] = ("causal", _closure(fn)["sliding_window"])
+        elif qn == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+            out["window"] = ("bidirectional", _closure(fn)["sliding_window"])
+            out["causal"] = False if out["causal"] is None else out["causal"]
+        elif qn == "padding_mask_function.<locals>.inner_mask":
+            out["padding"].append(_closure(fn)["padding_mask"])
+        elif qn == "packed_sequence_mask_function.<locals>.inner_mask":
+            packed = _closure(fn)["packed_sequence_mask"]
+            if not bool((packed[:, -1] == 0).all()):  # several sequences in a row: not ours
+                return None
+        else:
+            return None
+    if out["causal"] is None:
+        return None
+    return out
+
+
+def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
+    """transformers mask function ``"attention_ext"`` (AttentionMaskInterface).
+
+    Returns None (no padding, a plain pattern), a key-padding view tagged for
+    :func:`attention_forward` (padding, a plain pattern), or transformers' own exact
+    dense boolean mask (every other case)."""
+    from transformers import masking_utils
+
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    cache_position = kwargs.get("cache_position", args[0] if args else None)
+    if "q_length" in kwargs:  # transformers 5.x
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+        skip_allowed = kwargs.get("allow_is_causal_skip", True) or kwargs.get("allow_is_bidirectional_skip", False)
+    else:  # 4.57: queries at cache_position
+        q_length = cache_position.shape[0]
+        q_offset = int(cache_position[0]) if q_length else 0
+        skip_allowed = True  # 4.57 clears allow_is_causal_skip for every forward with position_ids
+    kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
+
+    spec = _analyse(mask_function)
+    plain = (spec is not None and skip_allowed and not spec["padding"]
+             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+             and int(q_offset) + q_length == int(kv_offset) + kv_length)
+    if plain:
+        end = int(q_offset) + q_length
+        pad = attention_mask
+        if pad is None or (pad.shape[-1] >= end and bool(pad[:, :end].all())):
+            return None
+        pad = pad.to(torch.bool)
+        kv = pad[:, kv_offset:kv_offset + kv_length]
+        if kv.shape[-1] < kv_length:
+            kv = F.pad(kv, (0, kv_length - kv.shape[-1]))
+        view = kv.view(batch_size, 1, 1, kv_length).expand(batch_size, 1, q_length, kv_length)
+        view._attention_ext = {"padding": pad, "end": end, "causal": spec["causal"], "window": spec["window"]}
+        return view
+
+    dense_kwargs = dict(kwargs)
+    dense_kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if args:
+        dense_kwargs["cache_position"] = cache_position
+    return masking_utils.sdpa_mask(batch_size=batch_size, mask_function=mask_function,
+                                   attention_mask=attention_mask, **dense_kwargs)
+
+
+# ---------------------------------------------------------------------------------
+# ModernBERT on transformers 4.57 (its own attention table, dense masks built by the model)
+# ---------------------------------------------------------------------------------
+
+def _modernbert_457_forward(module, qkv, attention_mask, sliding_window_mask, position_ids, local_attention, bs,
+                            dim, output_attentions=False, **_kwargs):
+    from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
+
+    cos, sin = module.rotary_emb(qkv, position_ids=position_ids)
+    query, key, value = qkv.transpose(3, 1).unbind(dim=2)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    scale = module.head_dim ** -0.5
+    local = tuple(local_attention) != (-1, -1)
+    padded = attention_mask is not None and bool((attention_mask != 0).any())
+    if module.training and module.attention_dropout:
+        _count("dropout")
+        out = _eager(query, key, value, sliding_window_mask if local else attention_mask, scale, None,
+                     module.attention_dropout)
+    elif padded:
+        _count("padding")
+        out = _sdpa(query, key, value, sliding_window_mask if local else attention_mask, scale)
+    else:
+        _count("kernel")
+        if local:
+            out = _fn.sliding_window_attention(query, key, value, tuple(local_attention), scale=scale)
+        else:
+            out = _fn.flash_attention(query, key, value, scale=scale)
+    out = out.transpose(1, 2).contiguous().view(bs, -1, dim)
+    return (out,)
+
+
+# ---------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def register():
+    """Registers ``"attention_ext"`` with transformers (done on import; idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_function)
+    try:  # transformers 4.57: ModernBERT dispatches through its own table
+        from transformers.models.modernbert import modeling_modernbert as mb
+    except ImportError:  # pragma: no cover
+        mb = None
+    table = getattr(mb, "MODERNBERT_ATTENTION_FUNCTION", None)
+    if table is not None:
+        table[NAME] = _modernbert_457_forward
+    return NAME
+
+
+# ---------------------------------------------------------------------------------
+# Layer patterns
+# ---------------------------------------------------------------------------------
+
+def layer_types(pattern, num_layers):
+    """``"LG"`` -> ``["sliding_attention", "full_attention", ...]`` for ``num_layers``
+    layers (the pattern repeats from layer 0; ``L`` local, ``G`` global)."""
+    pattern = pattern.upper()
+    if not pattern or set(pattern) - {"L", "G"}:
+        raise ValueError(f"pattern must be a non-empty string of 'L' (local) and 'G' (global), got {pattern!r}")
+    return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(num_layers)]
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def alternate(model_or_config, pattern="LG", window=None):
+    """Converts a transformers model (in place) or config to a local/global layer pattern.
+
+    Layer ``i`` is local when ``pattern[i % len(pattern)] == "L"`` and global when it is
+    ``"G"``: ``"LG"`` alternates, ``"LLLLLG"`` is Gemma 3's 5:1, ``"GLL"`` ModernBERT's.
+    ``window`` is transformers' ``sliding_window`` of the family (causal: a query sees
+    ``window`` keys, itself included; ModernBERT: ``|i - j| <= window``); None keeps the
+    config's value.
+
+    Sets ``config.layer_types`` and ``config.sliding_window`` (and the attributes that
+    attention modules copy at construction), so the pattern is honoured by
+    ``attn_implementation="attention_ext"`` and by the KV cache. Families:
+
+    * ``layer_types`` natively (Qwen2, Gemma 2, Gemma 3, ModernBERT on 5.x and other
+      hybrid models): honoured by every attention implementation, eager and SDPA too.
+    * Llama, Mistral and other families without per-layer types: honoured by
+      ``"attention_ext"`` only (their own eager/SDPA masks ignore ``layer_types``).
+    * ModernBERT on transformers 4.57 (no ``layer_types``): configs only, for patterns
+      ``"G" + "L" * (n - 1)`` (``global_attn_every_n_layers = n``).
+
+    Returns the model or config.
+    """
+    is_model = isinstance(model_or_config, torch.nn.Module)
+    config = _text_config(model_or_config.config if is_model else model_or_config)
+    n = config.num_hidden_layers
+    types = layer_types(pattern, n)
+    if hasattr(config, "global_attn_every_n_layers") and not hasattr(config, "layer_types"):
+        return _alternate_modernbert_457(model_or_config, config, pattern, window, is_model)
+    if window is None:
+        window = getattr(config, "sliding_window", None)
+        if window is None and "sliding_attention" in types:
+            raise ValueError("alternate: window is required (the config has no sliding_window)")
+    if window is not None:
+        window = int(window)
+        if window < 1:
+            raise ValueError(f"alternate: window must be >= 1, got {window}")
+    if hasattr(config, "use_sliding_window"):  # Qwen2-type flag
+        config.use_sliding_window = "sliding_attention" in types
+    if hasattr(config, "max_window_layers"):
+        config.max_window_layers = 0
+    config.sliding_window = window
+    config.layer_types = types
+    if hasattr(config, "sliding_window_pattern"):  # Gemma 3's 4.x field, kept consistent
+        try:
+            config.sliding_window_pattern = len(pattern)
+        except AttributeError:
+            pass
+    if is_model:
+        _update_modules(model_or_config, config, types, window)
+    return model_or_config
+
+
+def _layer_index(m):
+    for owner in (m, getattr(m, "self_attn", None), getattr(m, "attn", None), getattr(m, "attention", None)):
+        idx = getattr(owner, "layer_idx", None) if owner is not None else None
+        if isinstance(idx, int):
+            return idx
+    return None
+
+
+def _update_modules(model, config, types, window):
+    """The attributes that modules copy from the config at construction."""
+    modernbert = type(config).__name__.startswith("ModernBert")
+    replace = []
+    for name, m in model.named_modules():
+        if hasattr(m, "has_sliding_layers"):  # Qwen2-type models build the sliding mask only if set
+            m.has_sliding_layers = "sliding_attention" in types
+        own = getattr(m, "layer_types", None)
+        if isinstance(own, list) and "Rotary" in type(m).__name__ and set(types) - set(own):
+            replace.append(name)  # per-layer-type RoPE (Gemma 3, ModernBERT 5.x) lacks a new type
+        idx = _layer_index(m)
+        if idx is None or not 0 <= idx < len(types):
+            continue
+        local = types[idx] == "sliding_attention"
+        if hasattr(m, "attention_type"):
+            m.attention_type = types[idx]
+        if hasattr(m, "layer_type"):
+            m.layer_type = types[idx]
+        if hasattr(m, "is_sliding"):
+            m.is_sliding = local
+        if hasattr(m, "sliding_window") and getattr(m, "layer_idx", None) == idx:
+            m.sliding_window = (window + 1 if modernbert else window) if local else None
+    for name in replace:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        buf = next(old.buffers(), None)
+        new = type(old)(old.config)
+        if buf is not None:
+            new = new.to(buf.device)
+        setattr(parent, attr, new)
+
+
+def _alternate_modernbert_457(model_or_config, config, pattern, window, is_model):
+    p = pattern.upper()
+    n = len(p)
+    if is_model:
+        raise NotImplementedError("alternate: ModernBERT on transformers 4.57 can be converted as a config only "
+                                  "(its layers fix the pattern at construction); build the model from the config")
+    if p != "G" + "L" * (n - 1):
+        raise NotImplementedError(f"alternate: ModernBERT on transformers 4.57 supports patterns 'G' + 'L' * (n - 1) "
+                                  f"(global_attn_every_n_layers = n), got {pattern!r}")
+    config.global_attn_every_n_layers = n
+    if window is not None:
+        config.local_attention = 2 * int(window)
+    return model_or_config
+
+
+register()

@@ -1,0 +1,345 @@
+"""``torch.nn`` modules on attention_ext: an attention layer and a small transformer LM
+whose layers follow a local/global pattern string.
+
+    import attention_ext.nn as aenn
+    attn = aenn.Attention(512, 8, num_kv_heads=2, kind="local", window=256)      # (B, N, 512) -> (B, N, 512)
+    lm = aenn.TransformerLM(vocab_size=256, dim=256, num_heads=4, pattern="LLLLLG", num_layers=12, window=512)
+    logits, loss = lm(idx, targets)
+
+Layer kinds, one character each in a pattern (it repeats from layer 0 to ``num_layers``):
+
+* ``G`` / ``"global"``: exact softmax attention over the whole sequence (:func:`flash_attention`).
+* ``L`` / ``"local"``: sliding-window attention (:func:`sliding_window_attention`); ``window``
+  follows that function: an int ``w`` is the reach ``(w, w)``, or ``(w, 0)`` when causal, so
+  a causal query sees ``w + 1`` keys, itself included (transformers' ``sliding_window`` counts
+  ``w`` keys including itself); a ``(left, right)`` pair gives both reaches.
+* ``R`` / ``"linear"``: linear attention (``attention_ext.linear_attention``, elu + 1
+  features), when this build has it.
+
+Every module takes ``backend="attention_ext"`` (our ops) or ``backend="sdpa"`` (the same
+layer on PyTorch: ``F.scaled_dot_product_attention``, with a dense boolean mask for
+windows, and a plain-PyTorch cumulative-sum form for linear layers), so the same weights
+can be compared and timed on both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as _fn
+
+KINDS = {"G": "global", "L": "local", "R": "linear"}
+BACKENDS = ("attention_ext", "sdpa")
+
+
+def _linear_attention():
+    """attention_ext.linear_attention / linear_attention_step when this build has them."""
+    import attention_ext
+
+    return getattr(attention_ext, "linear_attention", None), getattr(attention_ext, "linear_attention_step", None)
+
+
+def has_linear_attention():
+    return _linear_attention()[0] is not None
+
+
+def parse_pattern(pattern, num_layers=None):
+    """``"LG"`` -> ``["local", "global"]`` repeated to ``num_layers`` (default: one per character)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}")
+    bad = set(pattern.upper()) - set(KINDS)
+    if bad:
+        raise ValueError(f"pattern {pattern!r} has unknown layer kinds {sorted(bad)}; use G (global), L (local), "
+                         "R (linear)")
+    n = len(pattern) if num_layers is None else int(num_layers)
+    if n < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    p = pattern.upper()
+    return [KINDS[p[i % len(p)]] for i in range(n)]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention, as Llama) for ``(B, H, N, D)``."""
+
+    def __init__(self, head_dim, base=10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x, offset=0):
+        n = x.shape[-2]
+        pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(x.device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _window_mask(nq, nk, left, right, causal, device):
+    i = torch.arange(nq, device=device).view(-1, 1) + (nk - nq)
+    j = torch.arange(nk, device=device).view(1, -1)
+    m = (i - j <= left) & (j - i <= right)
+    if causal:
+        m &= j <= i
+    return m
+
+
+def _torch_linear(q, k, v, causal, eps=1e-6, state=None):
+    """Reference linear attention (elu + 1 features) in plain PyTorch; returns (out, state)."""
+    group = q.shape[1] // k.shape[1]
+    fq, fk = F.elu(q.float()) + 1, F.elu(k.float()) + 1
+    fk = fk.repeat_interleave(group, 1)
+    vv = v.float().repeat_interleave(group, 1)
+    S0 = z0 = None
+    if state is not None:
+        S0, z0 = (t.repeat_interleave(group, 1) for t in state)
+    if causal:
+        kv = torch.einsum("bhnd,bhne->bhnde", fk, vv).cumsum(2)
+        z = fk.cumsum(2)
+        if S0 is not None:
+            kv, z = kv + S0.unsqueeze(2), z + z0.unsqueeze(2)
+        num = torch.einsum("bhnd,bhnde->bhne", fq, kv)
+        den = torch.einsum("bhnd,bhnd->bhn", fq, z).unsqueeze(-1)
+        S, zf = kv[:, :, -1], z[:, :, -1]
+    else:
+        S, zf = torch.einsum("bhnd,bhne->bhde", fk, vv), fk.sum(2)
+        if S0 is not None:
+            S, zf = S + S0, zf + z0
+        num, den = fq @ S, (fq @ zf.unsqueeze(-1))
+    out = (num / (den + eps)).to(q.dtype)
+    Hkv = k.shape[1]
+    return out, (S.view(S.shape[0], Hkv, group, *S.shape[2:])[:, :, 0], zf.view(zf.shape[0], Hkv, group, -1)[:, :, 0])
+
+
+class Attention(nn.Module):
+    """Multi-head attention ``(B, N, embed_dim) -> (B, N, embed_dim)`` on attention_ext ops.
+
+    Args:
+        embed_dim, num_heads: model width and query heads (``head_dim = embed_dim // num_heads``
+            unless given).
+        num_kv_heads: K/V heads (GQA/MQA; ``num_heads % num_kv_heads == 0``), default num_heads.
+            K/V are passed to the op with their own head count, never repeated.
+        kind: ``"global"``, ``"local"`` or ``"linear"`` (see the module docstring).
+        window: local reach, an int or ``(left, right)`` as in
+            :func:`attention_ext.sliding_window_attention` (``kind="local"`` only).
+        causal: autoregressive masking (queries aligned bottom-right with a cache).
+        bias: biases in the q/k/v/out projections.
+        rope: rotary position embedding on q and k (``rope_base``), default True.
+        backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
+
+    ``forward(x, cache=None)``: pass a dict as ``cache`` to decode incrementally; it keeps
+    the keys/values (local layers only the last ``left`` positions; linear layers their
+    recurrent state) and the position offset for RoPE.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
+                 bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext"):
+        super().__init__()
+        kind = KINDS.get(kind, kind) if isinstance(kind, str) and len(kind) == 1 else kind
+        if kind not in ("global", "local", "linear"):
+            raise ValueError(f"kind must be 'global', 'local' or 'linear', got {kind!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        head_dim = head_dim or embed_dim // num_heads
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1 (embed_dim={embed_dim}, num_heads={num_heads})")
+        if kind == "linear" and backend == "attention_ext" and not has_linear_attention():
+            raise NotImplementedError("kind='linear' needs attention_ext.linear_attention, which this build lacks "
+                                      "(use backend='sdpa' for the plain-PyTorch form)")
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.kind, self.causal, self.backend = kind, bool(causal), backend
+        self.window = tuple(window) if isinstance(window, (tuple, list)) else window
+        self.left, self.right = (_window_reach(self.window, self.causal) if kind == "local" else (None, None))
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
+
+    def extra_repr(self):
+        w = f", window=({self.left}, {self.right})" if self.kind == "local" else ""
+        return (f"kind={self.kind}{w}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"causal={self.causal}, backend={self.backend}")
+
+    def forward(self, x, cache=None):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        offset = 0 if cache is None else cache.get("pos", 0)
+        if self.rope is not None:
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None and self.causal is False and cache.get("pos", 0):
+            raise ValueError("incremental decoding needs a causal layer")
+        if self.kind == "linear":
+            out = self._linear(q, k, v, cache)
+        else:
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+                keep = k.shape[2] if self.kind == "global" else min(k.shape[2], self.left)
+                cache["k"], cache["v"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+            out = self._softmax(q, k, v)
+        if cache is not None:
+            cache["pos"] = offset + N
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
+
+    def _softmax(self, q, k, v):
+        if self.backend == "attention_ext":
+            if self.kind == "global":
+                return _fn.flash_attention(q, k, v, causal=self.causal)
+            return _fn.sliding_window_attention(q, k, v, (self.left, self.right), causal=self.causal)
+        gqa = self.num_heads != self.num_kv_heads
+        nq, nk = q.shape[2], k.shape[2]
+        if self.kind == "global" and (not self.causal or nq == nk or nq == 1):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa)
+        left, right = (self.left, self.right) if self.kind == "local" else (nk, nk)
+        mask = _window_mask(nq, nk, left, right, self.causal, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def _linear(self, q, k, v, cache):
+        state = None if cache is None else cache.get("state")
+        if self.backend == "sdpa":
+            out, new = _torch_linear(q, k, v, self.causal, state=state)
+        else:
+            linear, step = _linear_attention()
+            if state is None:
+                out, new = linear(q, k, v, feature_map="elu", causal=self.causal, return_state=True)
+            else:
+                out, new = step(q, k, v, state, feature_map="elu")
+        if cache is not None:
+            cache["state"] = new
+        return out
+
+
+def _window_reach(window, causal):
+    from . import _checks
+
+    return _checks.window(window, causal, "Attention")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, dim, hidden, bias=False):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim, num_heads, *, kind="global", mlp_hidden=None, **attn_kwargs):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, kind=kind, **attn_kwargs)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = MLP(dim, mlp_hidden or 4 * dim)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.attn_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerLM(nn.Module):
+    """A small decoder-only LM whose layers follow ``pattern``.
+
+    ``pattern`` is a string of ``G`` (global), ``L`` (local) and ``R`` (linear) repeated
+    from layer 0 to ``num_layers`` (default ``len(pattern)``): ``"LG"`` alternates,
+    ``"LLLLLG"`` is Gemma 3's 5:1, ``"LLG"`` ModernBERT's 2:1, ``"G"`` all global.
+
+    ``forward(idx, targets=None, caches=None)`` returns ``(logits, loss)`` (loss is None
+    without targets; cross entropy over all positions, ``ignore_index=-100``).
+    ``generate(idx, max_new_tokens)`` decodes greedily (or samples with
+    ``temperature > 0``) with per-layer caches.
+    """
+
+    def __init__(self, vocab_size, dim=256, num_heads=4, *, pattern="LG", num_layers=None, num_kv_heads=None,
+                 window=256, causal=True, mlp_hidden=None, bias=False, rope=True, backend="attention_ext",
+                 tie_embeddings=True):
+        super().__init__()
+        self.kinds = parse_pattern(pattern, num_layers)
+        self.pattern = pattern.upper()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, kind=kind, mlp_hidden=mlp_hidden, num_kv_heads=num_kv_heads,
+                             window=window, causal=causal, bias=bias, rope=rope, backend=backend)
+            for kind in self.kinds)
+        self.norm = RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend):
+        """Switch every layer between ``"attention_ext"`` and ``"sdpa"`` (same weights)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for b in self.blocks:
+            if b.attn.kind == "linear" and backend == "attention_ext" and not has_linear_attention():
+                raise NotImplementedError("linear layers need attention_ext.linear_attention")
+            b.attn.backend = backend
+        return self
+
+    def forward(self, idx, targets=None, caches=None):
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def new_caches(self):
+        return [dict() for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, *, temperature=0.0, generator=None):
+        caches = self.new_caches()
+        logits, _ = self(idx, caches=caches)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits, _ = self(nxt, caches=caches)
+        return torch.cat(out, 1)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,328 @@
+"""transformers integration: tiny random-config models built with from_config (no download).
+
+Every family runs with attn_implementation="attention_ext" against "eager" (and "sdpa")
+with the same weights, in fp32: logits and parameter gradients to 1e-4, with and without
+padding, and greedy generation with a KV cache (tokens equal, step logits to 1e-4). The
+path counters of attention_ext.hf prove which layers ran on our kernels.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
+
+import attention_ext.hf as aehf  # noqa: E402  (registers "attention_ext")
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    ModernBertConfig,
+    Qwen2Config,
+)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread. A second one only waits on barriers, and on a loaded
+    machine those waits made these tests 6x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
+W = 8  # sliding_window of the causal families: a query sees 8 keys, itself included
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=512, initializer_range=0.2, pad_token_id=0)
+LG4 = ["sliding_attention", "full_attention"] * 2
+
+
+def family_config(name):
+    """(config, number of attention layers, what runs them without padding)."""
+    if name == "llama":
+        return LlamaConfig(**COMMON, num_hidden_layers=2), 2, "kernel"
+    if name == "mistral":
+        return MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=W), 2, "kernel"
+    if name == "qwen2":  # alternating local/global through layer_types
+        return Qwen2Config(**COMMON, num_hidden_layers=4, use_sliding_window=True, sliding_window=W,
+                           max_window_layers=0, layer_types=LG4), 4, "kernel"
+    if name == "gemma2":  # alternating, attn_logit_softcapping=50 -> exact eager fallback
+        return Gemma2Config(**COMMON, num_hidden_layers=4, sliding_window=W, query_pre_attn_scalar=16,
+                            layer_types=LG4), 4, "softcap"
+    if name == "gemma2_nosoftcap":
+        return Gemma2Config(**COMMON, num_hidden_layers=4, sliding_window=W, query_pre_attn_scalar=16,
+                            layer_types=LG4, attn_logit_softcapping=None, final_logit_softcapping=None), 4, "kernel"
+    if name == "gemma3":  # 5 local : 1 global
+        return Gemma3TextConfig(**COMMON, num_hidden_layers=6, sliding_window=W, query_pre_attn_scalar=16,
+                                layer_types=["sliding_attention"] * 5 + ["full_attention"]), 6, "kernel"
+    if name == "modernbert":  # bidirectional, local layers see |i - j| <= 64, global every 3rd layer
+        cfg = ModernBertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, local_attention=128, global_attn_every_n_layers=3,
+                               max_position_embeddings=512, initializer_range=0.2, pad_token_id=0,
+                               reference_compile=False)
+        return cfg, 3, "kernel"
+    raise KeyError(name)
+
+
+CAUSAL = ["llama", "mistral", "qwen2", "gemma2", "gemma2_nosoftcap", "gemma3"]
+FAMILIES = CAUSAL + ["modernbert"]
+
+
+def build(name, impl, device, config=None):
+    cfg = copy.deepcopy(config if config is not None else family_config(name)[0])  # from_config writes into it
+    cls = AutoModelForMaskedLM if name == "modernbert" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    return cls.from_config(cfg, attn_implementation=impl).to(device).eval()
+
+
+def pair(name, ref_impl, device):
+    ref = build(name, ref_impl, device)
+    ours = build(name, "attention_ext", device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def inputs(name, padded, device, n=None):
+    g = torch.Generator().manual_seed(1)
+    n = n or (160 if name == "modernbert" else 24)  # longer than the windows
+    ids = torch.randint(1, 97, (2, n), generator=g)
+    mask = torch.ones(2, n, dtype=torch.long)
+    if padded:
+        if name == "modernbert":
+            mask[1, n - 30:] = 0  # right padding
+        else:
+            mask[1, :7] = 0  # left padding, as in batched generation
+        ids = ids.masked_fill(mask == 0, 0)
+    return ids.to(device), mask.to(device)
+
+
+def assert_close(ours, ref, what, rel=1e-4):
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    err = (ours - ref).abs().max().item() if ref.numel() else 0.0
+    tol = rel * max(1.0, ref.abs().max().item())
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "padded"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_and_grads_match_eager(name, padded, device):
+    _, layers, path = family_config(name)
+    ref, ours = pair(name, "eager", device)
+    ids, mask = inputs(name, padded, device)
+    valid = mask.bool()
+    weights = torch.randn(*ids.shape, 97, generator=torch.Generator().manual_seed(2)).to(device)
+    aehf.reset_counts()
+    out = {}
+    for tag, model in (("ref", ref), ("ours", ours)):
+        logits = model(input_ids=ids, attention_mask=mask if padded else None).logits
+        (logits * weights)[valid].sum().backward()
+        out[tag] = logits
+    assert_close(out["ours"][valid], out["ref"][valid], f"{name} logits")
+    for (pname, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        if p_ref.grad is not None:
+            assert_close(p_ours.grad, p_ref.grad, f"{name} grad {pname}")
+    counts = aehf.fallback_counts()
+    expected = path if (path != "kernel" or not padded) else "padding"
+    assert counts[expected] == layers, counts
+    assert sum(counts.values()) == layers, counts
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3", "modernbert"])
+def test_logits_match_sdpa(name, device):
+    ref, ours = pair(name, "sdpa", device)
+    for padded in (False, True):
+        ids, mask = inputs(name, padded, device)
+        with torch.no_grad():
+            a = ref(input_ids=ids, attention_mask=mask).logits
+            b = ours(input_ids=ids, attention_mask=mask).logits
+        assert_close(b[mask.bool()], a[mask.bool()], f"{name} logits vs sdpa (padded={padded})")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "padded"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma2", "gemma3"])
+def test_generate_with_kv_cache(name, padded, device):
+    _, layers, path = family_config(name)
+    ref, ours = pair(name, "eager", device)
+    ids, mask = inputs(name, padded, device, n=14)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    aehf.reset_counts()
+    with torch.no_grad():
+        r = ref.generate(ids, **kw)
+        o = ours.generate(ids, **kw)
+    assert torch.equal(o.sequences, r.sequences)
+    for step, (lo, lr) in enumerate(zip(o.logits, r.logits)):
+        assert_close(lo, lr, f"{name} step {step} logits")
+    counts = aehf.fallback_counts()
+    assert sum(counts.values()) == 10 * layers  # prefill + 9 cached decoding steps
+    if not padded:
+        assert counts[path] == 10 * layers, counts
+    elif path == "kernel":
+        # 24 tokens end up in the cache: a sliding layer (8 keys) stops seeing the padding
+        assert counts["padding"] > 0 and (counts["kernel"] > 0) == (name != "llama"), counts
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "modernbert"])
+def test_no_dense_mask_without_padding(name, device, monkeypatch):
+    """Without padding the mask function returns None: transformers' mask builder never runs."""
+    from transformers import masking_utils
+
+    ref, ours = pair(name, "eager", device)
+    ids, mask = inputs(name, False, device)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense attention mask was built")
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", refuse)
+    aehf.reset_counts()
+    with torch.no_grad():
+        ours(input_ids=ids, attention_mask=mask)
+        if name != "modernbert" or TF5:  # 4.57's ModernBERT builds its masks itself
+            ours(input_ids=ids)
+    assert aehf.fallback_counts()["kernel"] > 0
+
+
+def test_mask_function_returns_padding_view_or_dense(device):
+    """With padding: a stride-0 key-padding view (O(B*N)); for packed sequences (a pattern
+    only transformers can describe) its exact dense mask."""
+    cfg, _, _ = family_config("llama")
+    model = build("llama", "attention_ext", device)
+    ids, mask = inputs("llama", True, device)
+    seen = []
+    orig = aehf.attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        seen.append(attention_mask)
+        return orig(module, query, key, value, attention_mask, **kw)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("attention_ext", spy)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            view = seen[-1]
+            assert view is not None and view.stride(2) == 0 and hasattr(view, "_attention_ext")
+            # two packed sequences per row (position ids restart): exact dense mask
+            pos = torch.cat([torch.arange(10), torch.arange(14)]).view(1, -1).expand(2, -1).to(device)
+            aehf.reset_counts()
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            dense = seen[-1]
+            assert dense is not None and dense.shape[-2:] == (24, 24) and dense.stride(2) != 0
+            assert aehf.fallback_counts()["dense_mask"] == 2
+            # the second sequence of a packed row equals running it alone
+            alone = model(input_ids=ids[:, 10:], use_cache=False).logits
+            assert_close(packed[:, 10:], alone, "packed vs alone")
+    finally:
+        AttentionInterface.register("attention_ext", orig)
+
+
+def test_set_attn_implementation_switches_every_layer(device):
+    ref = build("gemma2_nosoftcap", "eager", device)
+    ids, _ = inputs("gemma2_nosoftcap", False, device)
+    with torch.no_grad():
+        a = ref(input_ids=ids).logits
+        ref.set_attn_implementation("attention_ext")
+        aehf.reset_counts()
+        b = ref(input_ids=ids).logits
+    assert ref.config._attn_implementation == "attention_ext"
+    assert aehf.fallback_counts()["kernel"] == 4
+    assert_close(b, a, "after set_attn_implementation")
+
+
+@pytest.mark.parametrize("pattern", ["LG", "LLLLLG", "G", "L"])
+def test_alternate_native_family_matches_eager(pattern, device):
+    """Qwen2 reads layer_types itself: eager and attention_ext agree after alternate()."""
+    cfg = Qwen2Config(**COMMON, num_hidden_layers=6)
+    ref = build("qwen2", "eager", device, cfg)
+    ours = build("qwen2", "attention_ext", device, cfg)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):
+        aehf.alternate(m, pattern, window=W)
+    assert ours.config.layer_types == aehf.layer_types(pattern, 6)
+    ids, mask = inputs("qwen2", True, device, n=20)
+    with torch.no_grad():
+        for am in (None, mask):
+            a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+            v = mask.bool() if am is not None else torch.ones_like(mask, dtype=torch.bool)
+            assert_close(b[v], a[v], f"alternate {pattern}")
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref.generate(ids[:1], **kw), ours.generate(ids[:1], **kw))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_alternate_llama_mistral_honoured_by_attention_ext(family, device):
+    """Llama/Mistral code ignores layer_types; under attention_ext the pattern still holds:
+    same function as a Qwen2 (native layer_types) with the same weights and zero biases."""
+    base = dict(COMMON, num_hidden_layers=4)
+    cfg = LlamaConfig(**base) if family == "llama" else MistralConfig(**base, sliding_window=W)
+    ours = build(family, "attention_ext", device, cfg)
+    aehf.alternate(ours, "LG", window=W)
+    ref = build("qwen2", "eager", device, Qwen2Config(**base))
+    aehf.alternate(ref, "LG", window=W)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("bias") for k in missing)
+    with torch.no_grad():
+        for k in missing:
+            ref.get_parameter(k).zero_()
+    ids, mask = inputs("llama", True, device)
+    with torch.no_grad():
+        for am in (None, mask):
+            a, b = ref(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits
+            v = mask.bool() if am is not None else torch.ones_like(mask, dtype=torch.bool)
+            assert_close(b[v], a[v], f"{family} alternate LG (padded={am is not None})")
+        kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref.generate(ids, **kw), ours.generate(ids, **kw))
+
+
+def test_alternate_config_and_gemma3_model(device):
+    cfg = Gemma3TextConfig(**COMMON, num_hidden_layers=4, sliding_window=W, query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention"] * 4)
+    ref = build("gemma3", "eager", device, cfg)
+    ours = build("gemma3", "attention_ext", device, cfg)
+    ours.load_state_dict(ref.state_dict())
+    for m in (ref, ours):  # a global layer appears: per-layer-type RoPE is rebuilt where needed
+        aehf.alternate(m, "LG", window=W)
+    ids, _ = inputs("gemma3", False, device)
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, "gemma3 alternate LG")
+    c = aehf.alternate(copy.deepcopy(cfg), "LLG", window=5)
+    assert c.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert c.sliding_window == 5
+    with pytest.raises(ValueError, match="pattern"):
+        aehf.alternate(copy.deepcopy(cfg), "LXG")
+
+
+def test_alternate_modernbert_config():
+    cfg = ModernBertConfig(num_hidden_layers=6, local_attention=128, reference_compile=False)
+    aehf.alternate(cfg, "GLL", window=32)
+    types = getattr(cfg, "layer_types", None)
+    if TF5:
+        assert types == ["full_attention", "sliding_attention", "sliding_attention"] * 2
+        assert cfg.sliding_window == 32
+    else:
+        assert cfg.global_attn_every_n_layers == 3 and cfg.local_attention == 64
+        with pytest.raises(NotImplementedError):
+            aehf.alternate(cfg, "LG")
+
+
+def test_softcap_and_dropout_fall_back_exactly(device):
+    ref, ours = pair("gemma2", "eager", device)
+    ids, _ = inputs("gemma2", False, device)
+    aehf.reset_counts()
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, "softcap")
+    assert aehf.fallback_counts()["softcap"] == 4 and aehf.fallback_counts()["kernel"] == 0
+    # dropout in training: eager math with dropout, nothing silently skipped
+    cfg, _, _ = family_config("llama")
+    cfg = copy.deepcopy(cfg)
+    cfg.attention_dropout = 0.5
+    model = build("llama", "attention_ext", device, cfg).train()
+    aehf.reset_counts()
+    model(input_ids=ids)
+    assert aehf.fallback_counts()["dropout"] == 2
