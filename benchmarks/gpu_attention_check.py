@@ -6,7 +6,10 @@ Times, with CUDA events (best of several runs after warm-up), bf16, H=16, D=128:
   * our attention_fwd and fwd+bwd against F.scaled_dot_product_attention restricted to
     the flash backend (torch.nn.attention.sdpa_kernel), causal and not, N 2k..16k;
   * a causal sliding window of 1024 against compiled FlexAttention with a sliding-window
-    block mask, N 8k..64k.
+    block mask, N 8k..64k;
+  * every public op through the Python API (autograd included) at one size, fwd and
+    fwd+bwd, against a peer where one exists (SDPA flash, FlexAttention with the same mask,
+    the chunked PyTorch form of linear attention), plus the deterministic backward.
 Prints markdown tables with times, our speed relative to the peer (peer time / our
 time, > 1 means we are faster) and TFLOP/s counted over the pairs the mask allows
 (fwd 4*D flops per allowed pair, fwd+bwd 3.5x that). A peer that fails is reported,
@@ -203,19 +206,147 @@ def flex_section(args, t_start, rows):
         torch.cuda.empty_cache()
 
 
+def ops_section(args, t_start, rows):
+    """Each public op at B=1, H=16, N=8192 (linear: N=16384), bf16, through autograd."""
+    import attention_ext as ae
+    from attention_ext import patterns
+
+    H, D, N = 16, 128, 8192
+    dt = torch.bfloat16
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception:  # noqa: BLE001
+        flex = None
+
+    def flex_peer(mask_mod, n):
+        if flex is None:
+            return None
+        bm = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+        return lambda q, k, v: flex(q, k, v, block_mask=bm)
+
+    def sdpa_causal(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    layout = patterns.bigbird(N, 64, num_heads=H, seed=0).cuda()
+    W, KS = 1024, 1025
+
+    def nb_mask(b, h, qi, ki):
+        start = (qi - KS // 2).clamp(0, N - KS)
+        return (ki >= start) & (ki < start + KS)
+
+    def deterministic_flash(q, k, v):
+        return ae.flash_attention(q, k, v, causal=True)
+
+    sys.path.insert(0, ".")
+    from benchmarks.bench_linear import torch_chunked
+
+    cases = [
+        ("flash_attention causal", lambda q, k, v: ae.flash_attention(q, k, v, causal=True), "SDPA flash", sdpa_causal, N),
+        ("flash_attention causal, deterministic bwd", deterministic_flash, None, None, N),
+        ("sliding_window 1024 causal", lambda q, k, v: ae.sliding_window_attention(q, k, v, W, causal=True),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= W), N), N),
+        ("sliding_window 512 dilation 2", lambda q, k, v: ae.sliding_window_attention(q, k, v, 512, dilation=2),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: ((qi - ki).abs() <= 1024) & ((qi - ki) % 2 == 0), N), N),
+        ("sliding_window 512 + 64 global", lambda q, k, v: ae.sliding_window_attention(q, k, v, 512, global_tokens=64),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: ((qi - ki).abs() <= 512) | (qi < 64) | (ki < 64), N), N),
+        ("neighborhood 1025", lambda q, k, v: ae.neighborhood_attention(q, k, v, KS), "Flex", lambda: flex_peer(nb_mask, N), N),
+        ("block_sparse bigbird bs64", lambda q, k, v: ae.block_sparse_attention(q, k, v, layout, block_size=64),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: layout[h, qi // 64, ki // 64], N), N),
+        ("linear_attention elu causal", lambda q, k, v: ae.linear_attention(q, k, v, causal=True),
+         "chunked PyTorch", torch_chunked, 16384),
+    ]
+    for name, ours_fn, peer_name, peer, n in cases:
+        if time.time() - t_start > args.budget:
+            rows.append(f"| {name} | skipped (budget) | | | | | | | |")
+            continue
+        if callable(peer) and peer_name == "Flex":
+            try:
+                peer = peer()
+            except Exception as e:  # noqa: BLE001
+                print(f"[ops {name}] Flex block mask failed: {short_error(e)}")
+                peer = None
+        q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=dt) for _ in range(3))
+        g = torch.randn_like(q)
+        qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        det = "deterministic" in name
+
+        def fwd(fn):
+            return lambda: fn(q, k, v)
+
+        def fwd_bwd(fn):
+            def run():
+                out = fn(qr, kr, vr)
+                return torch.autograd.grad(out, (qr, kr, vr), g)
+            return run
+
+        res = {}
+        pairs = [("ours_f", fwd(ours_fn)), ("ours_fb", fwd_bwd(ours_fn))]
+        if peer is not None:
+            pairs += [("peer_f", fwd(peer)), ("peer_fb", fwd_bwd(peer))]
+        for key, fn in pairs:
+            try:
+                torch.use_deterministic_algorithms(det and key.startswith("ours"))
+                t0 = time_ms(fn, reps=1, warmup=1)
+                res[key] = time_ms(fn, reps=reps_for(t0), warmup=1)
+            except Exception as e:  # noqa: BLE001
+                res[key] = None
+                print(f"[ops {name}] {key} failed: {short_error(e)}")
+            finally:
+                torch.use_deterministic_algorithms(False)
+        err = None
+        if peer is not None:
+            try:
+                err = (ours_fn(q, k, v).float() - peer(q, k, v).float()).abs().max().item()
+            except Exception as e:  # noqa: BLE001
+                print(f"[ops {name}] comparison failed: {short_error(e)}")
+
+        def ratio(a, b):
+            return None if res.get(a) is None or res.get(b) is None else res[b] / res[a]
+
+        rows.append(f"| {name} | {n} | {fmt(res.get('ours_f'))} | {fmt(res.get('ours_fb'))} | {peer_name or ''} | "
+                    f"{fmt(res.get('peer_f'))} | {fmt(res.get('peer_fb'))} | {fmt(ratio('ours_f', 'peer_f'), 2)} | "
+                    f"{fmt(ratio('ours_fb', 'peer_fb'), 2)} | {fmt(err, 4)} |")
+        del q, k, v, g, qr, kr, vr
+        torch.cuda.empty_cache()
+
+    # one decoding step of linear attention (B=16 sequences), against the same math in PyTorch
+    B, Dl = 16, 128
+    q, k, v = (torch.randn(B, H, 1, Dl, device="cuda", dtype=dt) for _ in range(3))
+    state = (torch.randn(B, H, Dl, Dl, device="cuda").abs(), torch.randn(B, H, Dl, device="cuda").abs())
+
+    def torch_step():
+        fq, fk = F.elu(q.float()) + 1, F.elu(k.float()) + 1
+        S = state[0] + fk.transpose(-1, -2) @ v.float()
+        z = state[1] + fk[:, :, 0]
+        return (fq @ S) / ((fq[:, :, 0] * z).sum(-1)[..., None, None] + 1e-6), (S, z)
+
+    try:
+        t_o = time_ms(lambda: ae.linear_attention_step(q, k, v, state), reps=50, warmup=5)
+        t_p = time_ms(torch_step, reps=50, warmup=5)
+        err = (ae.linear_attention_step(q, k, v, state)[0].float() - torch_step()[0]).abs().max().item()
+        rows.append(f"| linear_attention_step (B=16, 1 token) | 1 | {fmt(t_o)} | | PyTorch | {fmt(t_p)} | | "
+                    f"{fmt(t_p / t_o, 2)} | | {fmt(err, 4)} |")
+    except Exception as e:  # noqa: BLE001
+        rows.append(f"| linear_attention_step | failed: {short_error(e)} | | | | | | | | |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per section before skipping sizes")
     ap.add_argument("--quick", action="store_true", help="one size per section")
     ap.add_argument("--skip-sdpa", action="store_true")
     ap.add_argument("--skip-flex", action="store_true")
+    ap.add_argument("--skip-ops", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuda_built={attention_ext._C.cuda_built}")
-    sdpa_rows, flex_rows = [], []
+    sdpa_rows, flex_rows, ops_rows = [], [], []
     if not args.skip_sdpa:
         t0 = time.time()
         try:
@@ -230,6 +361,13 @@ def main():
         except Exception as e:  # noqa: BLE001
             flex_rows.append(f"| section failed: {short_error(e)} |")
             traceback.print_exc()
+    if not args.skip_ops:
+        t0 = time.time()
+        try:
+            ops_section(args, t0, ops_rows)
+        except Exception as e:  # noqa: BLE001
+            ops_rows.append(f"| section failed: {short_error(e)} |")
+            traceback.print_exc()
     if sdpa_rows:
         print("\n### bf16, H=16, D=128: ours vs SDPA flash backend (times in ms; speed = SDPA time / ours)\n")
         print("| B | N | causal | ours fwd | sdpa fwd | speed fwd | TFLOP/s fwd ours / sdpa | ours fwd+bwd | "
@@ -243,6 +381,12 @@ def main():
               "speed fwd+bwd | TFLOP/s fwd+bwd ours / flex | max abs diff |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(flex_rows))
+    if ops_rows:
+        print("\n### Every op, bf16, B=1, H=16, D=128, through autograd (times in ms; speed = peer time / ours)\n")
+        print("| op | N | ours fwd | ours fwd+bwd | peer | peer fwd | peer fwd+bwd | speed fwd | speed fwd+bwd | "
+              "max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(ops_rows))
     return 0
 
 
