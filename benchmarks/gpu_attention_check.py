@@ -246,6 +246,8 @@ def ops_section(args, t_start, rows):
     cases = [
         ("flash_attention causal", lambda q, k, v: ae.flash_attention(q, k, v, causal=True), "SDPA flash", sdpa_causal, N),
         ("flash_attention causal, deterministic bwd", deterministic_flash, None, None, N),
+        ("linear_attention elu causal", lambda q, k, v: ae.linear_attention(q, k, v, causal=True),
+         "chunked PyTorch", torch_chunked, 16384),
         ("sliding_window 1024 causal", lambda q, k, v: ae.sliding_window_attention(q, k, v, W, causal=True),
          "Flex", lambda: flex_peer(lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= W), N), N),
         ("sliding_window 512 dilation 2", lambda q, k, v: ae.sliding_window_attention(q, k, v, 512, dilation=2),
@@ -255,8 +257,6 @@ def ops_section(args, t_start, rows):
         ("neighborhood 1025", lambda q, k, v: ae.neighborhood_attention(q, k, v, KS), "Flex", lambda: flex_peer(nb_mask, N), N),
         ("block_sparse bigbird bs64", lambda q, k, v: ae.block_sparse_attention(q, k, v, layout, block_size=64),
          "Flex", lambda: flex_peer(lambda b, h, qi, ki: layout[h, qi // 64, ki // 64], N), N),
-        ("linear_attention elu causal", lambda q, k, v: ae.linear_attention(q, k, v, causal=True),
-         "chunked PyTorch", torch_chunked, 16384),
     ]
     for name, ours_fn, peer_name, peer, n in cases:
         if time.time() - t_start > args.budget:
