@@ -54,8 +54,6 @@ def qkv(q, k, v, fn):
     for name, d in (("q.shape[-1] (head_dim)", D), ("v.shape[-1] (head_dim)", Dv)):
         if not 1 <= d <= limit:
             raise ValueError(f"{fn}: {name} = {d} is not supported on {q.device.type} (1..{limit})")
-        if q.device.type == "cuda" and d % 8 != 0:
-            raise ValueError(f"{fn}: {name} = {d} must be a multiple of 8 on CUDA")
     return B, Hq, Hkv, Nq, Nk
 
 

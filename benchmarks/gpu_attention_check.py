@@ -222,6 +222,7 @@ def ops_section(args, t_start, rows):
     def flex_peer(mask_mod, n):
         if flex is None:
             return None
+        torch._dynamo.reset()  # a fresh compile per mask (and no recompile-limit fallback to eager)
         bm = create_block_mask(mask_mod, None, None, n, n, device="cuda")
         return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
@@ -344,6 +345,11 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1
+    # every size and mask recompiles FlexAttention; past dynamo's recompile limit it would
+    # silently run the unfused eager version (and materialise N x N scores)
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuda_built={attention_ext._C.cuda_built}")
     sdpa_rows, flex_rows, ops_rows = [], [], []
