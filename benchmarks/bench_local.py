@@ -68,7 +68,8 @@ def run_case(n, w, dtype, rounds, peers):
     if "flex" in peers:
         try:
             fx = flex_fn(n, w, dtype)
-            fwd["flex"] = lambda: fx(q, k, v)
+            qd, kd, vd = q.detach(), k.detach(), v.detach()  # forward only: no autograd graph to trace
+            fwd["flex"] = lambda: fx(qd, kd, vd)
         except Exception as e:  # noqa: BLE001
             errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     with torch.no_grad():
@@ -121,7 +122,7 @@ def main(args, rest):
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
         if errs:
             row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
-    cols = list(rows[0].keys()) + (["notes"] if any("notes" in r for r in rows) else [])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every column once, "notes" only if some row has one
     body = U.header("sliding_window_attention (causal) vs SDPA + dense mask, compiled FlexAttention, naive; "
                     "B=1 H=8 D=64", U.command_line())
     body += ("\nRatios are peer time / our time (> 1: ours faster). FlexAttention runs forward only (no CPU "

@@ -219,11 +219,12 @@ def ops_section(args, t_start, rows):
     except Exception:  # noqa: BLE001
         flex = None
 
-    def flex_peer(mask_mod, n):
+    def flex_peer(mask_mod, n, heads=None):
         if flex is None:
             return None
         torch._dynamo.reset()  # a fresh compile per mask (and no recompile-limit fallback to eager)
-        bm = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+        # heads=None broadcasts head 0's mask to every head: per-head masks must name H
+        bm = create_block_mask(mask_mod, None, heads, n, n, device="cuda")
         return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
     def sdpa_causal(q, k, v):
@@ -257,7 +258,7 @@ def ops_section(args, t_start, rows):
          "Flex", lambda: flex_peer(lambda b, h, qi, ki: ((qi - ki).abs() <= 512) | (qi < 64) | (ki < 64), N), N),
         ("neighborhood 1025", lambda q, k, v: ae.neighborhood_attention(q, k, v, KS), "Flex", lambda: flex_peer(nb_mask, N), N),
         ("block_sparse bigbird bs64", lambda q, k, v: ae.block_sparse_attention(q, k, v, layout, block_size=64),
-         "Flex", lambda: flex_peer(lambda b, h, qi, ki: layout[h, qi // 64, ki // 64], N), N),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: layout[h, qi // 64, ki // 64], N, H), N),
     ]
     for name, ours_fn, peer_name, peer, n in cases:
         if time.time() - t_start > args.budget:

@@ -36,10 +36,11 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
   // compiler from hoisting its fields into registers for the whole loop.
   if (tid == 0) *reinterpret_cast<MaskSpec*>(smask_raw) = p.mask;
 
-  // Heavy query tiles (the late ones, under causal masks) of a head are scheduled first.
+  // Heavy query tiles of a head are scheduled first: the late ones under causal masks, the
+  // first ones (Longformer's leading global rows, which see every key) under global masks.
   const int64_t nqt = (p.Nq + BM - 1) / BM;
   const int64_t bh = blockIdx.x / nqt;
-  const int64_t qt = nqt - 1 - blockIdx.x % nqt;
+  const int64_t qt = has_global(p.mask) ? blockIdx.x % nqt : nqt - 1 - blockIdx.x % nqt;
   const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
   const int64_t q0 = qt * BM;
   const int mq = static_cast<int>(ae_min(BM, p.Nq - q0));

@@ -59,28 +59,36 @@ struct TcBwdParams {
 // Rows of lse2 / delta per (b, h): a multiple of every query tile used by the kernels.
 constexpr int64_t kLseRowPad = 128;
 
-// Tile configurations per head-dim bucket D (64, 128, 256); 16-bit elements.
-// Forward: BM query rows (16 * MW per warp) x BN keys; smem Q + K + V.
+// Tile configurations per head-dim bucket D (64, 128, 256); 16-bit elements. The D = 128
+// choices can be overridden at build time (NVCC_APPEND_FLAGS="-DAE_FWD_BN128=32 ...") to
+// compare tilings on a GPU without editing the source.
+#ifndef AE_FWD_BN128
+#define AE_FWD_BN128 64
+#endif
+#ifndef AE_BWD_WK128
+#define AE_BWD_WK128 1
+#endif
+
+// Forward: BM query rows (16 * MW per warp) x BN keys; smem Q + K + V. Measured on an H100
+// (benchmarks/RESULTS.md): for D = 128 two 16-row atoms per warp with 4 warps beat one atom
+// with 8 warps by 5-10%, although both run at the 255-register limit.
 template <int D>
 struct FwdCfg {
-  // Each bucket runs the configuration that passed the CUDA tests on an H200: D <= 64
-  // with two 16-row atoms per warp; D = 128 with one atom and 8 warps (two atoms with
-  // BN = 32 never ran there); D = 256 with one atom (the O accumulator allows no more).
-  static constexpr int MW = D <= 64 ? 2 : 1;  // 16-row atoms per warp
-  static constexpr int NWARPS = D == 128 ? 8 : 4;
+  static constexpr int MW = D <= 128 ? 2 : 1;  // 16-row atoms per warp (D = 256: the O accumulator allows one)
+  static constexpr int NWARPS = 4;
   static constexpr int BM = 16 * MW * NWARPS;
-  static constexpr int BN = D <= 128 ? 64 : 32;
+  static constexpr int BN = D <= 64 ? 64 : D == 128 ? AE_FWD_BN128 : 32;
   static constexpr int NTHREADS = 32 * NWARPS;
   static constexpr size_t SMEM = size_t(BM + 2 * BN) * D * 2;
 };
 
 // Backward dK/dV (+ atomic dQ): BN keys per block (16 per key group of WK warps; with
-// WK = 2 the two warps of a group split the dK/dV columns, which keeps D = 256 within
-// the register file), BM queries per step, Q/dO/lse/delta in STAGES buffers.
+// WK = 2 the two warps of a group split the dK/dV columns, which keeps the accumulators
+// within the register file), BM queries per step, Q/dO/lse/delta in STAGES buffers.
 template <int D>
 struct BwdCfg {
   static constexpr int NWARPS = 8;
-  static constexpr int WK = D == 256 ? 2 : 1;
+  static constexpr int WK = D == 256 ? 2 : D == 128 ? AE_BWD_WK128 : 1;
   static constexpr int STAGES = D == 256 ? 1 : 2;
   static constexpr int BM = 64;
   static constexpr int BN = 16 * NWARPS / WK;
