@@ -14,7 +14,6 @@ whose estimated memory or time would be excessive are skipped ("–").
 """
 
 import argparse
-import ctypes
 import math
 
 import torch
@@ -77,30 +76,6 @@ def flash(q, k, v, causal=True):
 CONTENDERS = {"ours": ours, "chunked": torch_chunked, "cumsum": torch_cumsum, "flash": flash}
 
 
-def _trim():
-    """Hand freed heap back to the OS so that the RSS high-water mark sees the next
-    contender's allocations (CPU only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _keep_heap():
-    """glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh
-    mmaps and unmaps them on free, so every call whose outputs exceed 32 MiB pays page
-    faults for them (costly in this VM: the forward at N=32768, D=64 took 2.6x the time of
-    N=16384 with the default, 2.0x with this). Keep freed memory in the heap instead; it
-    applies to every contender alike."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def _allowed(name, B, H, N, D, device, mem_cap_gb, flash_cap_gflop):
     if name == "cumsum":  # the per-token state, its gradient and the einsum operands
         return 4 * B * H * N * D * D * 4 / 2**30 <= mem_cap_gb
@@ -143,7 +118,6 @@ def run_size(B, H, N, D, device, dtype, rounds, mem_cap_gb, flash_cap_gflop, nam
     for n in active:
         if n in err_b:
             continue
-        _trim()
         mem[n] = _util.peak_memory_mb(fwd_bwd(CONTENDERS[n]), device)
     for n in names:
         row[f"fwd {n}"] = t_fwd.get(n)
@@ -197,9 +171,9 @@ def main(args, rest):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every contender (default: torch's default)")
     p.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                   help="keep: large freed blocks stay in the heap (see _keep_heap); default: glibc's behaviour")
+                   help="keep: large freed blocks stay in the heap (see _util.keep_heap); default: glibc's behaviour")
     opts = p.parse_args(rest)
-    heap_kept = opts.malloc == "keep" and args.device == "cpu" and _keep_heap()
+    heap_kept = opts.malloc == "keep" and args.device == "cpu" and _util.keep_heap()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = args.device

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import attention_ext  # noqa: F401
 
+sys.path.insert(0, ".")  # benchmarks._util and the PyTorch linear-attention peer, run from the repo root
 OPS = torch.ops.attention_ext
 
 
@@ -242,7 +243,6 @@ def ops_section(args, t_start, rows):
     def deterministic_flash(q, k, v):
         return ae.flash_attention(q, k, v, causal=True)
 
-    sys.path.insert(0, ".")
     from benchmarks.bench_linear import torch_chunked
 
     cases = [
@@ -346,54 +346,37 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1
-    # every size and mask recompiles FlexAttention; past dynamo's recompile limit it would
-    # silently run the unfused eager version (and materialise N x N scores)
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
+    from benchmarks import _util as U
+
+    U.raise_recompile_limit()  # every size and mask recompiles FlexAttention
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuda_built={attention_ext._C.cuda_built}")
     sdpa_rows, flex_rows, ops_rows = [], [], []
-    if not args.skip_sdpa:
-        t0 = time.time()
+    for skip, section, rows in ((args.skip_sdpa, sdpa_section, sdpa_rows), (args.skip_flex, flex_section, flex_rows),
+                                (args.skip_ops, ops_section, ops_rows)):
+        if skip:
+            continue
         try:
-            sdpa_section(args, t0, sdpa_rows)
-        except Exception as e:  # noqa: BLE001
-            sdpa_rows.append(f"| section failed: {short_error(e)} |")
+            section(args, time.time(), rows)
+        except Exception as e:  # noqa: BLE001 - a failing section is a result
+            rows.append(f"| section failed: {short_error(e)} |")
             traceback.print_exc()
-    if not args.skip_flex:
-        t0 = time.time()
-        try:
-            flex_section(args, t0, flex_rows)
-        except Exception as e:  # noqa: BLE001
-            flex_rows.append(f"| section failed: {short_error(e)} |")
-            traceback.print_exc()
-    if not args.skip_ops:
-        t0 = time.time()
-        try:
-            ops_section(args, t0, ops_rows)
-        except Exception as e:  # noqa: BLE001
-            ops_rows.append(f"| section failed: {short_error(e)} |")
-            traceback.print_exc()
-    if sdpa_rows:
-        print("\n### bf16, H=16, D=128: ours vs SDPA flash backend (times in ms; speed = SDPA time / ours)\n")
-        print("| B | N | causal | ours fwd | sdpa fwd | speed fwd | TFLOP/s fwd ours / sdpa | ours fwd+bwd | "
-              "sdpa fwd+bwd | speed fwd+bwd | TFLOP/s fwd+bwd ours / sdpa | max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(sdpa_rows))
-    if flex_rows:
-        print("\n### bf16, B=1, H=16, D=128, causal sliding window 1024: ours vs compiled FlexAttention "
-              "(times in ms; speed = Flex time / ours)\n")
-        print("| N | ours fwd | flex fwd | speed fwd | TFLOP/s fwd ours / flex | ours fwd+bwd | flex fwd+bwd | "
-              "speed fwd+bwd | TFLOP/s fwd+bwd ours / flex | max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(flex_rows))
-    if ops_rows:
-        print("\n### Every op, bf16, B=1, H=16, D=128, through autograd (times in ms; speed = peer time / ours)\n")
-        print("| op | N | ours fwd | ours fwd+bwd | peer | peer fwd | peer fwd+bwd | speed fwd | speed fwd+bwd | "
-              "max abs diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(ops_rows))
+    tables = [
+        (sdpa_rows, "bf16, H=16, D=128: ours vs SDPA flash backend (times in ms; speed = SDPA time / ours)",
+         "B | N | causal | ours fwd | sdpa fwd | speed fwd | TFLOP/s fwd ours / sdpa | ours fwd+bwd | sdpa fwd+bwd | "
+         "speed fwd+bwd | TFLOP/s fwd+bwd ours / sdpa | max abs diff"),
+        (flex_rows, "bf16, B=1, H=16, D=128, causal sliding window 1024: ours vs compiled FlexAttention "
+         "(times in ms; speed = Flex time / ours)",
+         "N | ours fwd | flex fwd | speed fwd | TFLOP/s fwd ours / flex | ours fwd+bwd | flex fwd+bwd | "
+         "speed fwd+bwd | TFLOP/s fwd+bwd ours / flex | max abs diff"),
+        (ops_rows, "Every op, bf16, B=1, H=16, D=128, through autograd (times in ms; speed = peer time / ours)",
+         "op | N | ours fwd | ours fwd+bwd | peer | peer fwd | peer fwd+bwd | speed fwd | speed fwd+bwd | "
+         "max abs diff"),
+    ]
+    for rows, title, columns in tables:
+        if rows:
+            print(f"\n### {title}\n\n| {columns} |\n|" + "---|" * (columns.count("|") + 1))
+            print("\n".join(rows))
     return 0
 
 

@@ -137,3 +137,56 @@ def check_close(out, ref, *, lowp=None, dtype=None, what="out", fp32_rel=2e-5):
         tol = 2 * base + EPS[dtype] * m
     assert err <= tol, f"{what}: max abs error {err:.3e} > tolerance {tol:.3e} ({dtype})"
     return err
+
+
+# ---- linear attention -------------------------------------------------------------------
+
+def phi(x, fmap):
+    """The feature maps of attention_ext.linear_attention, from their definitions."""
+    if fmap == "elu":
+        return torch.nn.functional.elu(x) + 1
+    if fmap == "relu":
+        return torch.relu(x)
+    return x
+
+
+def linear_attention(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=True, scale=1.0, state=None):
+    """Quadratic float64 linear attention, phi(Q) phi(K)^T (causally masked) times V over
+    its row sums plus eps. Returns (out, (S, z)); differentiable in its (float64) inputs."""
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    fq = scale * phi(q, fmap)
+    fk = phi(k, fmap)
+    a = fq @ fk.repeat_interleave(group, 1).transpose(-1, -2)
+    if causal:
+        n = q.shape[2]
+        a = a.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device).tril(), 0.0)
+    num = a @ v.repeat_interleave(group, 1)
+    den = a.sum(-1)
+    S = fk.transpose(-1, -2) @ v
+    z = fk.sum(-2)
+    if state is not None:
+        S0, z0 = (t.to(torch.float64) for t in state)
+        num = num + fq @ S0.repeat_interleave(group, 1)
+        den = den + (fq * z0.repeat_interleave(group, 1).unsqueeze(-2)).sum(-1)
+        S, z = S + S0, z + z0
+    out = num / (den + eps).unsqueeze(-1) if normalize else num
+    return out, (S, z)
+
+
+def linear_tol(dtype):
+    """Relative tolerance of linear attention against the float64 reference computed on
+    the same (rounded) inputs: the state is accumulated in fp32 (float64 for float64), so
+    what remains is fp32 summation error and, for bf16/fp16 outputs, their rounding (4 and
+    2 units of the output's precision, 2^-8 and 2^-11, after products and a division)."""
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+
+
+def check_close_linear(out, ref, dtype, what="out"):
+    """Max abs error <= linear_tol(dtype) * max(1, max|ref|)."""
+    ref = ref.detach().double().cpu()
+    err = (out.detach().double().cpu() - ref).abs().max().item() if out.numel() else 0.0
+    tol = linear_tol(dtype) * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} ({dtype})"
+    return err
+

@@ -1,8 +1,8 @@
 """attention_ext.linear_attention / linear_attention_step / FavorFeatures.
 
-The reference below is written from the documented formula (attention_ext/linear.py),
-in float64, as the explicit quadratic form phi(Q) phi(K)^T with a causal mask; it
-never calls attention_ext.
+The reference (tests/reference.py, linear_attention) is written from the documented
+formula (attention_ext/linear.py), in float64, as the explicit quadratic form
+phi(Q) phi(K)^T with a causal mask; it never calls attention_ext.
 """
 
 import math
@@ -12,45 +12,17 @@ import torch
 import torch.nn.functional as F
 
 import attention_ext
+import reference as R
 from attention_ext import FavorFeatures, linear_attention, linear_attention_step
 
 FMAPS = ["elu", "relu", "identity"]
 
 
-# ---- independent float64 reference ----------------------------------------------------
+# ---- the float64 reference (tests/reference.py) ----------------------------------------
 
-def _phi(x, fmap):
-    if fmap == "elu":
-        return F.elu(x) + 1
-    if fmap == "relu":
-        return F.relu(x)
-    return x
-
-
-def reference(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=True, scale=1.0, state=None):
-    """Quadratic float64 linear attention. Returns (out, (S, z)); differentiable in its
-    (float64) inputs."""
-    q, k, v = (t.to(torch.float64) for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    fq = scale * _phi(q, fmap)
-    fk = _phi(k, fmap)
-    fkr = fk.repeat_interleave(group, 1)
-    vr = v.repeat_interleave(group, 1)
-    a = fq @ fkr.transpose(-1, -2)
-    if causal:
-        n = q.shape[2]
-        a = a.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device).tril(), 0.0)
-    num = a @ vr
-    den = a.sum(-1)
-    S = fk.transpose(-1, -2) @ v
-    z = fk.sum(-2)
-    if state is not None:
-        S0, z0 = (t.to(torch.float64) for t in state)
-        num = num + fq @ S0.repeat_interleave(group, 1)
-        den = den + (fq * z0.repeat_interleave(group, 1).unsqueeze(-2)).sum(-1)
-        S, z = S + S0, z + z0
-    out = num / (den + eps).unsqueeze(-1) if normalize else num
-    return out, (S, z)
+reference = R.linear_attention
+tol_for = R.linear_tol
+assert_close = R.check_close_linear
 
 
 def make(B=2, Hq=4, Hkv=2, Nq=37, Nk=None, D=24, Dv=40, *, dtype=torch.float64, device="cpu", fmap="elu",
@@ -64,17 +36,6 @@ def make(B=2, Hq=4, Hkv=2, Nq=37, Nk=None, D=24, Dv=40, *, dtype=torch.float64, 
         q, k = q.abs() + 0.1, k.abs() + 0.1
     out = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (q, k, v)]
     return out
-
-
-def tol_for(dtype):
-    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
-
-
-def assert_close(out, ref, dtype, what="out"):
-    ref = ref.detach().double().cpu()
-    err = (out.detach().double().cpu() - ref).abs().max().item() if out.numel() else 0.0
-    tol = tol_for(dtype) * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
-    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} ({dtype})"
 
 
 # ---- forward --------------------------------------------------------------------------

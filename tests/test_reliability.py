@@ -141,6 +141,90 @@ def test_fuzz_attention_long(case):
     _run(case)
 
 
+@st.composite
+def linear_case(draw):
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 2, 4]))
+    causal = draw(st.booleans())
+    Nq = draw(st.integers(1, 200))
+    Nk = Nq if causal else draw(st.integers(1, 200))
+    D = draw(st.sampled_from([4, 8, 16, 33, 64]))
+    Dv = draw(st.sampled_from([D, 7, 16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    # relu's normaliser can sit near eps; with 16-bit rounding of q and k that is ill-conditioned
+    fmaps = ["elu", "identity"] + (["relu"] if dtype in (torch.float32, torch.float64) else [])
+    fmap = draw(st.sampled_from(fmaps))
+    normalize = draw(st.booleans())
+    chunk = draw(st.integers(1, 130))
+    scale = draw(st.sampled_from([None, 0.5]))
+    with_state = draw(st.booleans())
+    split = draw(st.integers(0, Nq)) if causal else None  # prefill length before linear_attention_step
+    layout_q = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    grad_layout = draw(st.sampled_from(["contiguous", "expanded"]))
+    return (B, Hkv, group, Nq, Nk, D, Dv, dtype, fmap, causal, normalize, chunk, scale, with_state, split, layout_q,
+            grad_layout)
+
+
+def _run_linear(case):
+    (B, Hkv, group, Nq, Nk, D, Dv, dtype, fmap, causal, normalize, chunk, scale, with_state, split, layout_q,
+     grad_layout) = case
+    Hq = Hkv * group
+    gen = torch.Generator().manual_seed(Nq * 1000 + Nk + D)
+    q = _make((B, Hq, Nq, D), dtype, layout_q, gen)
+    k = _make((B, Hkv, Nk, D), dtype, "contiguous", gen)
+    v = _make((B, Hkv, Nk, Dv), dtype, "sliced", gen)
+    if fmap == "identity":  # caller-made features are positive (as FAVOR+'s are)
+        q, k = (((t.detach().abs() + 0.1) * 0.5).to(dtype).requires_grad_() for t in (q, k))
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    state = None
+    if with_state:
+        S0 = torch.randn(B, Hkv, D, Dv, generator=gen, dtype=torch.float64).to(sd).requires_grad_()
+        z0 = (torch.rand(B, Hkv, D, generator=gen, dtype=torch.float64) * 3).to(sd).requires_grad_()
+        state = (S0, z0)
+    kw = dict(feature_map=fmap, normalize=normalize, scale=scale)
+    out = ae.linear_attention(q, k, v, causal=causal, chunk_size=chunk, initial_state=state, **kw)
+    inputs = (q, k, v) + (state if with_state else ())
+    f64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref, _ = R.linear_attention(*f64[:3], fmap=fmap, causal=causal, normalize=normalize,
+                                scale=1.0 if scale is None else scale, state=tuple(f64[3:]) if with_state else None)
+    R.check_close_linear(out, ref, dtype, "linear out")
+    if grad_layout == "expanded":
+        g = torch.randn(1, 1, 1, Dv, generator=gen, dtype=torch.float64).to(dtype).expand_as(out)
+    else:
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    # (un-normalised, z0 does not reach the output: its gradient is absent or zero)
+    grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, f64, g.double(), allow_unused=True)
+    for name, a, r, x in zip(["dq", "dk", "dv", "dS0", "dz0"], grads, ref_grads, inputs):
+        a = torch.zeros_like(x) if a is None else a
+        r = torch.zeros_like(x, dtype=torch.float64) if r is None else r
+        if a.dtype == torch.float16 and r.abs().max() > torch.finfo(torch.float16).max / 4:
+            continue  # un-normalised sums over long sequences: the true gradient leaves fp16's range
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        R.check_close_linear(a, r, dtype, f"linear {name}")
+    if split is not None:
+        # prefill `split` tokens, then the rest through the recurrent step: the same outputs
+        with torch.no_grad():
+            head, st_ = ae.linear_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], causal=True,
+                                            chunk_size=chunk, initial_state=state, return_state=True, **kw)
+            tail, _ = ae.linear_attention_step(q[:, :, split:], k[:, :, split:], v[:, :, split:], st_, **kw)
+        R.check_close_linear(torch.cat([head, tail], 2), ref, dtype, "prefill + step")
+
+
+@FUZZ
+@given(linear_case())
+def test_fuzz_linear_attention(case):
+    _run_linear(case)
+
+
+@pytest.mark.slow
+@FUZZ_SLOW
+@given(linear_case())
+def test_fuzz_linear_attention_long(case):
+    _run_linear(case)
+
+
 # ---- numerics at the edges ------------------------------------------------------------
 
 def _qkv(B=1, H=2, Nq=64, Nk=64, D=16, dtype=torch.float32):
@@ -259,6 +343,8 @@ def _all_ops(q, k, v):
         ae.sliding_window_attention(q, k, v, 37, dilation=2, global_tokens=3),
         ae.neighborhood_attention(q, k, v, 9, dilation=2),
         ae.block_sparse_attention(q, k, v, ae.patterns.bigbird(n, 32, num_heads=q.shape[1]), block_size=32),
+        ae.linear_attention(q, k, v, causal=True, chunk_size=48),
+        ae.linear_attention(q, k, v, feature_map="relu"),
     ]
 
 
