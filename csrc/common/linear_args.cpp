@@ -56,4 +56,25 @@ std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char*
   return {S->contiguous(), z->contiguous()};
 }
 
+std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const LinearShape& s, const at::Tensor& q,
+                                                          const at::Tensor& grad_out, const at::Tensor& out,
+                                                          const std::optional<at::Tensor>& grad_S,
+                                                          const std::optional<at::Tensor>& grad_z) {
+  std::optional<at::Tensor> gS = grad_S, gz = grad_z;
+  if (gS.has_value() != gz.has_value()) {
+    const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
+    if (!gS.has_value()) gS = at::zeros({s.B, s.Hkv, s.D, s.Dv}, sd);
+    if (!gz.has_value()) gz = at::zeros({s.B, s.Hkv, s.D}, sd);
+  }
+  auto state_grad = check_linear_state(op, "grad of the final state", s, q, gS, gz);
+  const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv};
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(o_shape) && out.sizes() == c10::IntArrayRef(o_shape), op,
+              ": grad_out and out must be ", c10::IntArrayRef(o_shape));
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have q's dtype");
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device(), op,
+              ": grad_out and out must be on q's device");
+  return state_grad;
+}
+
 }  // namespace attention_ext

@@ -33,4 +33,12 @@ std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char*
                                                      const at::Tensor& q, const std::optional<at::Tensor>& S,
                                                      const std::optional<at::Tensor>& z);
 
+// linear_bwd's extra inputs: grad_out and out (B, Hq, Nq, Dv) of q's dtype and device, and the
+// gradient of the final state, checked like a state, where a missing half counts as zero.
+// Returns the contiguous state-gradient pair (undefined tensors when neither half is given).
+std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const LinearShape& s, const at::Tensor& q,
+                                                          const at::Tensor& grad_out, const at::Tensor& out,
+                                                          const std::optional<at::Tensor>& grad_S,
+                                                          const std::optional<at::Tensor>& grad_z);
+
 }  // namespace attention_ext

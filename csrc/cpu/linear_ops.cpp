@@ -62,21 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
   const LinearShape s = check_linear_qkv(op, q, k, v, causal);
   check_linear_params(op, feature_map, chunk_size, eps, scale);
   auto [S0c, z0c] = check_linear_state(op, "initial state", s, q, S0, z0);
-  // a missing half of the final state's gradient is zero
-  std::optional<at::Tensor> gS = grad_S, gz = grad_z;
+  auto [gSc, gzc] = check_linear_bwd_inputs(op, s, q, grad_out, out, grad_S, grad_z);
   const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
-  if (gS.has_value() != gz.has_value()) {
-    if (!gS.has_value()) gS = at::zeros({s.B, s.Hkv, s.D, s.Dv}, sd);
-    if (!gz.has_value()) gz = at::zeros({s.B, s.Hkv, s.D}, sd);
-  }
-  auto [gSc, gzc] = check_linear_state(op, "grad of the final state", s, q, gS, gz);
-  const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv};
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(o_shape) && out.sizes() == c10::IntArrayRef(o_shape), op,
-              ": grad_out and out must be ", c10::IntArrayRef(o_shape));
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-              ": grad_out and out must have q's dtype");
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device(), op,
-              ": grad_out and out must be on q's device");
   auto dq = at::empty({s.B, s.Hq, s.Nq, s.D}, q.options());
   auto dk = at::empty({s.B, s.Hkv, s.Nk, s.D}, q.options());
   auto dv = at::empty({s.B, s.Hkv, s.Nk, s.Dv}, q.options());

@@ -17,20 +17,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
   const auto st0 = check_linear_state(op, "initial state", s, q, S0, z0);
   const at::Tensor S0c = st0.first, z0c = st0.second;
   const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
-  std::optional<at::Tensor> gS = grad_S, gz = grad_z;
-  if (gS.has_value() != gz.has_value()) {  // a missing half of the final state's gradient is zero
-    if (!gS.has_value()) gS = at::zeros({s.B, s.Hkv, s.D, s.Dv}, sd);
-    if (!gz.has_value()) gz = at::zeros({s.B, s.Hkv, s.D}, sd);
-  }
-  const auto st1 = check_linear_state(op, "grad of the final state", s, q, gS, gz);
+  const auto st1 = check_linear_bwd_inputs(op, s, q, grad_out, out, grad_S, grad_z);
   const at::Tensor gSc = st1.first, gzc = st1.second;
-  const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv};
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(o_shape) && out.sizes() == c10::IntArrayRef(o_shape), op,
-              ": grad_out and out must be ", c10::IntArrayRef(o_shape));
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-              ": grad_out and out must have q's dtype");
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device(), op,
-              ": grad_out and out must be on q's device");
   check_grid(s.B * s.Hq, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
