@@ -20,6 +20,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one thread. A second one only waits on barriers, and on
+    a loaded machine those waits made those tests 6x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_report_header(config):
     return (f"torch {torch.__version__}, attention_ext CPU ISA {attention_ext.cpu_isa()} "
             f"(available {attention_ext.available_cpu_isas()}), devices {DEVICES}, "

@@ -25,14 +25,7 @@ from transformers import (  # noqa: E402
     Qwen2Config,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread. A second one only waits on barriers, and on a loaded
-    machine those waits made these tests 6x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5

@@ -8,14 +8,7 @@ import attention_ext.nn as aenn
 import reference as R
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread. A second one only waits on barriers, and on a loaded
-    machine those waits made these tests 6x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def randomize(module, std=0.3):
