@@ -68,6 +68,18 @@ def scale(value, head_dim, fn):
     return value
 
 
+def softcap(value, fn):
+    """None or a positive finite cap -> the op's float (0.0 = off)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: softcap must be a real number or None, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0 or None: off), got {value}")
+    return value
+
+
 def boolean(value, name, fn):
     if not isinstance(value, bool):
         raise TypeError(f"{fn}: {name} must be a bool, got {value!r}")

@@ -16,7 +16,7 @@ def _lse_dtype(dtype):
 
 @torch.library.register_fake(f"{_lib}::attention_fwd")
 def _attention_fwd_fake(q, k, v, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
-                        num_global, block_size, scale):
+                        num_global, block_size, scale, softcap=0.0):
     B, Hq, Nq, _ = q.shape
     out = q.new_empty((B, Hq, Nq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Nq), dtype=_lse_dtype(q.dtype))
@@ -25,7 +25,7 @@ def _attention_fwd_fake(q, k, v, global_mask, layout, kind, causal, left, right,
 
 @torch.library.register_fake(f"{_lib}::attention_bwd")
 def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, layout, kind, causal, left, right,
-                        kernel_size, dilation, num_global, block_size, scale):
+                        kernel_size, dilation, num_global, block_size, scale, softcap=0.0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 

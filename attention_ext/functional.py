@@ -19,13 +19,13 @@ from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and auto
 DENSE, WINDOW, NEIGHBORHOOD, BLOCK_LAYOUT = 0, 1, 2, 3
 
 
-def _attention(q, k, v, *, kind, causal, scale, left=0, right=0, kernel_size=1, dilation=1, num_global=0,
+def _attention(q, k, v, *, kind, causal, scale, softcap, left=0, right=0, kernel_size=1, dilation=1, num_global=0,
                global_mask=None, layout=None, block_size=1):
     return torch.ops.attention_ext.attention_fwd(q, k, v, global_mask, layout, kind, causal, left, right,
-                                                 kernel_size, dilation, num_global, block_size, scale)
+                                                 kernel_size, dilation, num_global, block_size, scale, softcap)
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, return_lse=False):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, without an Nq x Nk buffer.
 
     Args:
@@ -34,8 +34,11 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         v: ``(B, Hkv, Nk, Dv)``.
         causal: query ``i`` sees keys ``j <= i + Nk - Nq`` (bottom-right aligned).
         scale: score scale, default ``1 / sqrt(D)``.
-        return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the scaled scores
-            (float32; float64 for float64 inputs). It is differentiable.
+        softcap: logit softcapping (Gemma 2's ``attn_logit_softcapping``): each scaled
+            score ``s`` becomes ``softcap * tanh(s / softcap)`` before masking and
+            softmax, in the forward and the backward. ``None`` (or 0) turns it off.
+        return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped) scaled
+            scores (float32; float64 for float64 inputs). It is differentiable.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
@@ -44,13 +47,14 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     _checks.qkv(q, k, v, fn)
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
+    cap = _checks.softcap(softcap, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc)
+    out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc, softcap=cap)
     return (out, lse) if return_lse else out
 
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
-                             return_lse=False):
+                             softcap=None, return_lse=False):
     """Local attention: each query sees the keys of a window around its position.
 
     Query ``i`` (at key position ``p = i + Nk - Nq``) sees key ``j`` iff
@@ -69,7 +73,7 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
             A global position attends to every key and every query attends to it
             (causality, when on, still applies). Queries are global when their aligned
             position is.
-        scale, return_lse: as in :func:`flash_attention`.
+        scale, softcap, return_lse: as in :func:`flash_attention`.
     """
     fn = "sliding_window_attention"
     B, _, _, _, Nk = _checks.qkv(q, k, v, fn)
@@ -78,13 +82,15 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
+    cap = _checks.softcap(softcap, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, left=left, right=right,
+    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, softcap=cap, left=left, right=right,
                           dilation=dilation, num_global=num_global, global_mask=gmask)
     return (out, lse) if return_lse else out
 
 
-def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, return_lse=False):
+def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
+                           return_lse=False):
     """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
 
     Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
@@ -108,13 +114,15 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
         raise ValueError(f"{fn}: kernel_size * dilation = {kernel_size * dilation} exceeds the sequence length {Nk}")
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
+    cap = _checks.softcap(softcap, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, kernel_size=kernel_size,
+    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, softcap=cap, kernel_size=kernel_size,
                           dilation=dilation)
     return (out, lse) if return_lse else out
 
 
-def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, return_lse=False):
+def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, softcap=None,
+                           return_lse=False):
     """Attention restricted to the (query block, key block) pairs set in ``layout``.
 
     Args:
@@ -142,7 +150,8 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
         raise ValueError(f"{fn}: layout.device ({layout.device}) must equal q.device ({q.device})")
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
+    cap = _checks.softcap(softcap, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, layout=layout.contiguous(),
+    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, softcap=cap, layout=layout.contiguous(),
                           block_size=block_size)
     return (out, lse) if return_lse else out

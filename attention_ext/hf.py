@@ -36,10 +36,12 @@ warns once):
                                    layer's causal/window band (transient ``Nq x Nk``)
 ``"dense_mask"``                   a mask only transformers can describe (see above):
                                    exact SDPA with that mask
-``"softcap"``                      ``attn_logit_softcapping`` (Gemma 2): our kernels have no
-                                   softcap, so exact eager math (scores ``Nq x Nk``)
 ``"dropout"``                      attention dropout > 0 while training: exact eager math
 =================================  =================================================
+
+``attn_logit_softcapping`` (Gemma 2) runs inside the kernels (``softcap`` of
+:func:`attention_ext.flash_attention`); on a fallback path that needs a dense mask it
+runs as exact eager math (SDPA has no softcap).
 
 Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
 no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
@@ -72,8 +74,6 @@ _FALLBACK_WHY = {
     "padding": "an attention_mask with padding: exact masked SDPA with a transient Nq x Nk boolean mask",
     "dense_mask": "a mask pattern only transformers can describe (packed sequences, mask overlays, chunked "
                   "attention or a static cache): exact SDPA with transformers' dense mask",
-    "softcap": "attention logit softcapping is not supported by the attention_ext kernels: exact eager math "
-               "(Nq x Nk scores) for these layers",
     "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
 }
 
@@ -88,8 +88,8 @@ def _count(path):
 
 def fallback_counts():
     """Calls of :func:`attention_forward` by path since the last :func:`reset_counts`:
-    ``{"kernel": n, "padding": n, "dense_mask": n, "softcap": n, "dropout": n}``."""
-    return {k: _counts.get(k, 0) for k in ("kernel", "padding", "dense_mask", "softcap", "dropout")}
+    ``{"kernel": n, "padding": n, "dense_mask": n, "dropout": n}``."""
+    return {k: _counts.get(k, 0) for k in ("kernel", "padding", "dense_mask", "dropout")}
 
 
 def reset_counts():
@@ -151,10 +151,11 @@ def _band(nq, nk, causal, window, device):
 # Attention function
 # ---------------------------------------------------------------------------------
 
-def _kernel(query, key, value, causal, window, scaling):
+def _kernel(query, key, value, causal, window, scaling, softcap):
     if window is None:
-        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling)
-    return _fn.sliding_window_attention(query, key, value, _reach(window, causal), causal=causal, scale=scaling)
+        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap)
+    return _fn.sliding_window_attention(query, key, value, _reach(window, causal), causal=causal, scale=scaling,
+                                        softcap=softcap)
 
 
 def _sdpa(query, key, value, mask, scaling):
@@ -253,19 +254,22 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             band = _band(Nq, Nk, causal, window, query.device)
             dense = dense & band if dense.dtype == torch.bool else dense.masked_fill(~band, float("-inf"))
 
-    if softcap is not None or dropout:
-        _count("softcap" if softcap is not None else "dropout")
+    if dropout:
+        _count("dropout")
         if dense is None:
             dense = _band(Nq, Nk, causal, window, query.device)
         out = _eager(query, key, value, dense, scaling, softcap, dropout)
     elif dense is not None:
         _count(reason)
-        out = _sdpa(query, key, value, dense, scaling)
+        if softcap is not None:  # SDPA has no softcap
+            out = _eager(query, key, value, dense, scaling, softcap, 0.0)
+        else:
+            out = _sdpa(query, key, value, dense, scaling)
     else:
         _count("kernel")
         if value.dtype != query.dtype or key.dtype != query.dtype:
             key, value = key.to(query.dtype), value.to(query.dtype)
-        out = _kernel(query, key, value, causal, window, scaling)
+        out = _kernel(query, key, value, causal, window, scaling, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -48,18 +48,7 @@ def run_case(dtype, n, d, causal, rounds, with_naive):
     if with_naive:
         fwd["naive"] = lambda: naive(q, k, v, causal)
 
-    def fwd_bwd(f):
-        return lambda: torch.autograd.grad(f(), (q, k, v), g)
-
-    both = {name: fwd_bwd(f) for name, f in fwd.items()}
-    with torch.no_grad():
-        t_f, err_f = U.interleaved(fwd, rounds=rounds)
-    t_b, err_b = U.interleaved(both, rounds=rounds)
-    mem = {}
-    for name, f in both.items():
-        if name not in err_b:
-            mem[name] = U.peak_memory_mb(f)
-    return t_f, t_b, mem, {**err_f, **err_b}
+    return U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds)
 
 
 def main(args, rest):

@@ -72,14 +72,8 @@ def run_case(n, w, dtype, rounds, peers):
             fwd["flex"] = lambda: fx(qd, kd, vd)
         except Exception as e:  # noqa: BLE001
             errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-    with torch.no_grad():
-        t_f, e = U.interleaved(fwd, rounds=rounds)
-    errors.update(e)
-    both = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), g)) for name, f in fwd.items() if name != "flex"}
-    t_b, e = U.interleaved(both, rounds=rounds)
-    errors.update(e)
-    mem = {name: U.peak_memory_mb(f) for name, f in both.items() if t_b.get(name)}
-    return t_f, t_b, mem, errors
+    t_f, t_b, mem, e = U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds, fwd_only=("flex",))
+    return t_f, t_b, mem, {**errors, **e}
 
 
 SCALING_NOTE = ("Ours alone, every N of a (dtype, window) interleaved in the same rounds (machine drift hits "

@@ -220,13 +220,16 @@ def ops_section(args, t_start, rows):
     except Exception:  # noqa: BLE001
         flex = None
 
-    def flex_peer(mask_mod, n, heads=None):
+    def flex_peer(mask_mod, n, heads=None, score_mod=None):
         if flex is None:
             return None
         torch._dynamo.reset()  # a fresh compile per mask (and no recompile-limit fallback to eager)
         # heads=None broadcasts head 0's mask to every head: per-head masks must name H
         bm = create_block_mask(mask_mod, None, heads, n, n, device="cuda")
-        return lambda q, k, v: flex(q, k, v, block_mask=bm)
+        return lambda q, k, v: flex(q, k, v, block_mask=bm, score_mod=score_mod)
+
+    def softcap50(score, b, h, qi, ki):
+        return 50.0 * torch.tanh(score / 50.0)
 
     def sdpa_causal(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,6 +251,8 @@ def ops_section(args, t_start, rows):
     cases = [
         ("flash_attention causal", lambda q, k, v: ae.flash_attention(q, k, v, causal=True), "SDPA flash", sdpa_causal, N),
         ("flash_attention causal, deterministic bwd", deterministic_flash, None, None, N),
+        ("flash_attention causal softcap 50", lambda q, k, v: ae.flash_attention(q, k, v, causal=True, softcap=50.0),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: qi >= ki, N, score_mod=softcap50), N),
         ("linear_attention elu causal", lambda q, k, v: ae.linear_attention(q, k, v, causal=True),
          "chunked PyTorch", torch_chunked, 16384),
         ("sliding_window 1024 causal", lambda q, k, v: ae.sliding_window_attention(q, k, v, W, causal=True),

@@ -44,9 +44,9 @@ def family_config(name):
     if name == "qwen2":  # alternating local/global through layer_types
         return Qwen2Config(**COMMON, num_hidden_layers=4, use_sliding_window=True, sliding_window=W,
                            max_window_layers=0, layer_types=LG4), 4, "kernel"
-    if name == "gemma2":  # alternating, attn_logit_softcapping=50 -> exact eager fallback
+    if name == "gemma2":  # alternating, attn_logit_softcapping=50 inside the kernels
         return Gemma2Config(**COMMON, num_hidden_layers=4, sliding_window=W, query_pre_attn_scalar=16,
-                            layer_types=LG4), 4, "softcap"
+                            layer_types=LG4), 4, "kernel"
     if name == "gemma2_nosoftcap":
         return Gemma2Config(**COMMON, num_hidden_layers=4, sliding_window=W, query_pre_attn_scalar=16,
                             layer_types=LG4, attn_logit_softcapping=None, final_logit_softcapping=None), 4, "kernel"
@@ -304,13 +304,39 @@ def test_alternate_modernbert_config():
             aehf.alternate(cfg, "LG")
 
 
-def test_softcap_and_dropout_fall_back_exactly(device):
-    ref, ours = pair("gemma2", "eager", device)
+def test_softcap_runs_in_the_kernels(device, monkeypatch):
+    """Gemma 2's attn_logit_softcapping reaches the op; a cap small enough to bind changes
+    the logits (so a dropped softcap would fail) and still matches eager."""
+    cfg, layers, _ = family_config("gemma2")
+    cfg = copy.deepcopy(cfg)
+    cfg.attn_logit_softcapping = 0.5
+    ref = build("gemma2", "eager", device, cfg)
+    ours = build("gemma2", "attention_ext", device, cfg)
+    ours.load_state_dict(ref.state_dict())
     ids, _ = inputs("gemma2", False, device)
+    seen = []
+    orig = aehf._fn.flash_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("softcap"))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(aehf._fn, "flash_attention", spy)
     aehf.reset_counts()
     with torch.no_grad():
-        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, "softcap")
-    assert aehf.fallback_counts()["softcap"] == 4 and aehf.fallback_counts()["kernel"] == 0
+        a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits
+        cfg.attn_logit_softcapping = None
+        uncapped = build("gemma2", "eager", device, cfg)
+        uncapped.load_state_dict(ref.state_dict())
+        c = uncapped(input_ids=ids).logits
+    assert_close(b, a, "softcap 0.5")
+    assert (a - c).abs().max() > 1e-2  # the cap binds
+    assert aehf.fallback_counts()["kernel"] == layers
+    assert seen == [0.5] * (layers // 2)  # the global layers; the local ones run sliding_window_attention
+
+
+def test_dropout_falls_back_exactly(device):
+    ids, _ = inputs("llama", False, device)
     # dropout in training: eager math with dropout, nothing silently skipped
     cfg, _, _ = family_config("llama")
     cfg = copy.deepcopy(cfg)

@@ -1,5 +1,7 @@
 #include "attention_args.h"
 
+#include <cmath>
+
 namespace attention_ext {
 
 AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -25,6 +27,11 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(s.Dqk >= 1 && s.Dqk <= 512 && s.Dv >= 1 && s.Dv <= 512,
               "attention_ext: head_dim must be in [1, 512], got ", s.Dqk, " (q/k) and ", s.Dv, " (v)");
   return s;
+}
+
+void check_softcap(double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "attention_ext: softcap must be finite and >= 0 (0 = off), got ",
+              softcap);
 }
 
 MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<at::Tensor>& global_mask,

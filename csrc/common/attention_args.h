@@ -29,6 +29,9 @@ MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<
                    int64_t right, int64_t kernel_size, int64_t dilation, int64_t num_global,
                    int64_t block_size);
 
+// softcap: finite and >= 0 (0 = off).
+void check_softcap(double softcap);
+
 // dtype of the saved logsumexp for inputs of dtype t.
 inline at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 

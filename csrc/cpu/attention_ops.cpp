@@ -32,8 +32,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& layout, int64_t kind,
                                                      bool causal, int64_t left, int64_t right, int64_t kernel_size,
                                                      int64_t dilation, int64_t num_global, int64_t block_size,
-                                                     double scale) {
+                                                     double scale, double softcap) {
   const AttnShape s = check_qkv(q, k, v);
+  check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
                                num_global, block_size);
   auto out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
     return {out, lse};
   }
   AttentionFwdArgs a{dtype_of(q.scalar_type()), s.B, s.Hq, s.Hkv, s.Nq, s.Nk, s.Dqk, s.Dv,
-                     operand(q), operand(k), operand(v), out.data_ptr(), lse.data_ptr(), m.spec, scale};
+                     operand(q), operand(k), operand(v), out.data_ptr(), lse.data_ptr(), m.spec, scale, softcap};
   active_kernels().attention_fwd(a);
   return {out, lse};
 }
@@ -54,8 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& global_mask,
     const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left, int64_t right,
-    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale) {
+    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale, double softcap) {
   const AttnShape s = check_qkv(q, k, v);
+  check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
                                num_global, block_size);
   const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv}, l_shape{s.B, s.Hq, s.Nq};
@@ -82,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   AttentionBwdArgs a{dtype_of(q.scalar_type()), s.B, s.Hq, s.Hkv, s.Nq, s.Nk, s.Dqk, s.Dv,
                      operand(q), operand(k), operand(v), operand(out), operand(grad_out),
                      lse_c.data_ptr(), glse.defined() ? glse.data_ptr() : nullptr,
-                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), m.spec, scale};
+                     dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), m.spec, scale, softcap};
   active_kernels().attention_bwd(a);
   return {dq, dk, dv};
 }

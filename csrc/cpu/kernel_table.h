@@ -27,6 +27,7 @@ struct AttentionFwdArgs {
   void* lse;  // contiguous (B, Hq, Nq), float32 (float64 for float64 inputs)
   MaskSpec mask;
   double scale;
+  double softcap;  // 0 = off
 };
 
 struct AttentionBwdArgs {
@@ -38,6 +39,7 @@ struct AttentionBwdArgs {
   void *dq, *dk, *dv;    // contiguous, dtype
   MaskSpec mask;
   double scale;
+  double softcap;  // 0 = off
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
@@ -89,10 +91,12 @@ struct KernelTable {
   void (*linear_fwd)(const LinearFwdArgs&);
   void (*linear_bwd)(const LinearBwdArgs&);
   void (*linear_step)(const LinearStepArgs&);
-  // The vectorised exp2 of the softmax, exposed so tests can bound its error.
+  // The vectorised exp2 of the softmax and tanh of the softcap, exposed so tests can
+  // bound their error.
   void (*exp2)(const float* x, float* y, int64_t n);
+  void (*tanh)(const float* x, float* y, int64_t n);
 };
 
-constexpr int kKernelAbiVersion = 3;
+constexpr int kKernelAbiVersion = 4;
 
 }  // namespace attention_ext::cpu

@@ -14,12 +14,15 @@
 // tile), walking its key tiles like the forward pass:
 //   S = Q K^T, P = exp2(S * scale * log2e - lse2), dP = dO V^T, dS = P o (dP - delta),
 //   dQ += dS K.
+// With a softcap, S * scale becomes softcap * tanh(S * scale / softcap) in P, and dS takes
+// the factor 1 - tanh^2.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda_attn_device.cuh"
 #include "cuda_attn_params.h"
+#include "softcap.cuh"
 
 namespace attention_ext::cuda {
 
@@ -135,10 +138,18 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
       float st[SN][4];
       zero_acc(st);
       gemm_abt<T, SN, D>(st, sK, kg * 16, cQ, 0, p.dqk);
+      if (p.softcap_log2 > 0.f) {
 #pragma unroll
-      for (int nt = 0; nt < SN; ++nt)
+        for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[nt][e] = exp2f(st[nt][e] * p.scale_log2 - cL[nt * 8 + 2 * t + (e & 1)]);
+          for (int e = 0; e < 4; ++e)
+            st[nt][e] = exp2f(p.softcap_log2 * softcap_tanh(st[nt][e] * p.scale_over_cap) - cL[nt * 8 + 2 * t + (e & 1)]);
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < SN; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[nt][e] = exp2f(st[nt][e] * p.scale_log2 - cL[nt * 8 + 2 * t + (e & 1)]);
+      }
       // masked entries may have overflowed above; they are replaced by exact zeros
       if (need_mask) apply_keep(st, keep, 0.f);
 
@@ -146,6 +157,17 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
         uint32_t pa[BM / 16][4];
         acc_to_a<T, BM / 16>(pa, st);
         gemm_rb<T, DC / 8, BM / 16, D>(acc_dv, pa, cdO, 0, cpart * (DC / 8), p.dv);
+      }
+      if (p.softcap_log2 > 0.f) {
+        // dS takes the cap's derivative 1 - tanh^2; tanh is recovered from P (log2 P + lse2 =
+        // softcap_log2 * tanh) rather than kept in registers. P = 0 (masked, underflow) stays 0.
+#pragma unroll
+        for (int nt = 0; nt < SN; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float th = (log2f(st[nt][e]) + cL[nt * 8 + 2 * t + (e & 1)]) / p.softcap_log2;
+            st[nt][e] = st[nt][e] > 0.f ? st[nt][e] * (1.f - th * th) : 0.f;
+          }
       }
 
       // dS^T = P^T o (dP^T - delta), dP^T = V dO^T
@@ -322,10 +344,20 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
       float s[SN][4];
       zero_acc(s);
       gemm_abt<T, SN, D>(s, sQ, warp * 16, sK, 0, p.dqk);
+      if (p.softcap_log2 > 0.f) {  // s = P (1 - tanh^2): only dS needs it here
 #pragma unroll
-      for (int nt = 0; nt < SN; ++nt)
+        for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] * p.scale_log2 - lr[e >> 1]);
+          for (int e = 0; e < 4; ++e) {
+            const float th = softcap_tanh(s[nt][e] * p.scale_over_cap);
+            s[nt][e] = exp2f(p.softcap_log2 * th - lr[e >> 1]) * (1.f - th * th);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < SN; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] * p.scale_log2 - lr[e >> 1]);
+      }
       if (need_mask) apply_keep(s, keep, 0.f);
       float dp[SN][4];
       zero_acc(dp);

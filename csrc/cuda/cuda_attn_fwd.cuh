@@ -14,6 +14,7 @@
 
 #include "cuda_attn_device.cuh"
 #include "cuda_attn_params.h"
+#include "softcap.cuh"
 
 namespace attention_ext::cuda {
 
@@ -117,6 +118,13 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
         for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[m][nt][e] *= p.scale_log2;
+        if (p.softcap_log2 > 0.f) {  // softcap before masking: tanh would turn -inf into -cap
+          const float inv = 1.f / p.softcap_log2;
+#pragma unroll
+          for (int nt = 0; nt < SN; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[m][nt][e] = p.softcap_log2 * softcap_tanh(s[m][nt][e] * inv);
+        }
         if (need_mask) apply_keep(s[m], keep[m], -INFINITY);
 
         // online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3) of atom m

@@ -99,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& layout, int64_t kind,
                                                       bool causal, int64_t left, int64_t right, int64_t kernel_size,
                                                       int64_t dilation, int64_t num_global, int64_t block_size,
-                                                      double scale) {
+                                                      double scale, double softcap) {
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const AttnShape s = check_qkv(q, k, v);
+  check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
                                num_global, block_size);
   auto out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
     p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Nq = s.Nq, p.Nk = s.Nk;
     p.dqk = static_cast<int>(dq8), p.dv = static_cast<int>(dv8);
     p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+    p.softcap_log2 = static_cast<float>(softcap * 1.4426950408889634);
     p.mask = m.spec;
     if (sc == 2) tc_fwd<__half>(bucket, p, stream);
     else tc_fwd<__nv_bfloat16>(bucket, p, stream);
@@ -148,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.lse = lse.data_ptr();
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Nq = s.Nq, p.Nk = s.Nk, p.Dqk = s.Dqk, p.Dv = s.Dv;
   p.scale = scale;
+  p.softcap = softcap;
   p.mask = m.spec;
   launch_simt_fwd(sc, p, stream);
   return {out, lse};
@@ -157,9 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& global_mask,
     const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left, int64_t right,
-    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale) {
+    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale, double softcap) {
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   const AttnShape s = check_qkv(q, k, v);
+  check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
                                num_global, block_size);
   const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv}, l_shape{s.B, s.Hq, s.Nq};
@@ -234,6 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     p.dqk = static_cast<int>(dq8), p.dv = static_cast<int>(dv8);
     p.scale = static_cast<float>(scale);
     p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+    p.softcap_log2 = static_cast<float>(softcap * 1.4426950408889634);
+    p.scale_over_cap = softcap > 0 ? static_cast<float>(scale / softcap) : 0.f;
     p.mask = m.spec;
     if (sc == 2) tc_bwd<__half>(bucket, p, deterministic, stream);
     else tc_bwd<__nv_bfloat16>(bucket, p, deterministic, stream);
@@ -255,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.B = s.B, p.Hq = s.Hq, p.Hkv = s.Hkv, p.Nq = s.Nq, p.Nk = s.Nk, p.Dqk = s.Dqk, p.Dv = s.Dv;
   p.scale = scale;
+  p.softcap = softcap;
   p.mask = m.spec;
   launch_simt_bwd(sc, p, stream);
   return {dq, dk, dv};

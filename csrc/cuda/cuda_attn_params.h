@@ -31,6 +31,7 @@ struct TcFwdParams {
   int64_t B, Hq, Hkv, Nq, Nk;
   int dqk, dv;       // head dims, multiples of 8, <= the bucket
   float scale_log2;  // scale * log2(e)
+  float softcap_log2;  // softcap * log2(e); 0 = no softcap
   MaskSpec mask;
 };
 
@@ -53,6 +54,8 @@ struct TcBwdParams {
   int dqk, dv;
   float scale;       // softmax scale (dK, dQ are scaled by it)
   float scale_log2;  // scale * log2(e)
+  // softcap: P = exp2(softcap_log2 * tanh(S * scale_over_cap) - lse2); softcap_log2 = 0: off
+  float softcap_log2, scale_over_cap;
   MaskSpec mask;
 };
 
@@ -134,6 +137,7 @@ struct SimtFwdParams {
   void* lse;  // (B, Hq, Nq) acc_t
   int64_t B, Hq, Hkv, Nq, Nk, Dqk, Dv;
   double scale;
+  double softcap;  // 0 = off
   MaskSpec mask;
 };
 
@@ -146,6 +150,7 @@ struct SimtBwdParams {
   void *dq, *dk, *dv;  // contiguous
   int64_t B, Hq, Hkv, Nq, Nk, Dqk, Dv;
   double scale;
+  double softcap;  // 0 = off
   MaskSpec mask;
 };
 

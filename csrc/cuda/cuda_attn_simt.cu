@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cuda_attn_params.h"
+#include "softcap.cuh"
 
 namespace attention_ext::cuda {
 namespace {
@@ -70,6 +71,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const A c2 = A(p.scale) * A(1.4426950408889634);
+  const A cap2 = A(p.softcap) * A(1.4426950408889634);  // base-2 units, 0 = off
 
   A qr[NPER], o[NPER];
 #pragma unroll
@@ -94,6 +96,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
       if (d < p.Dqk) s += qr[c] * to_acc(k[off4(p.ks, b, hk, j, d)]);
     }
     s = warp_sum(s);
+    if (cap2 > A(0)) s = cap2 * softcap_tanh(s / cap2);
     const A m_new = s > m ? s : m;  // s is finite, so m_new is
     const A alpha = ex2(m - m_new);  // 0 while m is -inf
     const A pj = ex2(s - m_new);
@@ -128,6 +131,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
   const A c2 = A(p.scale) * A(1.4426950408889634);
+  const A cap2 = A(p.softcap) * A(1.4426950408889634), s_cap = p.softcap > 0 ? A(p.scale / p.softcap) : A(0);
   const A l2 = static_cast<const A*>(p.lse2)[bh * p.nq_pad + i];
   const A dl = static_cast<const A*>(p.delta)[bh * p.nq_pad + i];
 
@@ -157,7 +161,13 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
     }
     s = warp_sum(s);
     dp = warp_sum(dp);
-    const A ds = ex2(s * c2 - l2) * (dp - dl);
+    A ds;
+    if (p.softcap > 0) {  // P = exp2(cap2 t - lse2), t = tanh(scale s / softcap); d(cap t)/d(scale s) = 1 - t^2
+      const A t = softcap_tanh(s * s_cap);
+      ds = ex2(cap2 * t - l2) * (dp - dl) * (A(1) - t * t);
+    } else {
+      ds = ex2(s * c2 - l2) * (dp - dl);
+    }
 #pragma unroll
     for (int c = 0; c < NPER; ++c) {
       const int64_t d = lane + 32 * c;
@@ -187,6 +197,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
   const A* lse2 = static_cast<const A*>(p.lse2);
   const A* delta = static_cast<const A*>(p.delta);
   const A c2 = A(p.scale) * A(1.4426950408889634);
+  const A cap2 = A(p.softcap) * A(1.4426950408889634), s_cap = p.softcap > 0 ? A(p.scale / p.softcap) : A(0);
 
   A kr[NPER], vr[NPER], dk[NPER], dv[NPER];
 #pragma unroll
@@ -217,8 +228,15 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
       }
       s = warp_sum(s);
       dp = warp_sum(dp);
-      const A pij = ex2(s * c2 - l2);
-      const A ds = pij * (dp - dl);
+      A pij, ds;
+      if (p.softcap > 0) {
+        const A t = softcap_tanh(s * s_cap);
+        pij = ex2(cap2 * t - l2);
+        ds = pij * (dp - dl) * (A(1) - t * t);
+      } else {
+        pij = ex2(s * c2 - l2);
+        ds = pij * (dp - dl);
+      }
 #pragma unroll
       for (int c = 0; c < NPER; ++c) {
         dv[c] += pij * dov[c];

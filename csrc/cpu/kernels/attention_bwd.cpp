@@ -48,6 +48,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK, Nqp = nqt * BQ;
   const int64_t group = a.Hq / a.Hkv;
   const acc_t l2e = acc_t(1.4426950408889634), c_scale = acc_t(a.scale) * l2e;
+  const bool softcap = a.softcap > 0;
+  const acc_t cap2 = acc_t(a.softcap * 1.4426950408889634), t_scale = softcap ? acc_t(a.scale / a.softcap) : acc_t(0);
 
   // Query side, per (b, hq): Q and dO as rows and as transposed tiles, lse in base 2
   // and delta_i = dO_i . O_i (- dlse_i).
@@ -164,13 +166,28 @@ void bwd_impl(const AttentionBwdArgs& a) {
           gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(bhq) + q0 * Dv + i0, BQ, dpt0, BQ, false);
           const acc_t* l2 = lse2(bhq) + q0 + i0;
           const acc_t* dl = delta(bhq) + q0 + i0;
-          for (int64_t r = 0; r < nj; ++r) {
-            acc_t* pr = st0 + r * BQ;
-            acc_t* dr = dpt0 + r * BQ;
-            for (int64_t i = 0; i < ni_vec; i += VL) {
-              const V p = exp2_poly(at::vec::fmsub(V::loadu(pr + i), V(c_scale), V::loadu(l2 + i)));
-              p.store(pr + i);
-              (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
+          if (softcap) {
+            // P = exp2(cap2 * t - lse2) with t = tanh(scale * s / softcap); the cap's
+            // derivative 1 - t^2 enters dS
+            for (int64_t r = 0; r < nj; ++r) {
+              acc_t* pr = st0 + r * BQ;
+              acc_t* dr = dpt0 + r * BQ;
+              for (int64_t i = 0; i < ni_vec; i += VL) {
+                const V t = tanh_fast(V::loadu(pr + i) * V(t_scale));
+                const V p = exp2_poly(at::vec::fmsub(t, V(cap2), V::loadu(l2 + i)));
+                p.store(pr + i);
+                (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
+              }
+            }
+          } else {
+            for (int64_t r = 0; r < nj; ++r) {
+              acc_t* pr = st0 + r * BQ;
+              acc_t* dr = dpt0 + r * BQ;
+              for (int64_t i = 0; i < ni_vec; i += VL) {
+                const V p = exp2_poly(at::vec::fmsub(V::loadu(pr + i), V(c_scale), V::loadu(l2 + i)));
+                p.store(pr + i);
+                (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
+              }
             }
           }
           if (cls == kPartial) {

@@ -47,6 +47,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   // log2(e) is folded into the query so that the softmax runs on exp2.
   const acc_t qmult = acc_t(a.scale * 1.4426950408889634);
   const acc_t ln2 = acc_t(0.6931471805599453);
+  const acc_t cap2 = acc_t(a.softcap * 1.4426950408889634);  // softcap in base-2 units, 0 = off
   parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
     const int64_t qt = nqt - 1 - t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
@@ -94,6 +95,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
                   BK, false);
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
+        if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
         if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);

@@ -12,6 +12,7 @@ void linear_fwd(const LinearFwdArgs& a);
 void linear_bwd(const LinearBwdArgs& a);
 void linear_step(const LinearStepArgs& a);
 void exp2_array(const float* x, float* y, int64_t n);
+void tanh_array(const float* x, float* y, int64_t n);
 
 // The table this build exports (see kernel_table.h).
 const KernelTable* kernel_table();

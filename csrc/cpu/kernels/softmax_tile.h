@@ -21,6 +21,19 @@ inline void mask_row(const MaskSpec& m, int64_t b, int64_t h, int64_t i, int64_t
     if (!allowed(m, b, h, i, k0 + c)) row[c] = kNegInf<acc_t>;
 }
 
+// Logit softcapping of one row of base-2 scores: s = cap * tanh(s / cap), with cap the
+// softcap in base-2 units (softcap * log2(e)). Runs before masking: tanh would turn a
+// masked -inf into -cap.
+template <typename acc_t>
+inline void softcap_row(acc_t* s, int64_t n, acc_t cap) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VL = V::size();
+  const V vc(cap), vinv(acc_t(1) / cap);
+  int64_t c = 0;
+  for (; c + VL <= n; c += VL) (vc * tanh_fast(V::loadu(s + c) * vinv)).store(s + c);
+  if (c < n) (vc * tanh_fast(V::loadu(s + c, n - c) * vinv)).store(s + c, n - c);
+}
+
 // Smallest sub-rectangle [*r0, *r1) x [*c0, *c1) (offsets inside the tile q0.. x k0..)
 // holding every allowed element of a Partial tile whose rows are intervals (windows,
 // neighborhoods, causal diagonals): the products then skip what the band leaves out.

@@ -14,9 +14,17 @@ void exp2_array(const float* x, float* y, int64_t n) {
   if (i < n) exp2_poly(Vec<float>::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
+void tanh_array(const float* x, float* y, int64_t n) {
+  constexpr int64_t VL = Vec<float>::size();
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) tanh_fast(Vec<float>::loadu(x + i)).store(y + i);
+  if (i < n) tanh_fast(Vec<float>::loadu(x + i, n - i)).store(y + i, n - i);
+}
+
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
-                                 &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array};
+                                 &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
+                                 &tanh_array};
   return &table;
 }
 

@@ -1,0 +1,117 @@
+"""Logit softcapping (Gemma 2): our kernels with softcap vs what a user runs instead.
+
+Peers: compiled FlexAttention with a tanh score_mod and a block mask (forward only:
+FlexAttention has no CPU backward), and the eager math transformers runs for Gemma 2
+(scores, tanh, mask, fp32 softmax, product; N x N), where it fits. Also ours without
+softcap, to show what the cap costs. B=1, H=8, D=64, softcap 50 (Gemma 2's value):
+full causal attention at N = 2048 and 4096 (Gemma 2's global layers) and a causal window
+of 1024 at N = 16384 (its local layers, scaled down), fp32 and bf16.
+"""
+
+import argparse
+import math
+
+import torch
+
+import attention_ext as ae
+
+from . import _util as U
+
+CAP = 50.0
+_flex = {}
+
+
+def flex_fn(n, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex:
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return CAP * torch.tanh(score / CAP)
+
+    def mask(b, h, q_idx, kv_idx):
+        m = kv_idx <= q_idx
+        return m & (q_idx - kv_idx <= window) if window else m
+
+    bm = create_block_mask(mask, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
+    fn = _flex["fn"]
+    return lambda q, k, v: fn(q, k, v, score_mod=softcap, block_mask=bm)
+
+
+def eager(q, k, v, allowed):
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = CAP * torch.tanh(s / CAP)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")).float(), dim=-1).to(q.dtype)
+    return p @ v
+
+
+def band(n, window):
+    i = torch.arange(n).view(-1, 1)
+    j = torch.arange(n).view(1, -1)
+    m = j <= i
+    return m & (i - j <= window) if window else m
+
+
+def run_case(n, window, dtype, rounds):
+    q, k, v = (torch.randn(1, 8, n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 8, n, 64, dtype=dtype)
+    if window:
+        def ours(cap):
+            return lambda: ae.sliding_window_attention(q, k, v, window, causal=True, softcap=cap)
+    else:
+        def ours(cap):
+            return lambda: ae.flash_attention(q, k, v, causal=True, softcap=cap)
+    fwd = {"ours": ours(CAP), "ours no cap": ours(None)}
+    errors = {}
+    try:
+        fx = flex_fn(n, window)
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        fwd["flex"] = lambda: fx(qd, kd, vd)
+    except Exception as e:  # noqa: BLE001
+        errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    if n <= 4096:
+        allowed = band(n, window)
+        fwd["eager"] = lambda: eager(q, k, v, allowed)
+    t_f, t_b, mem, e = U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds, fwd_only=("flex",))
+    return t_f, t_b, mem, {**errors, **e}
+
+
+def ratio(t, peer):
+    return t[peer] / t["ours"] if t.get(peer) and t.get("ours") else None
+
+
+def main(args, rest):
+    p = argparse.ArgumentParser(prog="python -m benchmarks softcap")
+    p.add_argument("--rounds", type=int, default=3)
+    opts = p.parse_args(rest)
+    U.keep_heap()
+    U.raise_recompile_limit()
+    cases = [(512, None), (1024, 128)] if args.quick else [(2048, None), (4096, None), (16384, 1024)]
+    rounds = 1 if args.quick else opts.rounds
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, window in cases:
+            t_f, t_b, mem, errs = run_case(n, window, dtype, rounds)
+            row = {
+                "dtype": str(dtype).replace("torch.", ""), "N": n, "window": window or "full",
+                "fwd ours ms": t_f["ours"] * 1e3,
+                "fwd cap cost": ratio(t_f, "ours no cap") and 1 / ratio(t_f, "ours no cap"),
+                "fwd flex/ours": ratio(t_f, "flex"), "fwd eager/ours": ratio(t_f, "eager"),
+                "f+b ours ms": t_b["ours"] * 1e3,
+                "f+b cap cost": ratio(t_b, "ours no cap") and 1 / ratio(t_b, "ours no cap"),
+                "f+b eager/ours": ratio(t_b, "eager"),
+                "mem ours MiB": mem.get("ours"), "mem eager MiB": mem.get("eager"),
+            }
+            rows.append(row)
+            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
+    body = U.header("softcap (Gemma 2 logit softcapping, cap 50) vs compiled FlexAttention score_mod and eager math, "
+                    "causal, B=1 H=8 D=64", U.command_line())
+    body += ("\nRatios are peer time / our time (> 1: ours faster). 'cap cost' is our time with softcap / our "
+             "time without (what the tanh costs). FlexAttention runs forward only (no CPU backward); eager math "
+             "(transformers' Gemma 2 path) only up to N=4096. Peak memory: forward+backward, process peak RSS "
+             "above the start (MiB).\n\n")
+    body += U.table(rows, list(rows[0].keys()))
+    print(body)
+    if not args.no_write and not args.quick:
+        U.write_section("softcap", body)

@@ -1,0 +1,117 @@
+"""Logit softcapping (softcap * tanh(s / softcap), Gemma 2) in every pattern of the
+kernel family, forward and backward, against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+import attention_ext as ae
+import reference as R
+from _harness import check_attention, check_compiles, make_qkv
+
+N = 150
+CAP = 3.0  # the inputs below give scaled scores of std ~4: the cap binds on most of them
+LAYOUT = ae.patterns.bigbird(N, 16, num_heads=4, seed=3)
+
+# (name, fn(q, k, v, softcap) -> (out, lse), mask, Nq)
+CASES = [
+    ("dense", lambda q, k, v, c: ae.flash_attention(q, k, v, softcap=c, return_lse=True), None, 130),
+    ("causal", lambda q, k, v, c: ae.flash_attention(q, k, v, causal=True, softcap=c, return_lse=True),
+     R.causal_mask(N, N), N),
+    ("window_causal",
+     lambda q, k, v, c: ae.sliding_window_attention(q, k, v, 16, causal=True, softcap=c, return_lse=True),
+     R.window_mask(N, N, 16, 0, causal=True), N),
+    ("window_dilated_global",
+     lambda q, k, v, c: ae.sliding_window_attention(q, k, v, (9, 4), dilation=2, global_tokens=2, softcap=c,
+                                                    return_lse=True),
+     R.window_mask(N, N, 9, 4, dilation=2) | R.global_mask_2d(N, N, torch.arange(N) < 2), N),
+    ("neighborhood",
+     lambda q, k, v, c: ae.neighborhood_attention(q, k, v, 7, dilation=2, softcap=c, return_lse=True),
+     R.neighborhood_mask(N, 7, dilation=2), N),
+    ("block_sparse",
+     lambda q, k, v, c: ae.block_sparse_attention(q, k, v, LAYOUT, block_size=16, causal=True, softcap=c,
+                                                  return_lse=True),
+     R.block_mask(LAYOUT, 16, N, N) & R.causal_mask(N, N), N),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(device, case, dtype):
+    _, fn, mask, nq = case
+    q, k, v = make_qkv(1, 4, 2, nq, N, 64, dtype=dtype, device=device, scale_inputs=2.0)
+    check_attention(lambda q, k, v: fn(q, k, v, CAP), q, k, v, mask, softcap=CAP)
+    # the cap binds: without it the reference output is far from this one
+    capped, _ = R.attention(q, k, v, mask, softcap=CAP)
+    plain, _ = R.attention(q, k, v, mask)
+    assert (capped - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(9, 9, 16, 4, 2), (7, 12, 8, 2, 1), (70, 130, 8, 2, 2)])
+def test_gradcheck(device, shape, causal):
+    Nq, Nk, D, Hq, Hkv = shape
+    q, k, v = make_qkv(1, Hq, Hkv, Nq, Nk, D, dtype=torch.float64, device=device, scale_inputs=2.0)
+    torch.autograd.gradcheck(
+        lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, softcap=1.5, return_lse=True), (q, k, v))
+
+
+def test_gradcheck_window_with_global_tokens(device):
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 8, dtype=torch.float64, device=device, scale_inputs=2.0)
+    torch.autograd.gradcheck(
+        lambda q, k, v: ae.sliding_window_attention(q, k, v, (5, 2), global_tokens=3, softcap=0.7,
+                                                    return_lse=True), (q, k, v))
+
+
+def test_off_and_far_caps(device):
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 32, device=device)
+    plain = ae.flash_attention(q, k, v, causal=True)
+    assert torch.equal(ae.flash_attention(q, k, v, causal=True, softcap=0), plain)
+    assert torch.equal(ae.flash_attention(q, k, v, causal=True, softcap=None), plain)
+    # scores of a few units under a cap of 1e4 move by ~s^3 / (3 cap^2) < 1e-7
+    far = ae.flash_attention(q, k, v, causal=True, softcap=1e4)
+    assert (far - plain).abs().max() < 1e-5
+
+
+def _op_args(q, k, v, softcap):
+    return (q, k, v, None, None, 1, True, 5, 0, 1, 1, 0, 1, 1.0 / math.sqrt(q.shape[-1]), softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 16, dtype=dtype, device=device, scale_inputs=2.0)
+    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, _op_args(q, k, v, 2.0))
+    out, lse = torch.ops.attention_ext.attention_fwd(*_op_args(q.detach(), k.detach(), v.detach(), 2.0))
+    bwd_args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, None, None, 1, True, 5, 0,
+                1, 1, 0, 1, 0.25, 2.0)
+    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = make_qkv(1, 4, 2, 65, 65, 32, device=device, scale_inputs=2.0)
+    check_compiles(lambda q, k, v: ae.sliding_window_attention(q, k, v, 8, causal=True, softcap=2.0).square().sum(),
+                   q, k, v)
+
+
+@pytest.mark.parametrize("value, exc", [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                                        ("1", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("fn", [
+    lambda q, c: ae.flash_attention(q, q, q, softcap=c),
+    lambda q, c: ae.sliding_window_attention(q, q, q, 2, softcap=c),
+    lambda q, c: ae.neighborhood_attention(q, q, q, 3, softcap=c),
+    lambda q, c: ae.block_sparse_attention(q, q, q, torch.ones(1, 1, 1, dtype=torch.bool), block_size=8, softcap=c),
+], ids=["flash", "window", "neighborhood", "block_sparse"])
+def test_bad_softcap(fn, value, exc):
+    with pytest.raises(exc, match="softcap"):
+        fn(torch.randn(1, 2, 5, 8), value)
+
+
+def test_direct_op_call_checks_softcap():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0, -2.0)
+    out, lse = torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+        torch.ops.attention_ext.attention_bwd(out, None, q, q, q, out, lse, None, None, 0, False, 0, 0, 1, 1, 0, 1,
+                                              1.0, float("nan"))
