@@ -101,6 +101,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
     Args:
         kernel_size: odd int >= 1 with ``kernel_size * dilation <= N``.
         dilation: int >= 1.
+        scale, softcap, return_lse: as in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
     _, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
@@ -133,6 +134,7 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
         block_size: tokens per layout block (>= 1).
         causal: additionally mask keys after the query (needed inside diagonal blocks of
             autoregressive patterns).
+        scale, softcap, return_lse: as in :func:`flash_attention`.
     """
     fn = "block_sparse_attention"
     _, Hq, _, Nq, Nk = _checks.qkv(q, k, v, fn)
