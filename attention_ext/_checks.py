@@ -114,23 +114,33 @@ def window(value, causal, fn):
     return left, right
 
 
+def key_bools(value, name, batch, nk, device, fn):
+    """A bool (B, Nk) or (Nk,) tensor of per-key flags -> contiguous (B, Nk)."""
+    tensor(value, name)
+    if value.dtype != torch.bool:
+        raise TypeError(f"{fn}: {name} must be a bool tensor, got dtype {value.dtype}")
+    if value.dim() == 1:
+        value = value.unsqueeze(0).expand(batch, -1)
+    if value.dim() != 2 or value.shape[0] != batch or value.shape[1] != nk:
+        raise ValueError(f"{fn}: {name} must have shape (batch={batch}, Nk={nk}) or (Nk,), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
+    return value.contiguous()
+
+
 def global_tokens(value, batch, nk, device, fn):
     """None, an int count of leading tokens, or a bool (B, Nk) mask -> (count, mask)."""
     if value is None:
         return 0, None
     if isinstance(value, torch.Tensor):
-        if value.dtype != torch.bool:
-            raise TypeError(f"{fn}: global_tokens mask must be a bool tensor, got dtype {value.dtype}")
-        if value.dim() == 1:
-            value = value.unsqueeze(0).expand(batch, -1)
-        if value.dim() != 2 or value.shape[0] != batch or value.shape[1] != nk:
-            raise ValueError(f"{fn}: global_tokens mask must have shape (batch={batch}, Nk={nk}) or (Nk,), "
-                             f"got {tuple(value.shape)}")
-        if value.device != device:
-            raise ValueError(f"{fn}: global_tokens.device ({value.device}) must equal q.device ({device})")
-        return 0, value.contiguous()
+        return 0, key_bools(value, "global_tokens", batch, nk, device, fn)
     count = integer(value, "global_tokens", fn, minimum=0)
     return min(count, nk), None
+
+
+def key_mask(value, batch, nk, device, fn):
+    """None or a bool (B, Nk) / (Nk,) mask of the keys that may be attended."""
+    return None if value is None else key_bools(value, "key_mask", batch, nk, device, fn)
 
 
 # ---- linear attention --------------------------------------------------------------

@@ -16,7 +16,7 @@ def _lse_dtype(dtype):
 
 @torch.library.register_fake(f"{_lib}::attention_fwd")
 def _attention_fwd_fake(q, k, v, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
-                        num_global, block_size, scale, softcap=0.0):
+                        num_global, block_size, scale, softcap=0.0, key_mask=None):
     B, Hq, Nq, _ = q.shape
     out = q.new_empty((B, Hq, Nq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Nq), dtype=_lse_dtype(q.dtype))
@@ -25,24 +25,31 @@ def _attention_fwd_fake(q, k, v, global_mask, layout, kind, causal, left, right,
 
 @torch.library.register_fake(f"{_lib}::attention_bwd")
 def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, layout, kind, causal, left, right,
-                        kernel_size, dilation, num_global, block_size, scale, softcap=0.0):
+                        kernel_size, dilation, num_global, block_size, scale, softcap=0.0, key_mask=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+# inputs: q, k, v, global_mask, layout, then the 9 mask/scale numbers, softcap and key_mask
+# (the last two only where given).
+_N_SPEC = 10
 
 
 def _attention_setup_context(ctx, inputs, output):
     q, k, v, global_mask, layout, *spec = inputs
+    key_mask = spec[_N_SPEC] if len(spec) > _N_SPEC else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, global_mask, layout)
-    ctx.spec = spec
+    ctx.save_for_backward(q, k, v, out, lse, global_mask, layout, key_mask)
+    ctx.spec = spec[:_N_SPEC]
+    ctx.n_inputs = len(inputs)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, global_mask, layout = ctx.saved_tensors
+    q, k, v, out, lse, global_mask, layout, key_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.attention_ext.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, global_mask, layout,
-                                                       *ctx.spec)
-    return (dq, dk, dv) + (None,) * (2 + len(ctx.spec))
+                                                       *ctx.spec, key_mask=key_mask)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd(f"{_lib}::attention_fwd", _attention_backward,

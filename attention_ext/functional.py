@@ -19,13 +19,14 @@ from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and auto
 DENSE, WINDOW, NEIGHBORHOOD, BLOCK_LAYOUT = 0, 1, 2, 3
 
 
-def _attention(q, k, v, *, kind, causal, scale, softcap, left=0, right=0, kernel_size=1, dilation=1, num_global=0,
-               global_mask=None, layout=None, block_size=1):
+def _attention(q, k, v, *, kind, causal, scale, softcap, key_mask, left=0, right=0, kernel_size=1, dilation=1,
+               num_global=0, global_mask=None, layout=None, block_size=1):
     return torch.ops.attention_ext.attention_fwd(q, k, v, global_mask, layout, kind, causal, left, right,
-                                                 kernel_size, dilation, num_global, block_size, scale, softcap)
+                                                 kernel_size, dilation, num_global, block_size, scale, softcap,
+                                                 key_mask)
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, return_lse=False):
+def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask=None, return_lse=False):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, without an Nq x Nk buffer.
 
     Args:
@@ -37,6 +38,9 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, return_l
         softcap: logit softcapping (Gemma 2's ``attn_logit_softcapping``): each scaled
             score ``s`` becomes ``softcap * tanh(s / softcap)`` before masking and
             softmax, in the forward and the backward. ``None`` (or 0) turns it off.
+        key_mask: bool ``(B, Nk)`` (or ``(Nk,)``), ``False`` for keys no query may
+            attend (padding; e.g. transformers' ``attention_mask.bool()``). Tiles of
+            masked keys are skipped; a query left with no key gets zeros.
         return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped) scaled
             scores (float32; float64 for float64 inputs). It is differentiable.
 
@@ -48,13 +52,14 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, return_l
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
     cap = _checks.softcap(softcap, fn)
+    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc, softcap=cap)
+    out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc, softcap=cap, key_mask=km)
     return (out, lse) if return_lse else out
 
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
-                             softcap=None, return_lse=False):
+                             softcap=None, key_mask=None, return_lse=False):
     """Local attention: each query sees the keys of a window around its position.
 
     Query ``i`` (at key position ``p = i + Nk - Nq``) sees key ``j`` iff
@@ -73,7 +78,7 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
             A global position attends to every key and every query attends to it
             (causality, when on, still applies). Queries are global when their aligned
             position is.
-        scale, softcap, return_lse: as in :func:`flash_attention`.
+        scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "sliding_window_attention"
     B, _, _, _, Nk = _checks.qkv(q, k, v, fn)
@@ -83,14 +88,15 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
     cap = _checks.softcap(softcap, fn)
+    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, softcap=cap, left=left, right=right,
-                          dilation=dilation, num_global=num_global, global_mask=gmask)
+    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, softcap=cap, key_mask=km, left=left,
+                          right=right, dilation=dilation, num_global=num_global, global_mask=gmask)
     return (out, lse) if return_lse else out
 
 
 def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
-                           return_lse=False):
+                           key_mask=None, return_lse=False):
     """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
 
     Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
@@ -101,7 +107,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
     Args:
         kernel_size: odd int >= 1 with ``kernel_size * dilation <= N``.
         dilation: int >= 1.
-        scale, softcap, return_lse: as in :func:`flash_attention`.
+        scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
     _, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
@@ -116,14 +122,15 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
     cap = _checks.softcap(softcap, fn)
+    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, softcap=cap, kernel_size=kernel_size,
-                          dilation=dilation)
+    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, softcap=cap, key_mask=km,
+                          kernel_size=kernel_size, dilation=dilation)
     return (out, lse) if return_lse else out
 
 
 def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, softcap=None,
-                           return_lse=False):
+                           key_mask=None, return_lse=False):
     """Attention restricted to the (query block, key block) pairs set in ``layout``.
 
     Args:
@@ -134,7 +141,7 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
         block_size: tokens per layout block (>= 1).
         causal: additionally mask keys after the query (needed inside diagonal blocks of
             autoregressive patterns).
-        scale, softcap, return_lse: as in :func:`flash_attention`.
+        scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "block_sparse_attention"
     _, Hq, _, Nq, Nk = _checks.qkv(q, k, v, fn)
@@ -153,7 +160,8 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
     causal = _checks.boolean(causal, "causal", fn)
     sc = _checks.scale(scale, q.shape[-1], fn)
     cap = _checks.softcap(softcap, fn)
+    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
     _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, softcap=cap, layout=layout.contiguous(),
-                          block_size=block_size)
+    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, softcap=cap, key_mask=km,
+                          layout=layout.contiguous(), block_size=block_size)
     return (out, lse) if return_lse else out

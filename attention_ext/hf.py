@@ -21,27 +21,25 @@ Importing this module registers two functions under the name ``"attention_ext"``
 * :func:`mask_function` in ``AttentionMaskInterface``: returns ``None`` when the layer mask
   is plain causal / bidirectional / sliding-window and there is no padding, so no
   ``N x N`` mask is ever built; with padding it returns a stride-0 *key-padding view*
-  (O(B * N) memory) that :func:`attention_forward` combines with the layer's own
-  causal/window spec; anything else (packed sequences, or-/and-mask overlays such as
-  Gemma 3's image tokens, chunked attention, static caches) gets transformers' exact
-  dense boolean mask.
+  (O(B * N) memory) whose key padding :func:`attention_forward` passes to the kernels as
+  ``key_mask`` next to the layer's own causal/window spec; anything else (packed
+  sequences, or-/and-mask overlays such as Gemma 3's image tokens, chunked attention,
+  static caches) gets transformers' exact dense boolean mask.
 
 What runs where (``fallback_counts()`` counts every call by path; each fallback reason
 warns once):
 
 =================================  =================================================
-``"kernel"``                       our ops (flash_attention / sliding_window_attention)
-``"padding"``                      an attention_mask with zeros: exact masked SDPA on a
-                                   boolean mask built from the key padding and the
-                                   layer's causal/window band (transient ``Nq x Nk``)
+``"kernel"``                       our ops (flash_attention / sliding_window_attention),
+                                   padded batches included (``key_mask``)
 ``"dense_mask"``                   a mask only transformers can describe (see above):
                                    exact SDPA with that mask
 ``"dropout"``                      attention dropout > 0 while training: exact eager math
 =================================  =================================================
 
 ``attn_logit_softcapping`` (Gemma 2) runs inside the kernels (``softcap`` of
-:func:`attention_ext.flash_attention`); on a fallback path that needs a dense mask it
-runs as exact eager math (SDPA has no softcap).
+:func:`attention_ext.flash_attention`); on a ``"dense_mask"`` fallback it runs as exact
+eager math (SDPA has no softcap).
 
 Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
 no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
@@ -56,7 +54,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import warnings
 
 import torch
@@ -71,7 +68,6 @@ _counts: collections.Counter = collections.Counter()
 _warned: set = set()
 
 _FALLBACK_WHY = {
-    "padding": "an attention_mask with padding: exact masked SDPA with a transient Nq x Nk boolean mask",
     "dense_mask": "a mask pattern only transformers can describe (packed sequences, mask overlays, chunked "
                   "attention or a static cache): exact SDPA with transformers' dense mask",
     "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
@@ -88,8 +84,8 @@ def _count(path):
 
 def fallback_counts():
     """Calls of :func:`attention_forward` by path since the last :func:`reset_counts`:
-    ``{"kernel": n, "padding": n, "dense_mask": n, "dropout": n}``."""
-    return {k: _counts.get(k, 0) for k in ("kernel", "padding", "dense_mask", "dropout")}
+    ``{"kernel": n, "dense_mask": n, "dropout": n}``."""
+    return {k: _counts.get(k, 0) for k in ("kernel", "dense_mask", "dropout")}
 
 
 def reset_counts():
@@ -151,11 +147,12 @@ def _band(nq, nk, causal, window, device):
 # Attention function
 # ---------------------------------------------------------------------------------
 
-def _kernel(query, key, value, causal, window, scaling, softcap):
+def _kernel(query, key, value, causal, window, scaling, softcap, key_mask):
     if window is None:
-        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap)
+        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
+                                   key_mask=key_mask)
     return _fn.sliding_window_attention(query, key, value, _reach(window, causal), causal=causal, scale=scaling,
-                                        softcap=softcap)
+                                        softcap=softcap, key_mask=key_mask)
 
 
 def _sdpa(query, key, value, mask, scaling):
@@ -168,7 +165,7 @@ def _eager(query, key, value, mask, scaling, softcap, dropout):
     """Exact eager math (as transformers' eager path): scores, optional softcap, mask,
     fp32 softmax, dropout. K/V are grouped, not repeated."""
     B, Hq, Nq, D = query.shape
-    Hkv, Nk = key.shape[1], key.shape[2]
+    Hkv = key.shape[1]
     q = query.reshape(B, Hkv, Hq // Hkv, Nq, D)
     scores = (q @ key.unsqueeze(2).transpose(-1, -2)) * (scaling if scaling is not None else D ** -0.5)
     if softcap is not None:
@@ -218,6 +215,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     B, _, Nq, _ = query.shape
     Nk = key.shape[2]
     dense = None  # the exact boolean/additive mask of a fallback, if one is needed
+    key_mask = None  # padding, (B, Nk) bool: our kernels take it as is
 
     info = getattr(attention_mask, "_attention_ext", None) if attention_mask is not None else None
     if info is not None:
@@ -234,8 +232,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             pad = F.pad(pad, (0, end - pad.shape[-1]))
         keypad = pad[:, start:end]
         if not bool(keypad.all()):
-            dense = keypad.view(B, 1, 1, Nk) & _band(Nq, Nk, causal, window, query.device)
-            reason = "padding"
+            key_mask = keypad
     elif attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
@@ -258,6 +255,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _count("dropout")
         if dense is None:
             dense = _band(Nq, Nk, causal, window, query.device)
+            if key_mask is not None:
+                dense = key_mask.view(B, 1, 1, Nk) & dense
         out = _eager(query, key, value, dense, scaling, softcap, dropout)
     elif dense is not None:
         _count(reason)
@@ -269,7 +268,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _count("kernel")
         if value.dtype != query.dtype or key.dtype != query.dtype:
             key, value = key.to(query.dtype), value.to(query.dtype)
-        out = _kernel(query, key, value, causal, window, scaling, softcap)
+        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -374,19 +373,26 @@ def _modernbert_457_forward(module, qkv, attention_mask, sliding_window_mask, po
     scale = module.head_dim ** -0.5
     local = tuple(local_attention) != (-1, -1)
     padded = attention_mask is not None and bool((attention_mask != 0).any())
+    key_mask = None
+    if padded:
+        # the model's additive (B, 1, N, N) mask expands its key padding over the queries
+        m = attention_mask[:, 0]
+        if bool((m == m[:, :1]).all()):
+            key_mask = m[:, 0] == 0
     if module.training and module.attention_dropout:
         _count("dropout")
         out = _eager(query, key, value, sliding_window_mask if local else attention_mask, scale, None,
                      module.attention_dropout)
-    elif padded:
-        _count("padding")
+    elif padded and key_mask is None:
+        _count("dense_mask")
         out = _sdpa(query, key, value, sliding_window_mask if local else attention_mask, scale)
     else:
         _count("kernel")
         if local:
-            out = _fn.sliding_window_attention(query, key, value, tuple(local_attention), scale=scale)
+            out = _fn.sliding_window_attention(query, key, value, tuple(local_attention), scale=scale,
+                                               key_mask=key_mask)
         else:
-            out = _fn.flash_attention(query, key, value, scale=scale)
+            out = _fn.flash_attention(query, key, value, scale=scale, key_mask=key_mask)
     out = out.transpose(1, 2).contiguous().view(bs, -1, dim)
     return (out,)
 

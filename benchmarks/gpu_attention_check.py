@@ -237,6 +237,7 @@ def ops_section(args, t_start, rows):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     layout = patterns.bigbird(N, 64, num_heads=H, seed=0).cuda()
+    key_mask = torch.arange(N, device="cuda").view(1, N) >= N // 4  # a quarter of left padding
     W, KS = 1024, 1025
 
     def nb_mask(b, h, qi, ki):
@@ -251,6 +252,9 @@ def ops_section(args, t_start, rows):
     cases = [
         ("flash_attention causal", lambda q, k, v: ae.flash_attention(q, k, v, causal=True), "SDPA flash", sdpa_causal, N),
         ("flash_attention causal, deterministic bwd", deterministic_flash, None, None, N),
+        ("flash_attention causal, key_mask 1/4 padded",
+         lambda q, k, v: ae.flash_attention(q, k, v, causal=True, key_mask=key_mask),
+         "Flex", lambda: flex_peer(lambda b, h, qi, ki: (qi >= ki) & key_mask[b, ki], N), N),
         ("flash_attention causal softcap 50", lambda q, k, v: ae.flash_attention(q, k, v, causal=True, softcap=50.0),
          "Flex", lambda: flex_peer(lambda b, h, qi, ki: qi >= ki, N, score_mod=softcap50), N),
         ("linear_attention elu causal", lambda q, k, v: ae.linear_attention(q, k, v, causal=True),

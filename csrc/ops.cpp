@@ -8,18 +8,20 @@
 // global_mask (B, Nk), an optional bool block layout (H or 1, ceil(Nq/bs), ceil(Nk/bs))
 // and block_size. softcap > 0 caps every scaled score s as softcap * tanh(s / softcap)
 // before masking and softmax (Gemma 2's attn_logit_softcapping); 0 turns it off.
+// key_mask: optional bool (B, Nk), false for keys no query may attend (padding).
 #include <torch/library.h>
 
 TORCH_LIBRARY(attention_ext, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? global_mask, Tensor? layout, int kind, "
       "bool causal, int left, int right, int kernel_size, int dilation, int num_global, int block_size, "
-      "float scale, float softcap=0.0) -> (Tensor out, Tensor lse)",
+      "float scale, float softcap=0.0, Tensor? key_mask=None) -> (Tensor out, Tensor lse)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? global_mask, Tensor? layout, int kind, bool causal, int left, int right, "
-      "int kernel_size, int dilation, int num_global, int block_size, float scale, float softcap=0.0) "
+      "int kernel_size, int dilation, int num_global, int block_size, float scale, float softcap=0.0, "
+      "Tensor? key_mask=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv)",
       {at::Tag::pt2_compliant_tag});
 }

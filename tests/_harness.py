@@ -64,3 +64,31 @@ def check_compiles(loss_fn, *inputs):
     torch.testing.assert_close(loss, eager)
     for a, b in zip(grads, torch.autograd.grad(eager, inputs)):
         torch.testing.assert_close(a, b)
+
+
+def pattern_cases(n, layout, nq_dense=None):
+    """One case per pattern of the kernel family, for self-attention of length n (dense:
+    nq_dense queries against n keys): (name, fn(q, k, v, **kw) -> (out, lse), the
+    reference mask ((Nq, Nk), (H, Nq, Nk) or None), Nq). kw carries the option under test
+    (softcap, key_mask)."""
+    import attention_ext as ae
+
+    return [
+        ("dense", lambda q, k, v, **kw: ae.flash_attention(q, k, v, return_lse=True, **kw), None, nq_dense or n),
+        ("causal", lambda q, k, v, **kw: ae.flash_attention(q, k, v, causal=True, return_lse=True, **kw),
+         R.causal_mask(n, n), n),
+        ("window_causal",
+         lambda q, k, v, **kw: ae.sliding_window_attention(q, k, v, 16, causal=True, return_lse=True, **kw),
+         R.window_mask(n, n, 16, 0, causal=True), n),
+        ("window_dilated_global",
+         lambda q, k, v, **kw: ae.sliding_window_attention(q, k, v, (9, 4), dilation=2, global_tokens=2,
+                                                           return_lse=True, **kw),
+         R.window_mask(n, n, 9, 4, dilation=2) | R.global_mask_2d(n, n, torch.arange(n) < 2), n),
+        ("neighborhood",
+         lambda q, k, v, **kw: ae.neighborhood_attention(q, k, v, 7, dilation=2, return_lse=True, **kw),
+         R.neighborhood_mask(n, 7, dilation=2), n),
+        ("block_sparse",
+         lambda q, k, v, **kw: ae.block_sparse_attention(q, k, v, layout, block_size=16, causal=True,
+                                                         return_lse=True, **kw),
+         R.block_mask(layout, 16, n, n) & R.causal_mask(n, n), n),
+    ]

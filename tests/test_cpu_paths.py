@@ -38,6 +38,10 @@ def test_each_isa_matches_reference(isa, dtype):
     q, k, v = make_qkv(1, 2, 1, 120, 150, 64, dtype=dtype, scale_inputs=2.0)
     check_attention(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, softcap=3.0, return_lse=True), q, k,
                     v, R.causal_mask(120, 150), softcap=3.0)
+    # key_mask: left padding of 40 keys
+    km = torch.arange(150).view(1, -1) >= 40
+    check_attention(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, key_mask=km, return_lse=True), q, k,
+                    v, R.causal_mask(120, 150) & km)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)

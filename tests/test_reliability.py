@@ -50,7 +50,18 @@ def attention_case(draw):
         bs = draw(st.sampled_from([8, 16, 32, 48]))
         spec["block_size"] = bs
         spec["seed"] = draw(st.integers(0, 1000))
+    spec["softcap"] = draw(st.sampled_from([None, None, 0.5, 5.0]))
+    spec["key_mask"] = draw(st.sampled_from(["none", "none", "left", "right", "random"]))
     return kind, B, Hkv, group, Nq, Nk, D, Dv, dtype, causal, layout_q, grad_layout, spec
+
+
+def _key_mask(how, B, Nk, gen):
+    """Per-batch padding: left/right runs of random length (a row may lose every key) or holes."""
+    if how == "random":
+        return torch.rand(B, Nk, generator=gen) > 0.4
+    cut = torch.randint(0, Nk + 1, (B, 1), generator=gen)
+    pos = torch.arange(Nk).view(1, -1)
+    return pos >= cut if how == "left" else pos < cut
 
 
 def _make(shape, dtype, layout, gen):
@@ -72,8 +83,10 @@ def _run(case):
     q = _make((B, Hq, Nq, D), dtype, layout_q, gen)
     k = _make((B, Hkv, Nk, D), dtype, "contiguous", gen)
     v = _make((B, Hkv, Nk, Dv), dtype, "sliced", gen)
+    km = None if spec["key_mask"] == "none" else _key_mask(spec["key_mask"], B, Nk, gen)
+    extra = dict(softcap=spec["softcap"], key_mask=km)
     if kind == "flash":
-        fn = lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, return_lse=True)  # noqa: E731
+        fn = lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, return_lse=True, **extra)  # noqa: E731
         mask = R.causal_mask(Nq, Nk) if causal else None
     elif kind == "window":
         left, right = spec["window"]
@@ -90,11 +103,12 @@ def _run(case):
             g[:gt] = True
             mask = mask | R.global_mask_2d(Nq, Nk, g, causal=causal)
         fn = lambda q, k, v: ae.sliding_window_attention(  # noqa: E731
-            q, k, v, spec["window"], causal=causal, dilation=spec["dilation"], global_tokens=gt, return_lse=True)
+            q, k, v, spec["window"], causal=causal, dilation=spec["dilation"], global_tokens=gt, return_lse=True,
+            **extra)
     elif kind == "neighborhood":
         mask = R.neighborhood_mask(Nq, spec["kernel_size"], dilation=spec["dilation"], causal=causal)
         fn = lambda q, k, v: ae.neighborhood_attention(  # noqa: E731
-            q, k, v, spec["kernel_size"], dilation=spec["dilation"], causal=causal, return_lse=True)
+            q, k, v, spec["kernel_size"], dilation=spec["dilation"], causal=causal, return_lse=True, **extra)
     else:
         bs = spec["block_size"]
         lg = torch.Generator().manual_seed(spec["seed"])
@@ -103,21 +117,25 @@ def _run(case):
         if causal:
             mask = mask & R.causal_mask(Nq, Nk)
         fn = lambda q, k, v: ae.block_sparse_attention(  # noqa: E731
-            q, k, v, layout, block_size=bs, causal=causal, return_lse=True)
+            q, k, v, layout, block_size=bs, causal=causal, return_lse=True, **extra)
+    if km is not None:
+        mask = (torch.ones(Nq, Nk, dtype=torch.bool) if mask is None else mask) & km.view(B, 1, 1, Nk)
     out, lse = fn(q, k, v)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = R.attention(q64, k64, v64, mask)
+    ref, ref_lse = R.attention(q64, k64, v64, mask, softcap=spec["softcap"])
     lowp = None
     if dtype in (torch.float16, torch.bfloat16):
         ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-        lowp_out = R.attention_lowp(ql, kl, vl, mask)
+        lowp_out = R.attention_lowp(ql, kl, vl, mask, softcap=spec["softcap"])
         lowp = lowp_out
     R.check_close(out, ref, lowp=lowp, what=f"{kind} out")
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse.to(lse.dtype)))
+    # from the example's own generator: the same example gives the same result (hypothesis
+    # calls an example again to check a failure)
     if grad_layout == "expanded":
-        g = torch.randn(1, 1, 1, Dv, dtype=torch.float64).to(dtype).expand_as(out)
+        g = torch.randn(1, 1, 1, Dv, dtype=torch.float64, generator=gen).to(dtype).expand_as(out)
     else:
-        g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=gen).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
     lowp_grads = (None,) * 3

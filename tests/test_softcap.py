@@ -8,32 +8,13 @@ import torch
 
 import attention_ext as ae
 import reference as R
-from _harness import check_attention, check_compiles, make_qkv
+from _harness import check_attention, check_compiles, make_qkv, pattern_cases
 
 N = 150
 CAP = 3.0  # the inputs below give scaled scores of std ~4: the cap binds on most of them
 LAYOUT = ae.patterns.bigbird(N, 16, num_heads=4, seed=3)
 
-# (name, fn(q, k, v, softcap) -> (out, lse), mask, Nq)
-CASES = [
-    ("dense", lambda q, k, v, c: ae.flash_attention(q, k, v, softcap=c, return_lse=True), None, 130),
-    ("causal", lambda q, k, v, c: ae.flash_attention(q, k, v, causal=True, softcap=c, return_lse=True),
-     R.causal_mask(N, N), N),
-    ("window_causal",
-     lambda q, k, v, c: ae.sliding_window_attention(q, k, v, 16, causal=True, softcap=c, return_lse=True),
-     R.window_mask(N, N, 16, 0, causal=True), N),
-    ("window_dilated_global",
-     lambda q, k, v, c: ae.sliding_window_attention(q, k, v, (9, 4), dilation=2, global_tokens=2, softcap=c,
-                                                    return_lse=True),
-     R.window_mask(N, N, 9, 4, dilation=2) | R.global_mask_2d(N, N, torch.arange(N) < 2), N),
-    ("neighborhood",
-     lambda q, k, v, c: ae.neighborhood_attention(q, k, v, 7, dilation=2, softcap=c, return_lse=True),
-     R.neighborhood_mask(N, 7, dilation=2), N),
-    ("block_sparse",
-     lambda q, k, v, c: ae.block_sparse_attention(q, k, v, LAYOUT, block_size=16, causal=True, softcap=c,
-                                                  return_lse=True),
-     R.block_mask(LAYOUT, 16, N, N) & R.causal_mask(N, N), N),
-]
+CASES = pattern_cases(N, LAYOUT, nq_dense=130)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
@@ -41,7 +22,7 @@ CASES = [
 def test_matches_reference(device, case, dtype):
     _, fn, mask, nq = case
     q, k, v = make_qkv(1, 4, 2, nq, N, 64, dtype=dtype, device=device, scale_inputs=2.0)
-    check_attention(lambda q, k, v: fn(q, k, v, CAP), q, k, v, mask, softcap=CAP)
+    check_attention(lambda q, k, v: fn(q, k, v, softcap=CAP), q, k, v, mask, softcap=CAP)
     # the cap binds: without it the reference output is far from this one
     capped, _ = R.attention(q, k, v, mask, softcap=CAP)
     plain, _ = R.attention(q, k, v, mask)

@@ -34,10 +34,25 @@ void check_softcap(double softcap) {
               softcap);
 }
 
+namespace {
+
+// (B, Nk) bool -> (B, Nk + 1) int32 prefix counts, after checking shape and device.
+at::Tensor prefix_counts(const at::Tensor& g, const char* name, const AttnShape& s, const at::Tensor& q) {
+  TORCH_CHECK(g.scalar_type() == at::kBool, "attention_ext: ", name, " must be bool, got ", g.scalar_type());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == s.B && g.size(1) == s.Nk, "attention_ext: ", name, " must be (", s.B,
+              ", ", s.Nk, "), got ", g.sizes());
+  TORCH_CHECK(g.device() == q.device(), "attention_ext: ", name, " must be on ", q.device());
+  auto pre = at::zeros({s.B, s.Nk + 1}, g.options().dtype(at::kInt));
+  if (s.Nk > 0) pre.narrow(1, 1, s.Nk).copy_(g.to(at::kInt).cumsum(1));
+  return pre;
+}
+
+}  // namespace
+
 MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<at::Tensor>& global_mask,
                    const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left,
                    int64_t right, int64_t kernel_size, int64_t dilation, int64_t num_global,
-                   int64_t block_size) {
+                   int64_t block_size, const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(kind >= kDense && kind <= kBlockLayout, "attention_ext: unknown mask kind ", kind);
   TORCH_CHECK(left >= 0 && right >= 0, "attention_ext: window reach must be >= 0, got left=", left,
               ", right=", right);
@@ -66,14 +81,12 @@ MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<
                 ") must not exceed the sequence length (", s.Nk, ")");
   }
   if (global_mask.has_value()) {
-    const auto& g = *global_mask;
-    TORCH_CHECK(g.scalar_type() == at::kBool, "attention_ext: global_mask must be bool, got ", g.scalar_type());
-    TORCH_CHECK(g.dim() == 2 && g.size(0) == s.B && g.size(1) == s.Nk, "attention_ext: global_mask must be (",
-                s.B, ", ", s.Nk, "), got ", g.sizes());
-    TORCH_CHECK(g.device() == q.device(), "attention_ext: global_mask must be on ", q.device());
-    m.global_prefix = at::zeros({s.B, s.Nk + 1}, g.options().dtype(at::kInt));
-    if (s.Nk > 0) m.global_prefix.narrow(1, 1, s.Nk).copy_(g.to(at::kInt).cumsum(1));
+    m.global_prefix = prefix_counts(*global_mask, "global_mask", s, q);
     spec.global_prefix = m.global_prefix.data_ptr<int32_t>();
+  }
+  if (key_mask.has_value()) {
+    m.key_prefix = prefix_counts(*key_mask, "key_mask", s, q);
+    spec.key_prefix = m.key_prefix.data_ptr<int32_t>();
   }
   if (kind == kBlockLayout) {
     TORCH_CHECK(layout.has_value(), "attention_ext: block layout kind needs a layout tensor");

@@ -14,6 +14,7 @@ namespace attention_ext {
 struct MaskArgs {
   MaskSpec spec;
   at::Tensor global_prefix;  // keeps spec.global_prefix alive
+  at::Tensor key_prefix;     // keeps spec.key_prefix alive
   at::Tensor layout;         // keeps spec.layout alive
 };
 
@@ -27,7 +28,7 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<at::Tensor>& global_mask,
                    const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left,
                    int64_t right, int64_t kernel_size, int64_t dilation, int64_t num_global,
-                   int64_t block_size);
+                   int64_t block_size, const std::optional<at::Tensor>& key_mask);
 
 // softcap: finite and >= 0 (0 = off).
 void check_softcap(double softcap);

@@ -6,6 +6,9 @@
 // right keys. Every kind below reads positions, never raw row indices.
 //
 //   allowed(i, j) = (base(i, j) || global_query(p) || global_key(j)) && (!causal || j <= p)
+//                   && key_ok(b, j)
+//
+// key_ok is an optional per-batch key mask (padding): false keys are never attended.
 //
 // base(i, j) by kind:
 //   Dense        true
@@ -44,6 +47,9 @@ struct MaskSpec {
   // Optional per-batch global positions: prefix counts (B, nk + 1) int32, so that
   // "any global in [a, b)" and "is global" are O(1) on host and device alike.
   const int32_t* global_prefix = nullptr;
+  // Optional per-batch key mask (padding) as prefix counts (B, nk + 1) int32 of the keys
+  // that may be attended, so that "how many in [a, b)" is O(1).
+  const int32_t* key_prefix = nullptr;
   // BlockLayout: bool (layout_heads, nqb, nkb); layout_heads is 1 (shared) or Hq.
   const bool* layout = nullptr;
   int64_t layout_heads = 1, nqb = 0, nkb = 0, block_size = 1;
@@ -74,6 +80,16 @@ AE_HD int64_t global_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t 
 
 AE_HD bool is_global(const MaskSpec& s, int64_t b_idx, int64_t pos) {
   return global_count(s, b_idx, pos, pos + 1) > 0;
+}
+
+// Keys of [a, b) (clipped to [0, nk)) that batch b_idx may attend (all without a key mask).
+AE_HD int64_t key_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t b) {
+  a = ae_max(a, 0);
+  b = ae_min(b, s.nk);
+  if (a >= b) return 0;
+  if (!s.key_prefix) return b - a;
+  const int32_t* pre = s.key_prefix + b_idx * (s.nk + 1);
+  return pre[b] - pre[a];
 }
 
 // NATTEN window start (position) for position p inside its dilation group.
@@ -118,6 +134,7 @@ AE_HD bool base_allowed(const MaskSpec& s, int64_t h, int64_t i, int64_t j) {
 AE_HD bool allowed(const MaskSpec& s, int64_t b, int64_t h, int64_t i, int64_t j) {
   const int64_t p = i + s.offset;
   if (s.causal && j > p) return false;
+  if (s.key_prefix && key_count(s, b, j, j + 1) == 0) return false;
   if (base_allowed(s, h, i, j)) return true;
   return has_global(s) && (is_global(s, b, p) || is_global(s, b, j));
 }
@@ -194,8 +211,9 @@ AE_HD int classify_base(const MaskSpec& s, int64_t h, int64_t q0, int64_t q1, in
   }
 }
 
-// Class of the full mask (base, globals, causality) on a tile, for batch b, head h.
-AE_HD int classify(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+// Class of base, globals and causality on a tile, for batch b, head h.
+AE_HD int classify_unpadded(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t q1, int64_t k0,
+                            int64_t k1) {
   const int cls = classify_base(s, h, q0, q1, k0, k1);
   if (cls == kFull || !has_global(s)) return cls;
   const int64_t p1 = q1 - 1 + s.offset;
@@ -205,11 +223,20 @@ AE_HD int classify(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t 
   return cls;
 }
 
+// Class of the full mask (with the key mask) on a tile, for batch b, head h.
+AE_HD int classify(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+  const int cls = classify_unpadded(s, b, h, q0, q1, k0, k1);
+  if (!s.key_prefix || cls == kEmpty) return cls;
+  const int64_t n = key_count(s, b, k0, k1);
+  if (n == 0) return kEmpty;
+  return n < ae_min(k1, s.nk) - ae_max(k0, 0) ? kPartial : cls;
+}
+
 // Per-row allowed key interval [*j0, *j1) when the mask of row i is one contiguous run
-// (dense, causal, undilated windows and neighborhoods, no globals); returns false when
-// the row needs the per-element test.
+// (dense, causal, undilated windows and neighborhoods, no globals, no key mask); returns
+// false when the row needs the per-element test.
 AE_HD bool row_interval(const MaskSpec& s, int64_t i, int64_t* j0, int64_t* j1) {
-  if (has_global(s) || s.kind == kBlockLayout || s.dilation != 1) return false;
+  if (has_global(s) || s.key_prefix || s.kind == kBlockLayout || s.dilation != 1) return false;
   const int64_t p = i + s.offset;
   if (s.kind == kNeighborhood) {
     const int64_t st = neighborhood_start(s, p);

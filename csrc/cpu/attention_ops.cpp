@@ -32,11 +32,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& layout, int64_t kind,
                                                      bool causal, int64_t left, int64_t right, int64_t kernel_size,
                                                      int64_t dilation, int64_t num_global, int64_t block_size,
-                                                     double scale, double softcap) {
+                                                     double scale, double softcap,
+                                                     const std::optional<at::Tensor>& key_mask) {
   const AttnShape s = check_qkv(q, k, v);
   check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
-                               num_global, block_size);
+                               num_global, block_size, key_mask);
   auto out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
   auto lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(lse_dtype(q.scalar_type())));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -55,11 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& global_mask,
     const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left, int64_t right,
-    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale, double softcap) {
+    int64_t kernel_size, int64_t dilation, int64_t num_global, int64_t block_size, double scale, double softcap,
+    const std::optional<at::Tensor>& key_mask) {
   const AttnShape s = check_qkv(q, k, v);
   check_softcap(softcap);
   const MaskArgs m = make_mask(s, q, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
-                               num_global, block_size);
+                               num_global, block_size, key_mask);
   const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv}, l_shape{s.B, s.Hq, s.Nq};
   TORCH_CHECK(grad_out.sizes() == o_shape && out.sizes() == o_shape,
               "attention_bwd: grad_out and out must be ", c10::IntArrayRef(o_shape));
