@@ -68,15 +68,19 @@ def scale(value, head_dim, fn):
     return value
 
 
+SOFTCAP_RANGE = (1e-6, 1e6)  # csrc/common/attention_args.h: the kernels hold it in float32
+
+
 def softcap(value, fn):
-    """None or a positive finite cap -> the op's float (0.0 = off)."""
+    """None, 0 or a cap in SOFTCAP_RANGE -> the op's float (0.0 = off)."""
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: softcap must be a real number or None, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0 or None: off), got {value}")
+    lo, hi = SOFTCAP_RANGE
+    if value != 0 and not lo <= value <= hi:  # NaN fails too
+        raise ValueError(f"{fn}: softcap must be None or 0 (off) or in [{lo:g}, {hi:g}], got {value}")
     return value
 
 

@@ -37,10 +37,13 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
         scale: score scale, default ``1 / sqrt(D)``.
         softcap: logit softcapping (Gemma 2's ``attn_logit_softcapping``): each scaled
             score ``s`` becomes ``softcap * tanh(s / softcap)`` before masking and
-            softmax, in the forward and the backward. ``None`` (or 0) turns it off.
+            softmax, in the forward and the backward. ``None`` (or 0) turns it off;
+            otherwise it must lie in [1e-6, 1e6].
         key_mask: bool ``(B, Nk)`` (or ``(Nk,)``), ``False`` for keys no query may
             attend (padding; e.g. transformers' ``attention_mask.bool()``). Tiles of
-            masked keys are skipped; a query left with no key gets zeros.
+            masked keys are skipped; a query left with no key gets zeros. NaN/inf in
+            masked keys or values never reach the result on the CPU; the CUDA
+            tensor-core kernels do not guard them (keep padding finite there).
         return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped) scaled
             scores (float32; float64 for float64 inputs). It is differentiable.
 

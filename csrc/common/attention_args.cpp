@@ -30,8 +30,9 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 void check_softcap(double softcap) {
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "attention_ext: softcap must be finite and >= 0 (0 = off), got ",
-              softcap);
+  // the kernels hold softcap * log2(e), 1 / that and scale / softcap in float32
+  TORCH_CHECK(softcap == 0 || (softcap >= kMinSoftcap && softcap <= kMaxSoftcap),
+              "attention_ext: softcap must be 0 (off) or in [", kMinSoftcap, ", ", kMaxSoftcap, "], got ", softcap);
 }
 
 namespace {

@@ -30,7 +30,8 @@ MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<
                    int64_t right, int64_t kernel_size, int64_t dilation, int64_t num_global,
                    int64_t block_size, const std::optional<at::Tensor>& key_mask);
 
-// softcap: finite and >= 0 (0 = off).
+// softcap: 0 (off) or in [kMinSoftcap, kMaxSoftcap].
+constexpr double kMinSoftcap = 1e-6, kMaxSoftcap = 1e6;
 void check_softcap(double softcap);
 
 // dtype of the saved logsumexp for inputs of dtype t.
