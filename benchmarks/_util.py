@@ -63,6 +63,23 @@ def fwd_and_fwd_bwd(fwd, inputs, grad, *, rounds, fwd_only=()):
     return t_f, t_b, mem, errors
 
 
+def ratio(times, peer, base="ours"):
+    """times[peer] / times[base] (> 1: base faster), None where either did not run."""
+    return times[peer] / times[base] if times.get(peer) and times.get(base) else None
+
+
+def print_row(row, errors=None):
+    """One finished row of a suite's table, as it is measured."""
+    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errors or "", flush=True)
+
+
+def publish(args, name, body):
+    """Prints a suite's section and, for a full run, writes it to RESULTS.md."""
+    print(body)
+    if not args.no_write and not args.quick:
+        write_section(name, body)
+
+
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -71,19 +71,18 @@ def main(args, rest):
                     row = {
                         "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
                         "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa ms": t_f["sdpa"] * 1e3 if t_f["sdpa"] else None,
-                        "fwd sdpa/ours": t_f["sdpa"] / t_f["ours"] if t_f["sdpa"] else None,
-                        "fwd naive/ours": t_f["naive"] / t_f["ours"] if t_f.get("naive") else None,
+                        "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
+                        "fwd naive/ours": U.ratio(t_f, "naive"),
                         "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
                         "f+b ours ms": t_b["ours"] * 1e3,
-                        "f+b sdpa/ours": t_b["sdpa"] / t_b["ours"] if t_b["sdpa"] else None,
-                        "f+b naive/ours": t_b["naive"] / t_b["ours"] if t_b.get("naive") else None,
+                        "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
+                        "f+b naive/ours": U.ratio(t_b, "naive"),
                         "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
                         "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"),
                         "mem naive MiB": mem.get("naive"),
                     }
                     rows.append(row)
-                    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()},
-                          errs or "", flush=True)
+                    U.print_row(row, errs)
     cols = list(rows[0].keys())
     body = U.header("flash_attention vs SDPA (CPU flash) and naive, B=1 H=8", U.command_line())
     body += ("\nRatios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
@@ -92,6 +91,4 @@ def main(args, rest):
              + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
              "contender runs only where it fits in reasonable time.\n\n")
     body += U.table(rows, cols)
-    print(body)
-    if not args.no_write and not args.quick:
-        U.write_section("flash", body)
+    U.publish(args, "flash", body)

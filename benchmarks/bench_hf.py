@@ -128,6 +128,4 @@ def main(args, rest):
              "gradients). SDPA runs the same weights with transformers' masks: `is_causal` for global layers and "
              "a dense N x N boolean mask for the sliding ones; attention_ext builds no mask.\n\n")
     body += U.table(rows, cols)
-    print(body)
-    if not args.no_write and not args.quick:
-        U.write_section("hf", body)
+    U.publish(args, "hf", body)

@@ -274,9 +274,7 @@ def main(args, rest):
     body += "### Forward + backward\n\n" + mode_table("fb") + "\n\n"
     body += ("### Peak memory, forward + backward (MiB above the inputs)\n\n" + _util.table(mem_rows, mem_cols) +
              "\n")
-    print(body)
-    if not args.no_write and not args.quick:
-        _util.write_section("linear", body)
+    _util.publish(args, "linear", body)
 
 
 if __name__ == "__main__":  # pragma: no cover

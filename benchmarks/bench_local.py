@@ -129,9 +129,7 @@ def main(args, rest):
     if opts.scaling_only:
         body = U.header("sliding_window_attention (causal) t(2N)/t(N), ours alone; B=1 H=8 D=64", U.command_line())
         body += "\n" + SCALING_NOTE + U.table(scaling, list(scaling[0].keys()))
-        print(body)
-        if not args.no_write and not args.quick:
-            U.write_section("local-scaling", body)
+        U.publish(args, "local-scaling", body)
         return
     rows = []
     for dtype, w, n in cases:
@@ -145,17 +143,17 @@ def main(args, rest):
         row = {
             "dtype": str(dtype).replace("torch.", ""), "N": n, "window": w,
             "fwd ours ms": t_f["ours"] * 1e3,
-            "fwd sdpa/ours": t_f["sdpa"] / t_f["ours"] if t_f.get("sdpa") else None,
-            "fwd flex/ours": t_f["flex"] / t_f["ours"] if t_f.get("flex") else None,
-            "fwd naive/ours": t_f["naive"] / t_f["ours"] if t_f.get("naive") else None,
+            "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
+            "fwd flex/ours": U.ratio(t_f, "flex"),
+            "fwd naive/ours": U.ratio(t_f, "naive"),
             "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
             "f+b ours ms": t_b["ours"] * 1e3,
-            "f+b sdpa/ours": t_b["sdpa"] / t_b["ours"] if t_b.get("sdpa") else None,
-            "f+b naive/ours": t_b["naive"] / t_b["ours"] if t_b.get("naive") else None,
+            "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
+            "f+b naive/ours": U.ratio(t_b, "naive"),
             "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"), "mem naive MiB": mem.get("naive"),
         }
         rows.append(row)
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
+        U.print_row(row, errs)
         if errs:
             row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
     cols = list(dict.fromkeys(c for r in rows for c in r))  # every column once, "notes" only if some row has one
@@ -169,6 +167,4 @@ def main(args, rest):
     body += U.table(rows, cols)
     body += "\n\n### Scaling of ours, t(2N)/t(N)\n\n" + SCALING_NOTE
     body += U.table(scaling, list(scaling[0].keys()))
-    print(body)
-    if not args.no_write and not args.quick:
-        U.write_section("local", body)
+    U.publish(args, "local", body)

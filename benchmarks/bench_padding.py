@@ -47,19 +47,16 @@ def main(args, rest):
         for n in sizes:
             t_f, t_b, mem, errs = run_case(n, dtype, rounds)
 
-            def ratio(t, peer):
-                return t[peer] / t["ours"] if t.get(peer) and t.get("ours") else None
-
             row = {
                 "dtype": str(dtype).replace("torch.", ""), "N": n,
-                "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa/ours": ratio(t_f, "sdpa"),
-                "fwd unpadded/ours": ratio(t_f, "ours unpadded"),
-                "f+b ours ms": t_b["ours"] * 1e3, "f+b sdpa/ours": ratio(t_b, "sdpa"),
-                "f+b unpadded/ours": ratio(t_b, "ours unpadded"),
+                "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
+                "fwd unpadded/ours": U.ratio(t_f, "ours unpadded"),
+                "f+b ours ms": t_b["ours"] * 1e3, "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
+                "f+b unpadded/ours": U.ratio(t_b, "ours unpadded"),
                 "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"),
             }
             rows.append(row)
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
+            U.print_row(row, errs)
     body = U.header("padded batch (causal, B=2, 1/4 left padding in one sequence) with key_mask vs SDPA with the "
                     "dense boolean mask, H=8 D=64", U.command_line())
     body += ("\nRatios are peer time / our time (> 1: ours faster). 'unpadded/ours' compares our run without "
@@ -67,6 +64,4 @@ def main(args, rest):
              "skipped). SDPA's mask is built inside the timed call, as a model builds it per forward. Peak "
              "memory: forward+backward, process peak RSS above the start (MiB).\n\n")
     body += U.table(rows, list(rows[0].keys()))
-    print(body)
-    if not args.no_write and not args.quick:
-        U.write_section("padding", body)
+    U.publish(args, "padding", body)

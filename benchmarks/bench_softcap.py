@@ -77,10 +77,6 @@ def run_case(n, window, dtype, rounds):
     return t_f, t_b, mem, {**errors, **e}
 
 
-def ratio(t, peer):
-    return t[peer] / t["ours"] if t.get(peer) and t.get("ours") else None
-
-
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks softcap")
     p.add_argument("--rounds", type=int, default=3)
@@ -96,15 +92,15 @@ def main(args, rest):
             row = {
                 "dtype": str(dtype).replace("torch.", ""), "N": n, "window": window or "full",
                 "fwd ours ms": t_f["ours"] * 1e3,
-                "fwd cap cost": ratio(t_f, "ours no cap") and 1 / ratio(t_f, "ours no cap"),
-                "fwd flex/ours": ratio(t_f, "flex"), "fwd eager/ours": ratio(t_f, "eager"),
+                "fwd cap cost": U.ratio(t_f, "ours", "ours no cap"),
+                "fwd flex/ours": U.ratio(t_f, "flex"), "fwd eager/ours": U.ratio(t_f, "eager"),
                 "f+b ours ms": t_b["ours"] * 1e3,
-                "f+b cap cost": ratio(t_b, "ours no cap") and 1 / ratio(t_b, "ours no cap"),
-                "f+b eager/ours": ratio(t_b, "eager"),
+                "f+b cap cost": U.ratio(t_b, "ours", "ours no cap"),
+                "f+b eager/ours": U.ratio(t_b, "eager"),
                 "mem ours MiB": mem.get("ours"), "mem eager MiB": mem.get("eager"),
             }
             rows.append(row)
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errs or "", flush=True)
+            U.print_row(row, errs)
     body = U.header("softcap (Gemma 2 logit softcapping, cap 50) vs compiled FlexAttention score_mod and eager math, "
                     "causal, B=1 H=8 D=64", U.command_line())
     body += ("\nRatios are peer time / our time (> 1: ours faster). 'cap cost' is our time with softcap / our "
@@ -112,6 +108,4 @@ def main(args, rest):
              "(transformers' Gemma 2 path) only up to N=4096. Peak memory: forward+backward, process peak RSS "
              "above the start (MiB).\n\n")
     body += U.table(rows, list(rows[0].keys()))
-    print(body)
-    if not args.no_write and not args.quick:
-        U.write_section("softcap", body)
+    U.publish(args, "softcap", body)
