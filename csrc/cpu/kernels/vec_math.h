@@ -81,8 +81,9 @@ inline T exp2_scalar(T x) {
   return std::exp2(x);
 }
 
-// tanh for logit softcapping, at a few ulp and cheaper than ATen's (Sleef, 1 ulp): with
-// it the softcap adds 15-33% to the forward instead of 46-92% (benchmarks/bench_softcap.py).
+// tanh for logit softcapping, at a few ulp and cheaper than ATen's (Sleef, 1 ulp): in a
+// quick side-by-side run (not recorded) the softcap's forward overhead fell from ~1.5-1.9x
+// to ~1.2-1.3x; RESULTS.md "softcap" has the cost measured with this one.
 // |y| < 0.3 by the odd Taylor polynomial through y^11 (remainder < 1e-9), else
 // 1 - 2 / (e^{2|y|} + 1) on exp2_poly with the sign restored (max relative error 4e-7,
 // asserted in tests/test_cpu_paths.py). NaN stays NaN (minimum propagates it).
