@@ -59,8 +59,7 @@ ISA_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
 # Kernel sources compiled once per ISA (csrc/cpu/kernels/).
-KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "table.cpp"]
-KERNEL_SOURCES += ["linear_fwd.cpp", "linear_bwd.cpp"]  # linear attention
+KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "table.cpp"]
 
 
 def _rel(paths):
@@ -107,10 +106,12 @@ def _isa_wrappers(isa):
 
 def extensions():
     with_cuda = _want_cuda()
-    c_sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/common/attention_args.cpp", "csrc/cpu/isa.cpp",
-                 "csrc/cpu/attention_ops.cpp"]
-    c_sources += ["csrc/common/linear_args.cpp", "csrc/cpu/linear_ops.cpp"]  # linear attention
-    c_sources += [f"csrc/cpu/kernels/{n}" for n in KERNEL_SOURCES]
+    # schemas, the Python module, checks shared by both backends, CPU op bodies, and the
+    # portable build of the CPU kernels
+    c_sources = (["csrc/ops.cpp", "csrc/module.cpp"]
+                 + sorted(_rel(glob.glob(str(ROOT / "csrc" / "common" / "*.cpp"))))
+                 + sorted(_rel(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp"))))
+                 + [f"csrc/cpu/kernels/{n}" for n in KERNEL_SOURCES])
     cxx = CXX_FLAGS + ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     exts = []
     if with_cuda:

@@ -13,6 +13,7 @@ with Hugging Face transformers.
 """
 
 from . import _isa, nn, patterns
+from ._explain import explain
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
 from .linear import FavorFeatures, linear_attention, linear_attention_step
@@ -32,5 +33,6 @@ __all__ = [
     "available_cpu_isas",
     "cpu_isa",
     "set_cpu_isa",
+    "explain",
 ]
 __version__ = "0.1.0"

@@ -1,14 +1,26 @@
 """Argument checks shared by the public functions. Every message names the argument
-and the value it got."""
+and the value it got. Limits come from the C++ side (csrc/common/limits.h, exported as
+``attention_ext._C.limits``), so Python and the kernels cannot disagree."""
 
 import math
 import numbers
 
 import torch
 
+from . import _C
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-CPU_MAX_HEAD_DIM = 512
-CUDA_MAX_HEAD_DIM = 256
+LIMITS = dict(_C.limits)
+MAX_HEAD_DIM = {"cpu": LIMITS["cpu_max_head_dim"], "cuda": LIMITS["cuda_max_head_dim"]}
+SOFTCAP_RANGE = (LIMITS["softcap_min"], LIMITS["softcap_max"])
+LINEAR_MAX_DIM = LIMITS["linear_max_dim"]
+INT64_MAX = 2**63 - 1  # every integer argument reaches the ops as an int64
+
+
+def _finite(x):
+    """math.isfinite without math: torch.compile(dynamic=True) may hand a float argument
+    over as a symbolic float, which math.isfinite cannot trace."""
+    return x == x and x != math.inf and x != -math.inf
 
 
 def tensor(x, name):
@@ -50,7 +62,7 @@ def qkv(q, k, v, fn):
     """Checks a (batch, heads, seq, head_dim) q/k/v triple for the softmax attention ops;
     returns (B, Hq, Hkv, Nq, Nk)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = _qkv_common(q, k, v, fn, "head_dim")
-    limit = CUDA_MAX_HEAD_DIM if q.device.type == "cuda" else CPU_MAX_HEAD_DIM
+    limit = MAX_HEAD_DIM.get(q.device.type, MAX_HEAD_DIM["cpu"])
     for name, d in (("q.shape[-1] (head_dim)", D), ("v.shape[-1] (head_dim)", Dv)):
         if not 1 <= d <= limit:
             raise ValueError(f"{fn}: {name} = {d} is not supported on {q.device.type} (1..{limit})")
@@ -63,12 +75,9 @@ def scale(value, head_dim, fn):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: scale must be a real number or None, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    if not _finite(value) or value <= 0:
         raise ValueError(f"{fn}: scale must be a positive finite number, got {value}")
     return value
-
-
-SOFTCAP_RANGE = (1e-6, 1e6)  # csrc/common/attention_args.h: the kernels hold it in float32
 
 
 def softcap(value, fn):
@@ -90,12 +99,14 @@ def boolean(value, name, fn):
     return value
 
 
-def integer(value, name, fn, *, minimum=None):
+def integer(value, name, fn, *, minimum=None, maximum=INT64_MAX):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be an int, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{fn}: {name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -110,8 +121,8 @@ def window(value, causal, fn):
     for name, x in (("window left", left), ("window right", right)):
         if isinstance(x, bool) or not isinstance(x, numbers.Integral):
             raise TypeError(f"{fn}: window must hold ints, got {name} = {x!r}")
-        if x < 0:
-            raise ValueError(f"{fn}: window must be >= 0, got {name} = {x}")
+        if not 0 <= x <= INT64_MAX:
+            raise ValueError(f"{fn}: window must be in [0, 2**63 - 1], got {name} = {x}")
     left, right = int(left), int(right)
     if causal:
         right = 0
@@ -149,8 +160,6 @@ def key_mask(value, batch, nk, device, fn):
 
 # ---- linear attention --------------------------------------------------------------
 
-LINEAR_MAX_DIM = 4096  # csrc/common/linear_args.h kLinearMaxDim
-
 
 def linear_qkv(q, k, v, fn):
     """Checks q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) for the linear
@@ -174,7 +183,7 @@ def real(value, name, fn, *, minimum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
+    if not _finite(value):
         raise ValueError(f"{fn}: {name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")

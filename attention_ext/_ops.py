@@ -1,75 +1,111 @@
 """Loads the extension and registers, once, the fake (meta) kernels and autograd of
-every op. Public functions live in functional.py."""
+every op. Public functions live in functional.py and linear.py.
+
+Autograd covers first-order reverse mode (backward, torch.autograd.grad, torch.func.grad /
+vjp / jacrev through the public functions, which call ``ATTENTION_FWD``, ``LINEAR_FWD``
+and ``LINEAR_STEP``, the ops' autograd.Functions). Double backward and forward-mode AD
+(torch.func.jvp, forward_ad) raise a RuntimeError that says so; they never return zeros.
+"""
 
 import torch
 
 from . import _C  # noqa: F401  (registers the torch.ops.attention_ext schemas and kernels)
+from ._autograd import register_autograd, register_batch_vmap
+from ._spec import AttentionSpec
 
 _lib = "attention_ext"
 
 
-def _lse_dtype(dtype):
+def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _one_device(op, q, **tensors):
+    """Every tensor on q's device. A call mixing meta and real tensors reaches the fake
+    kernel, which must not return uninitialised memory for real ones."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise RuntimeError(f"attention_ext::{op}: {name} is on {t.device} but q is on {q.device}; "
+                               "every tensor must be on one device")
+
+
+def _spec_tensors(op, args, kwargs):
+    """The spec's tensor arguments of a call of op, by schema name (None when absent)."""
+    names = [a.name for a in op._schema.arguments]
+    bound = dict(zip(names, args), **kwargs)
+    return {n: bound.get(n) for n in AttentionSpec.TENSORS}
+
+
+def _check_qkv(q, k, v):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    torch._check(k.shape[0] == q.shape[0], lambda: "k and q batch sizes differ")
+    torch._check(v.shape[0] == q.shape[0], lambda: "v and q batch sizes differ")
+    torch._check(v.shape[1] == k.shape[1], lambda: "k and v head counts differ")
+    torch._check(v.shape[2] == k.shape[2], lambda: "k and v sequence lengths differ")
+    torch._check(k.shape[3] == q.shape[3], lambda: "q and k head dims differ")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "q heads must be a multiple of k/v heads")
 
 
 # ---- attention_fwd / attention_bwd: every exact-attention pattern -------------------
 
 @torch.library.register_fake(f"{_lib}::attention_fwd")
-def _attention_fwd_fake(q, k, v, global_mask, layout, kind, causal, left, right, kernel_size, dilation,
-                        num_global, block_size, scale, softcap=0.0, key_mask=None):
+def _attention_fwd_fake(q, k, v, *args, **kwargs):
+    _one_device("attention_fwd", q, k=k, v=v,
+                **_spec_tensors(torch.ops.attention_ext.attention_fwd.default, (q, k, v) + args, kwargs))
+    _check_qkv(q, k, v)
     B, Hq, Nq, _ = q.shape
-    out = q.new_empty((B, Hq, Nq, v.shape[-1]))
-    lse = q.new_empty((B, Hq, Nq), dtype=_lse_dtype(q.dtype))
-    return out, lse
+    return q.new_empty((B, Hq, Nq, v.shape[-1])), q.new_empty((B, Hq, Nq), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.register_fake(f"{_lib}::attention_bwd")
-def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, global_mask, layout, kind, causal, left, right,
-                        kernel_size, dilation, num_global, block_size, scale, softcap=0.0, key_mask=None):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
-
-
-# inputs: q, k, v, global_mask, layout, then the 9 mask/scale numbers, softcap and key_mask
-# (the last two only where given).
-_N_SPEC = 10
+def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, *args, **kwargs):
+    _one_device("attention_bwd", q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse,
+                **_spec_tensors(torch.ops.attention_ext.attention_bwd.default,
+                                (grad_out, grad_lse, q, k, v, out, lse) + args, kwargs))
+    _check_qkv(q, k, v)
+    torch._check(grad_out.shape == out.shape, lambda: "grad_out and out shapes differ")
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, global_mask, layout, *spec = inputs
-    key_mask = spec[_N_SPEC] if len(spec) > _N_SPEC else None
+    q, k, v = inputs[:3]
+    spec = AttentionSpec.from_op_inputs(torch.ops.attention_ext.attention_fwd.default, inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, global_mask, layout, key_mask)
-    ctx.spec = spec[:_N_SPEC]
+    ctx.save_for_backward(q, k, v, out, lse, *spec.tensors())
+    ctx.spec = spec.without_tensors()
     ctx.n_inputs = len(inputs)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, global_mask, layout, key_mask = ctx.saved_tensors
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.attention_ext.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, global_mask, layout,
-                                                       *ctx.spec, key_mask=key_mask)
+    dq, dk, dv = ctx.spec.with_tensors(tensors).backward(grad_out, grad_lse, q, k, v, out, lse, autograd=True)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
-torch.library.register_autograd(f"{_lib}::attention_fwd", _attention_backward,
-                                setup_context=_attention_setup_context)
+_EXACT = ("flash_attention, sliding_window_attention, neighborhood_attention and block_sparse_attention "
+          "(op attention_ext::attention_fwd)")
+ATTENTION_FWD = register_autograd(f"{_lib}::attention_fwd", _attention_backward, _attention_setup_context,
+                                  functions=_EXACT)
+ATTENTION_BWD = register_autograd(f"{_lib}::attention_bwd", None, None, functions=_EXACT)
+register_batch_vmap(f"{_lib}::attention_fwd", {"q", "k", "v", "global_mask", "key_mask"})
+register_batch_vmap(f"{_lib}::attention_bwd", {"grad_out", "grad_lse", "q", "k", "v", "out", "lse", "global_mask",
+                                               "key_mask"})
 
 
 # ---- linear_fwd / linear_bwd / linear_step: linear attention -----------------------
 
-def _linear_state_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _linear_state_like(q, k, v):
     B, Hkv, D, Dv = q.shape[0], k.shape[1], q.shape[-1], v.shape[-1]
-    sd = _linear_state_dtype(q.dtype)
+    sd = _acc_dtype(q.dtype)
     return q.new_empty((B, Hkv, D, Dv), dtype=sd), q.new_empty((B, Hkv, D), dtype=sd)
 
 
 @torch.library.register_fake(f"{_lib}::linear_fwd")
 def _linear_fwd_fake(q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size):
+    _one_device("linear_fwd", q, k=k, v=v, S0=S0, z0=z0)
+    _check_qkv(q, k, v)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     return (out,) + _linear_state_like(q, k, v)
 
@@ -77,11 +113,15 @@ def _linear_fwd_fake(q, k, v, S0, z0, feature_map, causal, normalize, eps, scale
 @torch.library.register_fake(f"{_lib}::linear_bwd")
 def _linear_bwd_fake(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, feature_map, causal, normalize, eps, scale,
                      chunk_size):
+    _one_device("linear_bwd", q, grad_out=grad_out, grad_S=grad_S, grad_z=grad_z, k=k, v=v, out=out, S0=S0, z0=z0)
+    _check_qkv(q, k, v)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)) + _linear_state_like(q, k, v)
 
 
 @torch.library.register_fake(f"{_lib}::linear_step")
 def _linear_step_fake(q, k, v, S, z, feature_map, normalize, eps, scale):
+    _one_device("linear_step", q, k=k, v=v, S=S, z=z)
+    _check_qkv(q, k, v)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
     return (out,) + _linear_state_like(q, k, v)
 
@@ -98,13 +138,9 @@ def _linear_backward(ctx, grad_out, grad_S, grad_z):
     q, k, v, out, S0, z0 = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dS0, dz0 = torch.ops.attention_ext.linear_bwd(grad_out, grad_S, grad_z, q, k, v, out, S0, z0,
-                                                              *ctx.params)
+    dq, dk, dv, dS0, dz0 = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, *ctx.params)
     has_state = S0 is not None
     return (dq, dk, dv, dS0 if has_state else None, dz0 if has_state else None) + (None,) * 6
-
-
-torch.library.register_autograd(f"{_lib}::linear_fwd", _linear_backward, setup_context=_linear_setup_context)
 
 
 # linear_step is the causal recurrence over its T tokens from the state (S, z), so its
@@ -119,10 +155,15 @@ def _linear_step_backward(ctx, grad_out, grad_S, grad_z):
     q, k, v, out, S, z = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dS, dz = torch.ops.attention_ext.linear_bwd(grad_out, grad_S, grad_z, q, k, v, out, S, z,
-                                                            *ctx.params)
+    dq, dk, dv, dS, dz = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S, z, *ctx.params)
     return (dq, dk, dv, dS, dz) + (None,) * 4
 
 
-torch.library.register_autograd(f"{_lib}::linear_step", _linear_step_backward,
-                                setup_context=_linear_step_setup_context)
+_LINEAR = "linear_attention and linear_attention_step (ops attention_ext::linear_fwd / linear_step)"
+LINEAR_FWD = register_autograd(f"{_lib}::linear_fwd", _linear_backward, _linear_setup_context, functions=_LINEAR)
+LINEAR_STEP = register_autograd(f"{_lib}::linear_step", _linear_step_backward, _linear_step_setup_context,
+                                functions=_LINEAR)
+LINEAR_BWD = register_autograd(f"{_lib}::linear_bwd", None, None, functions=_LINEAR)
+register_batch_vmap(f"{_lib}::linear_fwd", {"q", "k", "v", "S0", "z0"})
+register_batch_vmap(f"{_lib}::linear_bwd", {"grad_out", "grad_S", "grad_z", "q", "k", "v", "out", "S0", "z0"})
+register_batch_vmap(f"{_lib}::linear_step", {"q", "k", "v", "S", "z"})

@@ -1,9 +1,9 @@
-"""Public attention functions: argument checks -> mask spec -> op.
+"""Public attention functions: argument checks -> spec -> op.
 
 Every function here runs the same two custom ops, ``attention_ext::attention_fwd`` and
 ``attention_ext::attention_bwd`` (FlashAttention-2 tiling, online softmax, logsumexp
-saved, backward recomputes tiles), with a different mask spec; see
-``csrc/common/mask.h`` for the one predicate they share.
+saved, backward recomputes tiles), with a different :class:`~attention_ext._spec.AttentionSpec`;
+see ``csrc/common/mask.h`` for the one predicate they share.
 
 Conventions: q is ``(B, Hq, Nq, D)``, k/v are ``(B, Hkv, Nk, D)`` / ``(B, Hkv, Nk, Dv)``
 with ``Hq % Hkv == 0`` (GQA/MQA, K/V are never repeated). When ``Nq != Nk`` queries are
@@ -15,15 +15,22 @@ gets a zero output and ``lse = -inf``, never NaN. fp16/bf16 inputs accumulate in
 import torch
 
 from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
+from ._spec import MASK_KINDS, AttentionSpec
 
-DENSE, WINDOW, NEIGHBORHOOD, BLOCK_LAYOUT = 0, 1, 2, 3
+
+def _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse):
+    """The checks every exact-attention function shares -> (shape, spec fields)."""
+    shape = _checks.qkv(q, k, v, fn)
+    fields = dict(causal=_checks.boolean(causal, "causal", fn), scale=_checks.scale(scale, q.shape[-1], fn),
+                  softcap=_checks.softcap(softcap, fn),
+                  key_mask=_checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn))
+    _checks.boolean(return_lse, "return_lse", fn)
+    return shape, fields
 
 
-def _attention(q, k, v, *, kind, causal, scale, softcap, key_mask, left=0, right=0, kernel_size=1, dilation=1,
-               num_global=0, global_mask=None, layout=None, block_size=1):
-    return torch.ops.attention_ext.attention_fwd(q, k, v, global_mask, layout, kind, causal, left, right,
-                                                 kernel_size, dilation, num_global, block_size, scale, softcap,
-                                                 key_mask)
+def _run(q, k, v, spec, return_lse):
+    out, lse = spec.forward(q, k, v)
+    return (out, lse) if return_lse else out
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask=None, return_lse=False):
@@ -50,15 +57,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
     """
-    fn = "flash_attention"
-    _checks.qkv(q, k, v, fn)
-    causal = _checks.boolean(causal, "causal", fn)
-    sc = _checks.scale(scale, q.shape[-1], fn)
-    cap = _checks.softcap(softcap, fn)
-    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
-    _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=DENSE, causal=causal, scale=sc, softcap=cap, key_mask=km)
-    return (out, lse) if return_lse else out
+    _, fields = _common(q, k, v, "flash_attention", causal, scale, softcap, key_mask, return_lse)
+    return _run(q, k, v, AttentionSpec(mask_kind=MASK_KINDS["dense"], **fields), return_lse)
 
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
@@ -84,18 +84,13 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
         scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "sliding_window_attention"
-    B, _, _, _, Nk = _checks.qkv(q, k, v, fn)
-    causal = _checks.boolean(causal, "causal", fn)
-    left, right = _checks.window(window, causal, fn)
+    (B, _, _, _, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
+    left, right = _checks.window(window, fields["causal"], fn)
     dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
-    sc = _checks.scale(scale, q.shape[-1], fn)
-    cap = _checks.softcap(softcap, fn)
-    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
-    _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=WINDOW, causal=causal, scale=sc, softcap=cap, key_mask=km, left=left,
-                          right=right, dilation=dilation, num_global=num_global, global_mask=gmask)
-    return (out, lse) if return_lse else out
+    spec = AttentionSpec(mask_kind=MASK_KINDS["window"], window_left=left, window_right=right, dilation=dilation,
+                         num_global=num_global, global_mask=gmask, **fields)
+    return _run(q, k, v, spec, return_lse)
 
 
 def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
@@ -113,7 +108,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
         scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
-    _, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
+    (_, _, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
     if Nq != Nk:
         raise ValueError(f"{fn}: q and k must have the same sequence length, got Nq={Nq}, Nk={Nk}")
     kernel_size = _checks.integer(kernel_size, "kernel_size", fn, minimum=1)
@@ -122,14 +117,8 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
     dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     if Nk > 0 and kernel_size * dilation > Nk:
         raise ValueError(f"{fn}: kernel_size * dilation = {kernel_size * dilation} exceeds the sequence length {Nk}")
-    causal = _checks.boolean(causal, "causal", fn)
-    sc = _checks.scale(scale, q.shape[-1], fn)
-    cap = _checks.softcap(softcap, fn)
-    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
-    _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=NEIGHBORHOOD, causal=causal, scale=sc, softcap=cap, key_mask=km,
-                          kernel_size=kernel_size, dilation=dilation)
-    return (out, lse) if return_lse else out
+    spec = AttentionSpec(mask_kind=MASK_KINDS["neighborhood"], kernel_size=kernel_size, dilation=dilation, **fields)
+    return _run(q, k, v, spec, return_lse)
 
 
 def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, softcap=None,
@@ -147,7 +136,7 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
         scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "block_sparse_attention"
-    _, Hq, _, Nq, Nk = _checks.qkv(q, k, v, fn)
+    (_, Hq, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
     block_size = _checks.integer(block_size, "block_size", fn, minimum=1)
     _checks.tensor(layout, "layout")
     if layout.dtype != torch.bool:
@@ -160,11 +149,6 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
                          f"block_size={block_size}; got {tuple(layout.shape)}")
     if layout.device != q.device:
         raise ValueError(f"{fn}: layout.device ({layout.device}) must equal q.device ({q.device})")
-    causal = _checks.boolean(causal, "causal", fn)
-    sc = _checks.scale(scale, q.shape[-1], fn)
-    cap = _checks.softcap(softcap, fn)
-    km = _checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn)
-    _checks.boolean(return_lse, "return_lse", fn)
-    out, lse = _attention(q, k, v, kind=BLOCK_LAYOUT, causal=causal, scale=sc, softcap=cap, key_mask=km,
-                          layout=layout.contiguous(), block_size=block_size)
-    return (out, lse) if return_lse else out
+    spec = AttentionSpec(mask_kind=MASK_KINDS["block_layout"], block_layout=layout.contiguous(),
+                         block_size=block_size, **fields)
+    return _run(q, k, v, spec, return_lse)

@@ -35,9 +35,9 @@ import numbers
 
 import torch
 
-from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
+from . import _C, _checks, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
 
-FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+FEATURE_MAPS = dict(_C.feature_maps)  # name -> code, from csrc/common/linear.h
 MAX_CHUNK_SIZE = 1024
 
 
@@ -59,7 +59,7 @@ def _state(state, name, q, k, v, fn):
     _checks.tensor(S, f"{name}[0] (S)")
     _checks.tensor(z, f"{name}[1] (z)")
     B, Hkv, D, Dv = q.shape[0], k.shape[1], q.shape[-1], v.shape[-1]
-    sd = _ops._linear_state_dtype(q.dtype)
+    sd = _ops._acc_dtype(q.dtype)
     for label, t, shape in ((f"{name}[0] (S)", S, (B, Hkv, D, Dv)), (f"{name}[1] (z)", z, (B, Hkv, D))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{fn}: {label} must have shape (batch, kv heads, D{', Dv' if len(shape) == 4 else ''})"
@@ -109,7 +109,7 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, norm
         raise ValueError(f"{fn}: chunk_size must be <= {MAX_CHUNK_SIZE}, got {chunk_size}")
     _checks.boolean(return_state, "return_state", fn)
     S0, z0 = _state(initial_state, "initial_state", q, k, v, fn)
-    out, S, z = torch.ops.attention_ext.linear_fwd(q, k, v, S0, z0, fmap, causal, normalize, eps, sc, chunk_size)
+    out, S, z = _ops.LINEAR_FWD(q, k, v, S0, z0, fmap, causal, normalize, eps, sc, chunk_size)
     return (out, (S, z)) if return_state else out
 
 
@@ -138,10 +138,10 @@ def linear_attention_step(q, k, v, state, *, feature_map="elu", eps=1e-6, normal
     fmap, eps, normalize, sc = _params(fn, feature_map, eps, normalize, scale)
     S, z = _state(state, "state", q, k, v, fn)
     if S is None:
-        sd = _ops._linear_state_dtype(q.dtype)
+        sd = _ops._acc_dtype(q.dtype)
         S = q.new_zeros((B, Hkv, D, Dv), dtype=sd)
         z = q.new_zeros((B, Hkv, D), dtype=sd)
-    out, S1, z1 = torch.ops.attention_ext.linear_step(q, k, v, S, z, fmap, normalize, eps, sc)
+    out, S1, z1 = _ops.LINEAR_STEP(q, k, v, S, z, fmap, normalize, eps, sc)
     return out, (S1, z1)
 
 

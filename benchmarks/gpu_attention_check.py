@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import attention_ext  # noqa: F401
+from attention_ext._spec import AttentionSpec
 
 sys.path.insert(0, ".")  # benchmarks._util and the PyTorch linear-attention peer, run from the repo root
-OPS = torch.ops.attention_ext
 
 
 def time_ms(fn, reps=10, warmup=2):
@@ -61,14 +61,17 @@ def pairs_window_causal(n, w):
     return sum(min(i + 1, w + 1) for i in range(n))
 
 
-def ours(q, k, v, *, kind=0, causal=False, left=0, right=0, scale):
-    return OPS.attention_fwd(q, k, v, None, None, kind, causal, left, right, 1, 1, 0, 1, scale)
+def _spec(kind=0, causal=False, left=0, right=0, *, scale):
+    return AttentionSpec(scale=scale, mask_kind=kind, causal=causal, window_left=left, window_right=right)
+
+
+def ours(q, k, v, **kw):
+    return torch.ops.attention_ext.attention_fwd(q, k, v, **_spec(**kw).op_kwargs())
 
 
 def ours_fwd_bwd(q, k, v, g, **kw):
     out, lse = ours(q, k, v, **kw)
-    return OPS.attention_bwd(g, None, q, k, v, out, lse, None, None, kw.get("kind", 0), kw.get("causal", False),
-                             kw.get("left", 0), kw.get("right", 0), 1, 1, 0, 1, kw["scale"])
+    return _spec(**kw).backward(g, None, q, k, v, out, lse)
 
 
 def fmt(x, digits=3):

@@ -1,8 +1,17 @@
 // The attention_ext._C Python module: loading it registers every op (ops.cpp and the
-// per-device implementations); the functions here only choose the CPU kernel build.
+// per-device implementations). It also exports the limits and codes of common/ (the
+// Python checks read them from here), the CPU kernel build switch and the CUDA path.
 #include <torch/extension.h>
 
+#include "common/limits.h"
+#include "common/linear.h"
+#include "common/mask.h"
 #include "cpu/isa.h"
+#ifdef AE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/attention_path.h"
+#endif
 
 namespace {
 
@@ -28,6 +37,17 @@ at::Tensor apply_unary(UnaryFn fn, const at::Tensor& x) {
 at::Tensor exp2_poly(const at::Tensor& x) { return apply_unary(attention_ext::cpu::active_kernels().exp2, x); }
 at::Tensor tanh_fast(const at::Tensor& x) { return apply_unary(attention_ext::cpu::active_kernels().tanh, x); }
 
+#ifdef AE_WITH_CUDA
+// (tensor_core, bucket, reason) for an exact-attention call on q's CUDA device.
+py::tuple cuda_attention_path(const at::Tensor& q, int64_t head_dim, int64_t value_dim, bool backward,
+                              bool deterministic) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto p = attention_ext::cuda::attention_path(q.scalar_type(), head_dim, value_dim, backward, deterministic);
+  return py::make_tuple(p.tensor_core, p.bucket, p.reason);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -36,6 +56,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("_exp2_poly", &exp2_poly, "The CPU kernels' vectorised exp2 (for tests)");
   m.def("_tanh_fast", &tanh_fast, "The CPU kernels' vectorised tanh of the softcap (for tests)");
   m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
+  namespace ae = attention_ext;
+  py::dict limits;
+  limits["cpu_max_head_dim"] = ae::kCpuMaxHeadDim;
+  limits["cuda_max_head_dim"] = ae::kCudaMaxHeadDim;
+  limits["cuda_tensor_core_max_head_dim"] = ae::kCudaTensorCoreMaxHeadDim;
+  limits["softcap_min"] = ae::kMinSoftcap;
+  limits["softcap_max"] = ae::kMaxSoftcap;
+  limits["linear_max_dim"] = ae::kLinearMaxDim;
+  m.attr("limits") = limits;
+  py::dict kinds;
+  kinds["dense"] = int64_t(ae::kDense);
+  kinds["window"] = int64_t(ae::kWindow);
+  kinds["neighborhood"] = int64_t(ae::kNeighborhood);
+  kinds["block_layout"] = int64_t(ae::kBlockLayout);
+  m.attr("mask_kinds") = kinds;
+  py::dict fmaps;
+  fmaps["identity"] = int64_t(ae::kFeatureIdentity);
+  fmaps["elu"] = int64_t(ae::kFeatureElu);
+  fmaps["relu"] = int64_t(ae::kFeatureRelu);
+  m.attr("feature_maps") = fmaps;
+#ifdef AE_WITH_CUDA
+  m.def("_cuda_attention_path", &cuda_attention_path,
+        "(tensor_core, bucket, reason): which CUDA kernels an attention call on q's device runs");
+#endif
   m.attr("cuda_built") = py::bool_(
 #ifdef AE_WITH_CUDA
       true

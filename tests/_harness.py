@@ -54,6 +54,16 @@ def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, grads=True, 
     return out, lse
 
 
+def opcheck_attention(q, k, v, spec):
+    """torch.library.opcheck of attention_fwd and attention_bwd under an AttentionSpec."""
+    kw = spec.op_kwargs()
+    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, (q, k, v), kw)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = spec.forward(q, k, v)
+    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, (torch.randn_like(out), None, q, k, v, out, lse),
+                          kw)
+
+
 def check_compiles(loss_fn, *inputs):
     """loss_fn(*inputs) -> scalar traces with torch.compile(fullgraph=True) through our ops'
     fake kernels and autograd, and gives eager's loss and input gradients."""

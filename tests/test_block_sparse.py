@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, make_qkv
+from _harness import check_attention, make_qkv, opcheck_attention
 
 P = ae.patterns
 
@@ -62,8 +63,8 @@ def test_gradcheck(device):
 def test_opcheck(device):
     q, k, v = make_qkv(1, 2, 1, 40, 40, 16, device=device)
     layout = P.bigbird(40, 8, num_heads=2, seed=0).to(device)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default,
-                          (q, k, v, None, layout, 3, False, 0, 0, 1, 1, 0, 8, 0.25))
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, mask_kind=MASK_KINDS["block_layout"], block_layout=layout,
+                                             block_size=8))
 
 
 def test_bigbird_is_seeded_and_has_its_parts():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attention_ext  # noqa: F401  (registers the ops)
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
 
 # AE_TEST_DEVICE=cpu runs the same checks on the CPU kernels (a check of the tests).
@@ -23,25 +24,20 @@ pytestmark = [
                        reason="needs a CUDA device and the CUDA build"),
 ]
 
-OPS = torch.ops.attention_ext
 LOWP = (torch.float16, torch.bfloat16)
 ALL = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class Spec:
-    """Mask arguments of the ops plus the explicit (B or 1, H or 1, Nq, Nk) bool mask."""
+    """The fields of an AttentionSpec (all but scale) plus the explicit (B or 1, H or 1,
+    Nq, Nk) bool mask of the float64 reference."""
 
-    def __init__(self, kind=0, causal=False, left=0, right=0, kernel_size=1, dilation=1, num_global=0,
-                 block_size=1, global_mask=None, layout=None, mask=None):
-        self.kind, self.causal, self.left, self.right = kind, causal, left, right
-        self.kernel_size, self.dilation, self.num_global, self.block_size = kernel_size, dilation, num_global, block_size
-        self.global_mask, self.layout, self.mask = global_mask, layout, mask
+    def __init__(self, mask=None, **fields):
+        self.fields, self.mask = fields, mask
 
-    def args(self):
-        gm = None if self.global_mask is None else self.global_mask.to(DEV)
-        lay = None if self.layout is None else self.layout.to(DEV)
-        return (gm, lay, self.kind, self.causal, self.left, self.right, self.kernel_size, self.dilation,
-                self.num_global, self.block_size)
+    def at(self, scale):
+        """The AttentionSpec with this scale, its tensors on DEV."""
+        return AttentionSpec(scale=scale, **{k: x.to(DEV) if torch.is_tensor(x) else x for k, x in self.fields.items()})
 
 
 def dense(Nq, Nk, causal=False):
@@ -60,12 +56,12 @@ def window(Nq, Nk, left, right, dilation=1, causal=False, num_global=0, global_m
                 g |= global_mask[b]
             per_b.append(m | R.global_mask_2d(Nq, Nk, g, causal=causal))
         m = torch.stack(per_b).unsqueeze(1)  # (B, 1, Nq, Nk)
-    return Spec(kind=1, causal=causal, left=left, right=right, dilation=dilation, num_global=num_global,
-                global_mask=global_mask, mask=m)
+    return Spec(mask_kind=MASK_KINDS["window"], causal=causal, window_left=left, window_right=right, dilation=dilation,
+                num_global=num_global, global_mask=global_mask, mask=m)
 
 
 def neighborhood(N, kernel_size, dilation=1, causal=False):
-    return Spec(kind=2, causal=causal, kernel_size=kernel_size, dilation=dilation,
+    return Spec(mask_kind=MASK_KINDS["neighborhood"], causal=causal, kernel_size=kernel_size, dilation=dilation,
                 mask=R.neighborhood_mask(N, kernel_size, dilation=dilation, causal=causal))
 
 
@@ -73,7 +69,7 @@ def blocks(layout, bs, Nq, Nk, causal=False):
     m = R.block_mask(layout, bs, Nq, Nk).unsqueeze(0)  # (1, H, Nq, Nk)
     if causal:
         m = m & R.causal_mask(Nq, Nk)
-    return Spec(kind=3, causal=causal, block_size=bs, layout=layout, mask=m)
+    return Spec(mask_kind=MASK_KINDS["block_layout"], causal=causal, block_size=bs, block_layout=layout, mask=m)
 
 
 def bf16_exact(*shape, scale=1.0):
@@ -106,8 +102,8 @@ def lowp_grads(q, k, v, spec, scale, g):
 
 
 def run_ops(q, k, v, spec, scale, g, glse=None):
-    out, lse = OPS.attention_fwd(q, k, v, *spec.args(), scale)
-    dq, dk, dv = OPS.attention_bwd(g, glse, q, k, v, out, lse, *spec.args(), scale)
+    out, lse = spec.at(scale).forward(q, k, v)
+    dq, dk, dv = spec.at(scale).backward(g, glse, q, k, v, out, lse)
     return out, lse, dq, dk, dv
 
 
@@ -195,13 +191,8 @@ def test_float64_and_grad_lse():
 
 def test_float64_gradcheck():
     q, k, v = (t.to(DEV).requires_grad_() for t in make(1, 2, 1, 9, 11, 8))
-    args = dense(9, 11, True).args()
-
-    def f(q, k, v):
-        out, lse = OPS.attention_fwd(q, k, v, *args, 0.5)
-        return out, lse
-
-    torch.autograd.gradcheck(f, (q, k, v))
+    spec = dense(9, 11, True).at(0.5)
+    torch.autograd.gradcheck(spec.forward, (q, k, v))
 
 
 def test_large_scores_and_custom_scale():
@@ -315,8 +306,8 @@ def test_noncontiguous(prep):
     # forward is bitwise the same as on contiguous copies
     for dtype in ALL:
         qc, kc, vc = (t.to(DEV, dtype) for t in (q, k, v))
-        a = OPS.attention_fwd(prep(qc), prep(kc), prep(vc), *spec.args(), 0.125)
-        b = OPS.attention_fwd(qc, kc, vc, *spec.args(), 0.125)
+        a = spec.at(0.125).forward(prep(qc), prep(kc), prep(vc))
+        b = spec.at(0.125).forward(qc, kc, vc)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -326,15 +317,14 @@ def test_expanded_kv_and_grad():
     for dtype in (torch.bfloat16, torch.float32):
         qc, kc, vc = (t.to(DEV, dtype) for t in (q, k, v))
         ke, ve = kc.expand(1, 2, 60, 64), vc.expand(1, 2, 60, 64)  # stride-0 heads
-        out, lse = OPS.attention_fwd(qc, ke, ve, *spec.args(), 0.125)
-        ref = OPS.attention_fwd(qc, ke.contiguous(), ve.contiguous(), *spec.args(), 0.125)
+        out, lse = spec.at(0.125).forward(qc, ke, ve)
+        ref = spec.at(0.125).forward(qc, ke.contiguous(), ve.contiguous())
         assert torch.equal(out, ref[0])
         g = torch.randn(1, 1, 1, 64, device=DEV, dtype=dtype).expand_as(out)  # stride-0 upstream gradient
         torch.use_deterministic_algorithms(True)
         try:
-            a = OPS.attention_bwd(g, None, qc, ke, ve, out, lse, *spec.args(), 0.125)
-            b = OPS.attention_bwd(g.contiguous(), None, qc, ke.contiguous(), ve.contiguous(), out, lse,
-                                  *spec.args(), 0.125)
+            a = spec.at(0.125).backward(g, None, qc, ke, ve, out, lse)
+            b = spec.at(0.125).backward(g.contiguous(), None, qc, ke.contiguous(), ve.contiguous(), out, lse)
         finally:
             torch.use_deterministic_algorithms(False)
         for x, y in zip(a, b):
@@ -361,10 +351,10 @@ def test_deterministic_backward(case):
     try:
         for dtype in (torch.bfloat16, torch.float32):
             qc, kc, vc = (t.to(DEV, dtype) for t in (q, k, v))
-            out, lse = OPS.attention_fwd(qc, kc, vc, *spec.args(), 0.1)
+            out, lse = spec.at(0.1).forward(qc, kc, vc)
             g = torch.randn_like(out)
-            a = OPS.attention_bwd(g, None, qc, kc, vc, out, lse, *spec.args(), 0.1)
-            b = OPS.attention_bwd(g, None, qc, kc, vc, out, lse, *spec.args(), 0.1)
+            a = spec.at(0.1).backward(g, None, qc, kc, vc, out, lse)
+            b = spec.at(0.1).backward(g, None, qc, kc, vc, out, lse)
             for x, y in zip(a, b):
                 assert torch.equal(x, y), "deterministic backward must repeat bitwise"
     finally:
@@ -374,8 +364,8 @@ def test_deterministic_backward(case):
 def test_forward_repeats_bitwise():
     q, k, v = (t.to(DEV, torch.bfloat16) for t in make(2, 8, 2, 513, 513, 128))
     spec = dense(513, 513, True)
-    a = OPS.attention_fwd(q, k, v, *spec.args(), 0.1)
-    b = OPS.attention_fwd(q, k, v, *spec.args(), 0.1)
+    a = spec.at(0.1).forward(q, k, v)
+    b = spec.at(0.1).forward(q, k, v)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -389,10 +379,10 @@ def test_large_head_dim_falls_back():
 def test_other_stream():
     q, k, v = (t.to(DEV, torch.bfloat16) for t in make(1, 2, 1, 100, 100, 64))
     spec = dense(100, 100, True)
-    ref = OPS.attention_fwd(q, k, v, *spec.args(), 0.1)
+    ref = spec.at(0.1).forward(q, k, v)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        out = OPS.attention_fwd(q, k, v, *spec.args(), 0.1)
+        out = spec.at(0.1).forward(q, k, v)
     torch.cuda.current_stream().wait_stream(s)
     assert torch.equal(out[0], ref[0])

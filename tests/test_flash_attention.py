@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, check_compiles, make_qkv
+from _harness import check_attention, check_compiles, make_qkv, opcheck_attention
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -123,19 +124,10 @@ def test_gradcheck(device, shape, causal):
                              (q, k, v))
 
 
-def _op_args(q, k, v, causal):
-    return (q, k, v, None, None, 0, causal, 0, 0, 1, 1, 0, 1, 1.0 / math.sqrt(q.shape[-1]))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(device, dtype):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 16, dtype=dtype, device=device)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, _op_args(q, k, v, True))
-    out, lse = torch.ops.attention_ext.attention_fwd(*_op_args(q.detach(), k.detach(), v.detach(), True))
-    g = torch.randn_like(out)
-    bwd_args = (g, None, q.detach(), k.detach(), v.detach(), out, lse, None, None, 0, True, 0, 0, 1, 1, 0, 1,
-                0.25)
-    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd_args)
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, causal=True))
 
 
 def test_torch_compile_fullgraph(device):
@@ -210,4 +202,4 @@ def test_device_mismatch_is_reported():
 def test_direct_op_call_is_checked():
     q = torch.randn(1, 4, 5, 16)
     with pytest.raises(RuntimeError, match="multiple of k/v heads"):
-        torch.ops.attention_ext.attention_fwd(q, q[:, :3], q[:, :3], None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0)
+        AttentionSpec(scale=1.0).forward(q, q[:, :3], q[:, :3])

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, check_compiles, make_qkv, pattern_cases
+from _harness import check_attention, check_compiles, make_qkv, opcheck_attention, pattern_cases
 
 N = 150
 LAYOUT = ae.patterns.bigbird(N, 16, num_heads=4, seed=3)
@@ -105,12 +106,8 @@ def test_gradcheck(device):
 def test_opcheck_and_compile(device):
     q, k, v = make_qkv(4, 4, 2, 19, 23, 16, device=device)
     km = key_mask(4, 23).to(device)
-    args = (q, k, v, None, None, 1, True, 5, 0, 1, 1, 0, 1, 1.0 / math.sqrt(16), 0.0, km)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, args)
-    out, lse = torch.ops.attention_ext.attention_fwd(*(a.detach() if torch.is_tensor(a) else a for a in args))
-    bwd = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, None, None, 1, True, 5, 0, 1, 1,
-           0, 1, 0.25, 0.0, km)
-    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd)
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, mask_kind=MASK_KINDS["window"], causal=True, window_left=5,
+                                             key_mask=km))
     check_compiles(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, key_mask=km).square().sum(), q, k, v)
 
 
@@ -133,9 +130,7 @@ def test_bad_key_mask(value, exc, fragment):
 
 def test_direct_op_call_checks_key_mask():
     q = torch.randn(2, 2, 5, 8)
-    with pytest.raises(RuntimeError, match=r"key_mask must be \(2, 5\)"):
-        torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0, 0.0,
-                                              torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"key_mask must have shape \[2, 5\]"):
+        AttentionSpec(scale=1.0, key_mask=torch.ones(2, 4, dtype=torch.bool)).forward(q, q, q)
     with pytest.raises(RuntimeError, match="key_mask must be bool"):
-        torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0, 0.0,
-                                              torch.ones(2, 5))
+        AttentionSpec(scale=1.0, key_mask=torch.ones(2, 5)).forward(q, q, q)

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, make_qkv
+from _harness import check_attention, make_qkv, opcheck_attention
 
 
 def test_reference_mask_has_kernel_size_keys_per_row():
@@ -54,8 +55,8 @@ def test_gradcheck(device):
 
 def test_opcheck(device):
     q, k, v = make_qkv(1, 2, 2, 30, 30, 16, device=device)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default,
-                          (q, k, v, None, None, 2, False, 0, 0, 5, 2, 0, 1, 0.25))
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, mask_kind=MASK_KINDS["neighborhood"], kernel_size=5,
+                                             dilation=2))
 
 
 BAD = [

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, check_compiles, make_qkv
+from _harness import check_attention, check_compiles, make_qkv, opcheck_attention
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -117,8 +118,8 @@ def test_opcheck(device):
     q, k, v = make_qkv(1, 4, 2, 40, 40, 16, device=device)
     g = torch.zeros(1, 40, dtype=torch.bool, device=device)
     g[0, 5] = True
-    args = (q, k, v, g, None, 1, True, 4, 0, 1, 2, 1, 1, 0.25)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, args)
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, mask_kind=MASK_KINDS["window"], causal=True, window_left=4,
+                                             dilation=2, num_global=1, global_mask=g))
 
 
 def test_torch_compile(device):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import attention_ext as ae
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 import reference as R
-from _harness import check_attention, check_compiles, make_qkv, pattern_cases
+from _harness import check_attention, check_compiles, make_qkv, opcheck_attention, pattern_cases
 
 N = 150
 CAP = 3.0  # the inputs below give scaled scores of std ~4: the cap binds on most of them
@@ -55,18 +56,11 @@ def test_off_and_far_caps(device):
     assert (far - plain).abs().max() < 1e-5
 
 
-def _op_args(q, k, v, softcap):
-    return (q, k, v, None, None, 1, True, 5, 0, 1, 1, 0, 1, 1.0 / math.sqrt(q.shape[-1]), softcap)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(device, dtype):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 16, dtype=dtype, device=device, scale_inputs=2.0)
-    torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, _op_args(q, k, v, 2.0))
-    out, lse = torch.ops.attention_ext.attention_fwd(*_op_args(q.detach(), k.detach(), v.detach(), 2.0))
-    bwd_args = (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, None, None, 1, True, 5, 0,
-                1, 1, 0, 1, 0.25, 2.0)
-    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd_args)
+    opcheck_attention(q, k, v, AttentionSpec(scale=0.25, softcap=2.0, mask_kind=MASK_KINDS["window"], causal=True,
+                                             window_left=5))
 
 
 def test_torch_compile_fullgraph(device):
@@ -92,8 +86,7 @@ def test_direct_op_call_checks_softcap():
     q = torch.randn(1, 2, 5, 8)
     for bad in (-2.0, 1e-40, 1e300):
         with pytest.raises(RuntimeError, match=r"softcap must be 0 \(off\) or in"):
-            torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0, bad)
-    out, lse = torch.ops.attention_ext.attention_fwd(q, q, q, None, None, 0, False, 0, 0, 1, 1, 0, 1, 1.0)
+            AttentionSpec(scale=1.0, softcap=bad).forward(q, q, q)
+    out, lse = AttentionSpec(scale=1.0).forward(q, q, q)
     with pytest.raises(RuntimeError, match=r"softcap must be 0 \(off\) or in"):
-        torch.ops.attention_ext.attention_bwd(out, None, q, q, q, out, lse, None, None, 0, False, 0, 0, 1, 1, 0, 1,
-                                              1.0, float("nan"))
+        AttentionSpec(scale=1.0, softcap=float("nan")).backward(out, None, q, q, q, out, lse)

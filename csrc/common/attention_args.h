@@ -1,6 +1,13 @@
-// Host-side checks and MaskSpec construction shared by the CPU and CUDA op bodies.
-// The Python layer gives users friendlier messages; these checks keep direct
-// torch.ops.attention_ext calls memory-safe.
+// The spec of an exact-attention call as attention_fwd / attention_bwd receive it, and
+// the checks that turn it into a MaskSpec, shared by the CPU and CUDA op bodies
+// (attention_op.h).
+//
+// The spec is one list, in schema order, written in three places that must agree:
+//   AE_ATTENTION_SPEC_SCHEMA below  (the ops' trailing arguments, csrc/ops.cpp)
+//   AE_ATTENTION_SPEC_PARAMS below  (how the op bodies receive them)
+//   attention_ext/_spec.py          (AttentionSpec, whose fields carry the same names)
+// A new modifier (packed sequences, cache lengths, score terms) is one more entry in each,
+// a field of MaskSpec or of the score path in csrc/common, and one place per backend.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,33 +15,68 @@
 #include <optional>
 
 #include "mask.h"
+#include "tensor_checks.h"
 
 namespace attention_ext {
 
-struct MaskArgs {
-  MaskSpec spec;
-  at::Tensor global_prefix;  // keeps spec.global_prefix alive
-  at::Tensor key_prefix;     // keeps spec.key_prefix alive
-  at::Tensor layout;         // keeps spec.layout alive
+// Trailing arguments of both ops, one per line. They are positional because
+// torch.library.register_autograd refuses keyword-only tensors; callers pass them by name.
+#define AE_ATTENTION_SPEC_SCHEMA      \
+  "float scale, "                     \
+  "float softcap=0.0, "               \
+  "int mask_kind=0, "                 \
+  "bool causal=False, "               \
+  "int window_left=0, "               \
+  "int window_right=0, "              \
+  "int dilation=1, "                  \
+  "int kernel_size=1, "               \
+  "int num_global=0, "                \
+  "Tensor? global_mask=None, "        \
+  "Tensor? block_layout=None, "       \
+  "int block_size=1, "                \
+  "Tensor? key_mask=None"
+
+#define AE_ATTENTION_SPEC_PARAMS                                                                                 \
+  double scale, double softcap, int64_t mask_kind, bool causal, int64_t window_left, int64_t window_right,     \
+      int64_t dilation, int64_t kernel_size, int64_t num_global, const std::optional<at::Tensor>& global_mask,  \
+      const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask
+
+#define AE_ATTENTION_SPEC_ARGS                                                                                   \
+  scale, softcap, mask_kind, causal, window_left, window_right, dilation, kernel_size, num_global, global_mask, \
+      block_layout, block_size, key_mask
+
+struct AttentionSpecArgs {
+  double scale, softcap;
+  int64_t mask_kind;
+  bool causal;
+  int64_t window_left, window_right, dilation, kernel_size, num_global;
+  const std::optional<at::Tensor>& global_mask;
+  const std::optional<at::Tensor>& block_layout;
+  int64_t block_size;
+  const std::optional<at::Tensor>& key_mask;
 };
 
-// Shapes of a checked q/k/v triple.
-struct AttnShape {
-  int64_t B, Hq, Hkv, Nq, Nk, Dqk, Dv;
+// A checked call: shapes, dtype, the mask spec and the tensors its pointers read.
+struct AttentionInputs {
+  QkvShape shape;
+  DType dtype;
+  MaskSpec mask;
+  double scale, softcap;
+  at::Tensor global_prefix, key_prefix, block_layout;  // keep mask's pointers alive
 };
 
-AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// attention_fwd(q, k, v, *spec): every tensor's device, dtype and shape, and every number.
+AttentionInputs check_attention_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const AttentionSpecArgs& spec);
 
-MaskArgs make_mask(const AttnShape& s, const at::Tensor& q, const std::optional<at::Tensor>& global_mask,
-                   const std::optional<at::Tensor>& layout, int64_t kind, bool causal, int64_t left,
-                   int64_t right, int64_t kernel_size, int64_t dilation, int64_t num_global,
-                   int64_t block_size, const std::optional<at::Tensor>& key_mask);
+// attention_bwd(grad_out, grad_lse, q, k, v, out, lse, *spec): the forward's checks plus
+// grad_out/out (B, Hq, Nq, Dv) of q's dtype, lse/grad_lse (B, Hq, Nq) of the lse dtype.
+AttentionInputs check_attention_bwd_inputs(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& out, const at::Tensor& lse,
+                                           const AttentionSpecArgs& spec);
 
-// softcap: 0 (off) or in [kMinSoftcap, kMaxSoftcap].
-constexpr double kMinSoftcap = 1e-6, kMaxSoftcap = 1e6;
-void check_softcap(double softcap);
-
-// dtype of the saved logsumexp for inputs of dtype t.
-inline at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// Largest head dim the exact-attention ops take on q's device (limits.h).
+int64_t attention_max_head_dim(const at::Device& device);
 
 }  // namespace attention_ext

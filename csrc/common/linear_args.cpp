@@ -4,28 +4,9 @@
 
 namespace attention_ext {
 
-LinearShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             bool causal) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-              ": q, k, v must be 4-D (batch, heads, seq, dim), got q.dim()=", q.dim(), ", k.dim()=", k.dim(),
-              ", v.dim()=", v.dim());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-              ": q dtype must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k, v must be on one device, got ",
-              q.device(), ", ", k.device(), ", ", v.device());
-  LinearShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op, ": batch sizes differ: q ", s.B, ", k ", k.size(0), ", v ",
-              v.size(0));
-  TORCH_CHECK(v.size(1) == s.Hkv, op, ": k and v head counts differ: ", s.Hkv, " vs ", v.size(1));
-  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, op, ": q heads (", s.Hq, ") must be a multiple of k/v heads (", s.Hkv,
-              ")");
-  TORCH_CHECK(v.size(2) == s.Nk, op, ": k and v sequence lengths differ: ", s.Nk, " vs ", v.size(2));
-  TORCH_CHECK(k.size(3) == s.D, op, ": q and k feature dims differ: ", s.D, " vs ", k.size(3));
-  TORCH_CHECK(s.D >= 1 && s.D <= kLinearMaxDim && s.Dv >= 1 && s.Dv <= kLinearMaxDim, op,
-              ": feature and value dims must be in [1, ", kLinearMaxDim, "], got ", s.D, " and ", s.Dv);
+QkvShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          bool causal) {
+  const QkvShape s = check_qkv(op, q, k, v, kLinearMaxDim);
   TORCH_CHECK(!causal || s.Nq == s.Nk, op, ": causal needs as many queries as keys, got ", s.Nq, " and ", s.Nk);
   return s;
 }
@@ -38,7 +19,7 @@ void check_linear_params(const char* op, int64_t feature_map, int64_t chunk, dou
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
-std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char* name, const LinearShape& s,
+std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char* name, const QkvShape& s,
                                                      const at::Tensor& q, const std::optional<at::Tensor>& S,
                                                      const std::optional<at::Tensor>& z) {
   const bool hs = S.has_value() && S->defined(), hz = z.has_value() && z->defined();
@@ -52,11 +33,12 @@ std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char*
               c10::IntArrayRef(z_shape), ", got ", z->sizes());
   TORCH_CHECK(S->scalar_type() == dt && z->scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ",
               S->scalar_type(), " and ", z->scalar_type());
-  TORCH_CHECK(S->device() == q.device() && z->device() == q.device(), op, ": ", name, " must be on ", q.device());
+  check_device(op, name, *S, q);
+  check_device(op, name, *z, q);
   return {S->contiguous(), z->contiguous()};
 }
 
-std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const LinearShape& s, const at::Tensor& q,
+std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const QkvShape& s, const at::Tensor& q,
                                                           const at::Tensor& grad_out, const at::Tensor& out,
                                                           const std::optional<at::Tensor>& grad_S,
                                                           const std::optional<at::Tensor>& grad_z) {
@@ -72,8 +54,8 @@ std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const 
               ": grad_out and out must be ", c10::IntArrayRef(o_shape));
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
               ": grad_out and out must have q's dtype");
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device(), op,
-              ": grad_out and out must be on q's device");
+  check_device(op, "grad_out", grad_out, q);
+  check_device(op, "out", out, q);
   return state_grad;
 }
 

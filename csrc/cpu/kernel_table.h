@@ -2,16 +2,17 @@
 // CPU kernels, which are compiled once per ISA into modules of their own
 // (attention_ext._cpu_avx512, _cpu_avx2, and the portable build inside _C).
 // Only plain data crosses it, so each ISA module can be built with its own flags and
-// swapped at run time (attention_ext._set_cpu_isa).
+// swapped at run time (attention_ext.set_cpu_isa).
 #pragma once
 
 #include <cstdint>
 
+#include "../common/limits.h"
 #include "../common/mask.h"
 
 namespace attention_ext::cpu {
 
-enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+using attention_ext::DType;
 
 // A strided 4-D operand (batch, head, seq, dim); strides in elements.
 struct Operand {

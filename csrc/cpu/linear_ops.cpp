@@ -9,15 +9,6 @@
 namespace attention_ext::cpu {
 namespace {
 
-DType lin_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kBFloat16: return DType::BFloat16;
-    default: return DType::Float16;
-  }
-}
-
 Operand lin_operand(const at::Tensor& t) {
   Operand o;
   o.data = t.data_ptr();
@@ -33,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
                                                               bool causal, bool normalize, double eps, double scale,
                                                               int64_t chunk_size) {
   const char* op = "linear_fwd";
-  const LinearShape s = check_linear_qkv(op, q, k, v, causal);
+  const QkvShape s = check_linear_qkv(op, q, k, v, causal);
   check_linear_params(op, feature_map, chunk_size, eps, scale);
   auto [S0c, z0c] = check_linear_state(op, "initial state", s, q, S0, z0);
   const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
@@ -41,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
   auto S = at::empty({s.B, s.Hkv, s.D, s.Dv}, sd);
   auto z = at::empty({s.B, s.Hkv, s.D}, sd);
   LinearFwdArgs a{};
-  a.dtype = lin_dtype(q.scalar_type());
+  a.dtype = dtype_of(q.scalar_type());
   a.B = s.B, a.Hq = s.Hq, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
   a.q = lin_operand(q), a.k = lin_operand(k), a.v = lin_operand(v);
   a.S0 = ptr_or_null(S0c), a.z0 = ptr_or_null(z0c);
@@ -59,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, int64_t feature_map, bool causal,
     bool normalize, double eps, double scale, int64_t chunk_size) {
   const char* op = "linear_bwd";
-  const LinearShape s = check_linear_qkv(op, q, k, v, causal);
+  const QkvShape s = check_linear_qkv(op, q, k, v, causal);
   check_linear_params(op, feature_map, chunk_size, eps, scale);
   auto [S0c, z0c] = check_linear_state(op, "initial state", s, q, S0, z0);
   auto [gSc, gzc] = check_linear_bwd_inputs(op, s, q, grad_out, out, grad_S, grad_z);
@@ -70,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
   auto dS0 = at::empty({s.B, s.Hkv, s.D, s.Dv}, sd);
   auto dz0 = at::empty({s.B, s.Hkv, s.D}, sd);
   LinearBwdArgs a{};
-  a.dtype = lin_dtype(q.scalar_type());
+  a.dtype = dtype_of(q.scalar_type());
   a.B = s.B, a.Hq = s.Hq, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
   a.q = lin_operand(q), a.k = lin_operand(k), a.v = lin_operand(v);
   a.out = lin_operand(out), a.grad_out = lin_operand(grad_out);
@@ -90,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_step_cpu(const at::Tensor&
                                                                const at::Tensor& z, int64_t feature_map,
                                                                bool normalize, double eps, double scale) {
   const char* op = "linear_step";
-  const LinearShape s = check_linear_qkv(op, q, k, v, /*causal=*/true);
+  const QkvShape s = check_linear_qkv(op, q, k, v, /*causal=*/true);
   check_linear_params(op, feature_map, 1, eps, scale);
   auto [Sc, zc] = check_linear_state(op, "state", s, q, S, z);
   const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
@@ -98,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_step_cpu(const at::Tensor&
   auto S1 = at::empty({s.B, s.Hkv, s.D, s.Dv}, sd);
   auto z1 = at::empty({s.B, s.Hkv, s.D}, sd);
   LinearStepArgs a{};
-  a.dtype = lin_dtype(q.scalar_type());
+  a.dtype = dtype_of(q.scalar_type());
   a.B = s.B, a.Hq = s.Hq, a.Hkv = s.Hkv, a.T = s.Nq, a.D = s.D, a.Dv = s.Dv;
   a.q = lin_operand(q), a.k = lin_operand(k), a.v = lin_operand(v);
   a.S0 = Sc.data_ptr(), a.z0 = zc.data_ptr();

@@ -9,11 +9,15 @@
 //   SIMT (fp32, fp64, and fp16/bf16 beyond the tensor-core limits): any strides.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
+#include "../common/limits.h"
 #include "../common/mask.h"
 
 namespace attention_ext::cuda {
@@ -62,15 +66,7 @@ struct TcBwdParams {
 // Rows of lse2 / delta per (b, h): a multiple of every query tile used by the kernels.
 constexpr int64_t kLseRowPad = 128;
 
-// Tile configurations per head-dim bucket D (64, 128, 256); 16-bit elements. The D = 128
-// choices can be overridden at build time (NVCC_APPEND_FLAGS="-DAE_FWD_BN128=32 ...") to
-// compare tilings on a GPU without editing the source.
-#ifndef AE_FWD_BN128
-#define AE_FWD_BN128 64
-#endif
-#ifndef AE_BWD_WK128
-#define AE_BWD_WK128 1
-#endif
+// Tile configurations per head-dim bucket D (64, 128, 256); 16-bit elements.
 
 // Forward: BM query rows (16 * MW per warp) x BN keys; smem Q + K + V. Measured on an H100
 // (benchmarks/RESULTS.md): for D = 128 two 16-row atoms per warp with 4 warps beat one atom
@@ -80,7 +76,7 @@ struct FwdCfg {
   static constexpr int MW = D <= 128 ? 2 : 1;  // 16-row atoms per warp (D = 256: the O accumulator allows one)
   static constexpr int NWARPS = 4;
   static constexpr int BM = 16 * MW * NWARPS;
-  static constexpr int BN = D <= 64 ? 64 : D == 128 ? AE_FWD_BN128 : 32;
+  static constexpr int BN = D <= 64 ? 64 : D == 128 ? 64 : 32;
   static constexpr int NTHREADS = 32 * NWARPS;
   static constexpr size_t SMEM = size_t(BM + 2 * BN) * D * 2;
 };
@@ -91,7 +87,7 @@ struct FwdCfg {
 template <int D>
 struct BwdCfg {
   static constexpr int NWARPS = 8;
-  static constexpr int WK = D == 256 ? 2 : D == 128 ? AE_BWD_WK128 : 1;
+  static constexpr int WK = D == 256 ? 2 : 1;
   static constexpr int STAGES = D == 256 ? 1 : 2;
   static constexpr int BM = 64;
   static constexpr int BN = 16 * NWARPS / WK;
@@ -109,9 +105,34 @@ struct DqCfg {
   static constexpr size_t SMEM = size_t(2 * BM * D + 2 * BN * D) * 2 + size_t(2) * BM * 4;
 };
 
-inline size_t tc_fwd_smem(int d) { return d <= 64 ? FwdCfg<64>::SMEM : d <= 128 ? FwdCfg<128>::SMEM : FwdCfg<256>::SMEM; }
-inline size_t tc_bwd_smem(int d) { return d <= 64 ? BwdCfg<64>::SMEM : d <= 128 ? BwdCfg<128>::SMEM : BwdCfg<256>::SMEM; }
-inline size_t tc_dq_smem(int d) { return d <= 64 ? DqCfg<64>::SMEM : d <= 128 ? DqCfg<128>::SMEM : DqCfg<256>::SMEM; }
+// Calls f(std::integral_constant<int, D>{}) for the head-dim bucket D of the tensor-core
+// kernels (64, 128 or 256), like FlashAttention's HEADDIM_SWITCH.
+template <class F>
+void head_dim_switch(int bucket, F&& f) {
+  switch (bucket) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
+// Calls f(T{}) with the CUDA type of a 16-bit dtype (the tensor-core kernels).
+template <class F>
+void tc_type_switch(DType dtype, F&& f) {
+  if (dtype == DType::Float16) return f(__half{});
+  return f(__nv_bfloat16{});
+}
+
+// Calls f(T{}, A{}) with the storage and accumulation types of dtype (the SIMT kernels).
+template <class F>
+void type_switch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{}, float{});
+    case DType::Float64: return f(double{}, double{});
+    case DType::Float16: return f(__half{}, float{});
+    default: return f(__nv_bfloat16{}, float{});
+  }
+}
 
 // Explicitly instantiated in cuda_attn_{fwd,bwd}_<dtype>_d<bucket>.cu for T in
 // {__half, __nv_bfloat16} and D in {64, 128, 256}.
@@ -154,9 +175,9 @@ struct SimtBwdParams {
   MaskSpec mask;
 };
 
-// scalar: 0 fp32, 1 fp64, 2 fp16, 3 bf16 (accumulation in fp32, fp64 for fp64)
-void launch_simt_fwd(int scalar, const SimtFwdParams& p, cudaStream_t stream);
-void launch_simt_bwd(int scalar, const SimtBwdParams& p, cudaStream_t stream);
+// Accumulation in fp32 (fp64 for fp64).
+void launch_simt_fwd(DType dtype, const SimtFwdParams& p, cudaStream_t stream);
+void launch_simt_bwd(DType dtype, const SimtBwdParams& p, cudaStream_t stream);
 
 // Backward preprocessing shared by both paths: lse2 and delta (acc_t buffers of
 // (B*Hq, nq_pad) rows, padding rows get +inf / 0). grad_lse may be null.
@@ -169,9 +190,9 @@ struct BwdPrepParams {
   int64_t nq_pad;
   int64_t B, Hq, Nq, Dv;
 };
-void launch_bwd_prep(int scalar, const BwdPrepParams& p, cudaStream_t stream);
+void launch_bwd_prep(DType dtype, const BwdPrepParams& p, cudaStream_t stream);
 
 // dq[i] = T(dq_accum[i] * scale) over n elements (dq contiguous)
-void launch_dq_convert(int scalar, const float* dq_accum, void* dq, int64_t n, float scale, cudaStream_t stream);
+void launch_dq_convert(DType dtype, const float* dq_accum, void* dq, int64_t n, float scale, cudaStream_t stream);
 
 }  // namespace attention_ext::cuda

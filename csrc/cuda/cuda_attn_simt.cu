@@ -324,42 +324,26 @@ void bwd_prep(const BwdPrepParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_simt_fwd(int scalar, const SimtFwdParams& p, cudaStream_t stream) {
-  switch (scalar) {
-    case 0: return simt_fwd_any<float, float>(p, stream);
-    case 1: return simt_fwd_any<double, double>(p, stream);
-    case 2: return simt_fwd_any<__half, float>(p, stream);
-    default: return simt_fwd_any<__nv_bfloat16, float>(p, stream);
-  }
+void launch_simt_fwd(DType dtype, const SimtFwdParams& p, cudaStream_t stream) {
+  type_switch(dtype, [&](auto t, auto a) { simt_fwd_any<decltype(t), decltype(a)>(p, stream); });
 }
 
-void launch_simt_bwd(int scalar, const SimtBwdParams& p, cudaStream_t stream) {
-  switch (scalar) {
-    case 0: return simt_bwd_any<float, float>(p, stream);
-    case 1: return simt_bwd_any<double, double>(p, stream);
-    case 2: return simt_bwd_any<__half, float>(p, stream);
-    default: return simt_bwd_any<__nv_bfloat16, float>(p, stream);
-  }
+void launch_simt_bwd(DType dtype, const SimtBwdParams& p, cudaStream_t stream) {
+  type_switch(dtype, [&](auto t, auto a) { simt_bwd_any<decltype(t), decltype(a)>(p, stream); });
 }
 
-void launch_bwd_prep(int scalar, const BwdPrepParams& p, cudaStream_t stream) {
-  switch (scalar) {
-    case 0: return bwd_prep<float, float>(p, stream);
-    case 1: return bwd_prep<double, double>(p, stream);
-    case 2: return bwd_prep<__half, float>(p, stream);
-    default: return bwd_prep<__nv_bfloat16, float>(p, stream);
-  }
+void launch_bwd_prep(DType dtype, const BwdPrepParams& p, cudaStream_t stream) {
+  type_switch(dtype, [&](auto t, auto a) { bwd_prep<decltype(t), decltype(a)>(p, stream); });
 }
 
-void launch_dq_convert(int scalar, const float* dq_accum, void* dq, int64_t n, float scale, cudaStream_t stream) {
+void launch_dq_convert(DType dtype, const float* dq_accum, void* dq, int64_t n, float scale, cudaStream_t stream) {
   if (n == 0) return;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 65536));
-  if (scalar == 2)
-    dq_convert_kernel<__half><<<blocks, threads, 0, stream>>>(dq_accum, static_cast<__half*>(dq), n, scale);
-  else
-    dq_convert_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(dq_accum, static_cast<__nv_bfloat16*>(dq), n,
-                                                                      scale);
+  tc_type_switch(dtype, [&](auto t) {
+    using T = decltype(t);
+    dq_convert_kernel<T><<<blocks, threads, 0, stream>>>(dq_accum, static_cast<T*>(dq), n, scale);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

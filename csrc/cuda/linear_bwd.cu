@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bw
     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0, int64_t feature_map, bool causal,
     bool normalize, double eps, double scale, int64_t chunk_size) {
   const char* op = "linear_bwd";
-  const LinearShape s = check_linear_qkv(op, q, k, v, causal);
+  const QkvShape s = check_linear_qkv(op, q, k, v, causal);
   check_linear_params(op, feature_map, chunk_size, eps, scale);
   const auto st0 = check_linear_state(op, "initial state", s, q, S0, z0);
   const at::Tensor S0c = st0.first, z0c = st0.second;

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor&
                                                                int64_t feature_map, bool causal, bool normalize,
                                                                double eps, double scale, int64_t chunk_size) {
   const char* op = "linear_fwd";
-  const LinearShape s = check_linear_qkv(op, q, k, v, causal);
+  const QkvShape s = check_linear_qkv(op, q, k, v, causal);
   check_linear_params(op, feature_map, chunk_size, eps, scale);
   const auto st0 = check_linear_state(op, "initial state", s, q, S0, z0);
   const at::Tensor S0c = st0.first, z0c = st0.second;
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_step_cuda(const at::Tensor
                                                                 const at::Tensor& z, int64_t feature_map,
                                                                 bool normalize, double eps, double scale) {
   const char* op = "linear_step";
-  const LinearShape s = check_linear_qkv(op, q, k, v, /*causal=*/true);
+  const QkvShape s = check_linear_qkv(op, q, k, v, /*causal=*/true);
   check_linear_params(op, feature_map, 1, eps, scale);
   const auto st1 = check_linear_state(op, "state", s, q, S, z);
   const at::Tensor Sc = st1.first, zc = st1.second;

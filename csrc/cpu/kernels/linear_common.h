@@ -179,7 +179,7 @@ void chunk_state(const Dims<acc_t>& d, int64_t n, const acc_t* fk, const acc_t* 
   }
 }
 
-// dst += src over one state (kStateSize elements).
+// dst += src over n elements of one padded state (Dims::state of them).
 template <typename acc_t>
 inline void state_add(acc_t* dst, const acc_t* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];

@@ -18,7 +18,7 @@ using Vec = at::vec::Vectorized<T>;
 // 2^x for float lanes. Softmax runs in base 2 (log2(e) is folded into the score scale),
 // so this is the one transcendental on the hot path. Range reduction x = n + f with
 // f in [-0.5, 0.5], 2^f by a degree-5 polynomial fitted for relative error (max
-// relative error 2.2e-7, about 2 ulp, asserted in tests/test_exp2.py), 2^n through the
+// relative error 2.2e-7, about 2 ulp, asserted in tests/test_cpu_paths.py), 2^n through the
 // exponent bits. Inputs below -126 give exactly 0 (so -inf from masking gives 0);
 // NaN stays NaN.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

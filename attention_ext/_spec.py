@@ -1,0 +1,99 @@
+"""One description of an exact-attention call: what each query may see, and how a score
+becomes a probability (``../shared/DESIGN.md``: one spec, one mask family, one kernel).
+
+The public functions (functional.py) check their arguments and build an
+:class:`AttentionSpec`; its fields are the trailing arguments of the two ops
+``attention_ext::attention_fwd`` / ``attention_bwd``, with the same names
+(``AE_ATTENTION_SPEC_SCHEMA`` in ``csrc/common/attention_args.h``), and are always
+passed by name. The autograd of
+``_ops.py`` keeps the spec between the passes, and the tests build raw op calls from it.
+
+A new modifier (packed sequences, cache lengths, ALiBi slopes, sinks, dropout) is one
+more field here and in that schema, its predicate or score term in ``csrc/common``, and
+one place per backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from . import _C
+
+MASK_KINDS = dict(_C.mask_kinds)  # name -> code, from csrc/common/mask.h
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """The spec of one exact-attention call, as the ops take it.
+
+    scale: score scale (``1 / sqrt(head_dim)`` unless given).
+    softcap: Gemma 2 logit softcapping, 0 = off.
+    mask_kind: a code of ``MASK_KINDS`` (dense, window, neighborhood, block_layout).
+    causal: keys after the query's (bottom-right aligned) position are never seen.
+    window_left, window_right, dilation: the window kind's reach in dilated steps.
+    kernel_size, dilation: the neighborhood kind.
+    num_global, global_mask: Longformer global positions (a leading count, a bool (B, Nk)).
+    block_layout, block_size: the block-layout kind (bool (1 or Hq, nqb, nkb)).
+    key_mask: bool (B, Nk), False for keys no query may attend (padding).
+    """
+
+    scale: float
+    softcap: float = 0.0
+    mask_kind: int = MASK_KINDS["dense"]
+    causal: bool = False
+    window_left: int = 0
+    window_right: int = 0
+    dilation: int = 1
+    kernel_size: int = 1
+    num_global: int = 0
+    global_mask: Optional[torch.Tensor] = None
+    block_layout: Optional[torch.Tensor] = None
+    block_size: int = 1
+    key_mask: Optional[torch.Tensor] = None
+
+    # fields that hold tensors: saved for backward through save_for_backward
+    TENSORS = ("global_mask", "block_layout", "key_mask")
+
+    def op_kwargs(self):
+        """The ops' keyword-only arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_op_inputs(cls, op, inputs):
+        """The spec of a call of ``op`` from its full input tuple (as autograd's
+        setup_context receives it), read by the schema's argument names."""
+        names = [a.name for a in op._schema.arguments]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{n: x for n, x in zip(names, inputs) if n in fields})
+
+    def tensors(self):
+        return tuple(getattr(self, name) for name in self.TENSORS)
+
+    def without_tensors(self):
+        return dataclasses.replace(self, **{name: None for name in self.TENSORS})
+
+    def with_tensors(self, tensors):
+        return dataclasses.replace(self, **dict(zip(self.TENSORS, tensors)))
+
+    def op_args(self):
+        """The ops' trailing arguments as a tuple, in schema order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def forward(self, q, k, v):
+        """``attention_fwd`` under this spec, with autograd: ``(out, lse)``."""
+        from ._ops import ATTENTION_FWD
+
+        return ATTENTION_FWD(q, k, v, *self.op_args())
+
+    def backward(self, grad_out, grad_lse, q, k, v, out, lse, *, autograd=False):
+        """``attention_bwd`` under this spec: ``(dq, dk, dv)``. ``autograd``: through its
+        autograd.Function (as the forward's backward calls it: differentiating the
+        result then raises, also under torch.func)."""
+        if autograd:
+            from ._ops import ATTENTION_BWD
+
+            return ATTENTION_BWD(grad_out, grad_lse, q, k, v, out, lse, *self.op_args())
+        return torch.ops.attention_ext.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, **self.op_kwargs())
