@@ -4,6 +4,7 @@ determinism, what autograd saves, and bad input for every public function.
 Hypothesis runs derandomised (the same examples every run); `-m slow` runs the long
 sweep with many more examples."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 import attention_ext as ae
 import reference as R
+from attention_ext._spec import MASK_KINDS, AttentionSpec
 
 FUZZ = settings(derandomize=True, deadline=None, max_examples=60, suppress_health_check=list(HealthCheck))
 FUZZ_SLOW = settings(derandomize=True, deadline=None, max_examples=600, suppress_health_check=list(HealthCheck))
@@ -438,6 +440,9 @@ FUNCTIONS = {
         ("window pair", dict(window=(1,)), ValueError, "window"),
         ("causal", dict(causal=0), TypeError, "causal"),
         ("dilation", dict(dilation=0), ValueError, "dilation"),
+        ("window beyond int64", dict(window=2**64), ValueError, "window"),
+        ("dilation beyond int64", dict(dilation=2**64), ValueError, "dilation"),
+        ("global_tokens beyond int64", dict(global_tokens=2**63), ValueError, "global_tokens"),
         ("global_tokens", dict(global_tokens=-3), ValueError, "global_tokens"),
         ("global_tokens dtype", dict(global_tokens=torch.ones(1, 10)), TypeError, "global_tokens"),
         ("global_tokens shape", dict(global_tokens=torch.ones(1, 11, dtype=torch.bool)), ValueError, "global_tokens"),
@@ -447,6 +452,8 @@ FUNCTIONS = {
         ("kernel_size", dict(kernel_size=2), ValueError, "kernel_size"),
         ("kernel_size type", dict(kernel_size=None), TypeError, "kernel_size"),
         ("kernel_size too big", dict(kernel_size=11), ValueError, "kernel_size"),
+        ("kernel_size beyond int64", dict(kernel_size=2**64 + 1), ValueError, "kernel_size"),
+        ("dilation beyond int64", dict(dilation=2**64), ValueError, "dilation"),
         ("dilation", dict(dilation=-1), ValueError, "dilation"),
         ("causal", dict(causal="no"), TypeError, "causal"),
         ("lengths", dict(k=torch.randn(1, 2, 12, 8), v=torch.randn(1, 2, 12, 8)), ValueError, "Nq=10, Nk=12"),
@@ -458,6 +465,7 @@ FUNCTIONS = {
         ("layout shape", dict(layout=torch.ones(1, 2, 1, dtype=torch.bool)), ValueError, "layout"),
         ("block_size", dict(block_size=0), ValueError, "block_size"),
         ("block_size type", dict(block_size=2.5), TypeError, "block_size"),
+        ("block_size beyond int64", dict(block_size=2**64), ValueError, "block_size"),
         ("causal", dict(causal=1), TypeError, "causal"),
     ]),
 }
@@ -480,3 +488,126 @@ def test_bad_input_table(fn, arg, override, exc, fragment):
 def test_scale_default_is_inverse_sqrt_head_dim():
     q, k, v = _qkv(D=16)
     torch.testing.assert_close(ae.flash_attention(q, k, v), ae.flash_attention(q, k, v, scale=1 / math.sqrt(16)))
+
+
+# ---- the adversarial probe's cases (issue "Silent wrong gradients ...") ----------------
+
+def test_huge_block_size_with_its_one_block_layout():
+    # ceil(N / block_size) must not overflow: with block_size = 2**63 - 1 everything is one block
+    q, k, v = _qkv(B=1, H=2, Nq=9, Nk=9, D=8)
+    layout = torch.ones(1, 1, 1, dtype=torch.bool)
+    out = ae.block_sparse_attention(q, k, v, layout, block_size=2**63 - 1)
+    torch.testing.assert_close(out, ae.flash_attention(q, k, v))
+    with pytest.raises(ValueError, match=r"layout must have shape \(1 or Hq=2, 1, 1\)"):
+        ae.block_sparse_attention(q, k, v, torch.ones(1, 2, 1, dtype=torch.bool), block_size=2**63 - 1)
+
+
+def test_raw_op_kernel_size_times_dilation_does_not_wrap():
+    q = torch.randn(1, 1, 16, 8)
+    spec = AttentionSpec(scale=1.0, mask_kind=MASK_KINDS["neighborhood"], kernel_size=2**62 + 1, dilation=4)
+    with pytest.raises(RuntimeError, match=r"kernel_size .* \* dilation .* must not exceed the sequence length"):
+        spec.forward(q, q, q)
+
+
+def test_raw_op_huge_window_and_dilation_are_clamped_not_wrapped():
+    q, k, v = _qkv(B=1, H=1, Nq=20, Nk=20, D=8)
+    spec = AttentionSpec(scale=0.3, mask_kind=MASK_KINDS["window"], window_left=2**63 - 1, window_right=2**63 - 1,
+                         dilation=1)
+    torch.testing.assert_close(spec.forward(q, k, v)[0], ae.flash_attention(q, k, v, scale=0.3))
+
+
+@pytest.mark.parametrize("which", ["k", "v", "block_layout", "key_mask", "global_mask", "grad_out", "lse"])
+def test_raw_op_mixing_meta_and_cpu_raises(which):
+    q = torch.randn(1, 2, 16, 8)
+    tensors = dict(k=q, v=q, block_layout=torch.ones(1, 1, 1, dtype=torch.bool), key_mask=torch.ones(1, 16,
+                   dtype=torch.bool), global_mask=torch.zeros(1, 16, dtype=torch.bool))
+    spec = dict(mask_kind=MASK_KINDS["block_layout"], block_size=16)
+    out, lse = AttentionSpec(scale=0.5, **spec, block_layout=tensors["block_layout"]).forward(q, q, q)
+    extra = dict(grad_out=out, lse=lse)
+    if which in tensors:
+        tensors[which] = tensors[which].to("meta")
+    else:
+        extra[which] = extra[which].to("meta")
+    s = AttentionSpec(scale=0.5, **spec, **{n: tensors[n] for n in AttentionSpec.TENSORS})
+    with pytest.raises(RuntimeError, match="one device|must be on q's device"):
+        if which in ("grad_out", "lse"):
+            s.backward(extra["grad_out"], None, q, tensors["k"], tensors["v"], out, extra["lse"])
+        else:
+            s.forward(q, tensors["k"], tensors["v"])
+
+
+def test_raw_linear_op_mixing_meta_and_cpu_raises():
+    q = torch.randn(1, 2, 16, 8)
+    S, z = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.attention_ext.linear_fwd(q, q, q, S.to("meta"), z, 1, True, True, 1e-6, 1.0, 64)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.attention_ext.linear_step(q, q.to("meta"), q, S, z, 1, True, 1e-6, 1.0)
+
+
+def test_spec_fields_are_the_schema_arguments():
+    # AttentionSpec.op_args() passes the fields positionally: their order is the schema's
+    for op, first in ((torch.ops.attention_ext.attention_fwd.default, 3),
+                      (torch.ops.attention_ext.attention_bwd.default, 7)):
+        names = [a.name for a in op._schema.arguments[first:]]
+        assert names == [f.name for f in dataclasses.fields(AttentionSpec)]
+
+
+# ---- limits are written once (csrc/common/limits.h) and hold on every path -------------
+
+LIMITS = ae._C.limits
+
+
+def test_head_dim_limit_cpu():
+    top = LIMITS["cpu_max_head_dim"]
+    q = torch.randn(1, 1, 3, top)
+    assert torch.isfinite(ae.flash_attention(q, q, q)).all()
+    big = torch.randn(1, 1, 3, top + 1)
+    with pytest.raises(ValueError, match=rf"q.shape\[-1\] \(head_dim\) = {top + 1} is not supported on cpu"):
+        ae.flash_attention(big, big, big)
+    v = torch.randn(1, 1, 3, top + 1)
+    with pytest.raises(ValueError, match=r"v.shape\[-1\] \(head_dim\)"):
+        ae.flash_attention(q, q, v)
+    with pytest.raises(RuntimeError, match=rf"head dims must be in \[1, {top}\]"):
+        AttentionSpec(scale=1.0).forward(big, big, big)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ae._C.cuda_built), reason="needs a CUDA device")
+def test_head_dim_limits_cuda():
+    top, tc = LIMITS["cuda_max_head_dim"], LIMITS["cuda_tensor_core_max_head_dim"]
+    for d in (tc, tc + 1, top):
+        q = torch.randn(1, 1, 3, d, device="cuda", dtype=torch.bfloat16)
+        assert torch.isfinite(ae.flash_attention(q, q, q)).all()
+    assert ae.explain(q, q, q)["path"] == "simt"
+    big = torch.randn(1, 1, 3, top + 1, device="cuda")
+    with pytest.raises(ValueError, match=r"head_dim\) = .* is not supported on cuda"):
+        ae.flash_attention(big, big, big)
+
+
+def test_linear_dim_limit():
+    top = LIMITS["linear_max_dim"]
+    q = torch.randn(1, 1, 1, top) * 0.01
+    v = torch.randn(1, 1, 1, 2)
+    assert torch.isfinite(ae.linear_attention(q, q, v)).all()
+    big = torch.randn(1, 1, 1, top + 1)
+    with pytest.raises(ValueError, match=rf"q.shape\[-1\] = {top + 1} must be in 1..{top}"):
+        ae.linear_attention(big, big, v)
+
+
+def test_softcap_range():
+    lo, hi = LIMITS["softcap_min"], LIMITS["softcap_max"]
+    q = torch.randn(1, 1, 5, 8)
+    for ok in (lo, hi):
+        assert torch.isfinite(ae.flash_attention(q, q, q, softcap=ok)).all()
+    for bad in (lo * (1 - 1e-9), hi * (1 + 1e-9)):
+        with pytest.raises(ValueError, match="softcap must be None or 0"):
+            ae.flash_attention(q, q, q, softcap=bad)
+        with pytest.raises(RuntimeError, match="softcap must be 0"):
+            AttentionSpec(scale=1.0, softcap=bad).forward(q, q, q)
+
+
+def test_explain_names_the_path():
+    q = torch.randn(1, 2, 8, 16)
+    info = ae.explain(q, q, q)
+    assert info["device"] == "cpu" and info["path"] == f"cpu-{ae.cpu_isa()}"
+    assert info["max_head_dim"] == LIMITS["cpu_max_head_dim"]
