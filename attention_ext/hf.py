@@ -20,11 +20,16 @@ Importing this module registers two functions under the name ``"attention_ext"``
   our ``(w - 1, w - 1)``. Queries are aligned bottom-right, which is what a KV cache needs.
 * :func:`mask_function` in ``AttentionMaskInterface``: returns ``None`` when the layer mask
   is plain causal / bidirectional / sliding-window and there is no padding, so no
-  ``N x N`` mask is ever built; with padding it returns a stride-0 *key-padding view*
-  (O(B * N) memory) whose key padding :func:`attention_forward` passes to the kernels as
-  ``key_mask`` next to the layer's own causal/window spec; anything else (packed
-  sequences, or-/and-mask overlays such as Gemma 3's image tokens, chunked attention,
-  static caches) gets transformers' exact dense boolean mask.
+  ``N x N`` mask is ever built; with padding it returns the *key padding* as a bool
+  ``(B, 1, 1, kv_length)`` tensor (O(B * N) memory), which :func:`attention_forward`
+  passes to the kernels as ``key_mask`` next to the layer's own causal/window spec;
+  anything else (packed sequences, or-/and-mask overlays such as Gemma 3's image tokens,
+  chunked attention, a static cache's full layers and its sliding layers while shorter
+  than the window) gets transformers' exact dense boolean mask, which for one query
+  (decoding) is a ``(B, 1, 1, kv_length)`` row that the kernels take as ``key_mask``.
+  Our masks are recognised by their shape, never by an attribute: ``generate`` copies
+  the masks of a static cache (``.contiguous()``), and a copy keeps only shape, dtype
+  and values (see :func:`attention_forward` for how each shape is read).
 
 What runs where (``fallback_counts()`` counts every call by path; each fallback reason
 warns once):
@@ -192,8 +197,8 @@ def _eager(query, key, value, mask, scaling, softcap, dropout):
 
 
 def _fit_keys(mask, nk):
-    """A dense mask whose key axis is longer than the layer's keys (a hybrid cache sized
-    the mask for another layer type): keep its last nk columns (bottom-right aligned)."""
+    """A mask whose key axis is longer than the layer's keys (a hybrid cache sized the
+    mask for another layer type): keep its last nk columns (bottom-right aligned)."""
     if mask.shape[-1] == nk:
         return mask
     if mask.shape[-1] > nk:
@@ -203,9 +208,64 @@ def _fit_keys(mask, nk):
         "this happens when a converted (alternate()) Mistral-type model runs a dense mask with a hybrid cache")
 
 
+def _narrowed(window, model_window):
+    """Whether a layer converted by :func:`alternate` to a narrower window than the model's
+    own mask must add its band to that mask; a wider one cannot be recovered from a mask."""
+    if window == model_window:
+        return False
+    if window is None or (model_window is not None and model_window < window):
+        raise NotImplementedError(
+            "attention_ext: this layer was converted to a wider pattern than the model's own mask, "
+            "which cannot be recovered from a dense mask")
+    return True
+
+
+def _is_key_row(mask, batch):
+    """A bool ``(B or 1, 1, 1, M)`` mask: one row per batch element for every query."""
+    return (mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1
+            and mask.shape[0] in (1, batch))
+
+
+def _tagged_padding(info, nk, causal, module):
+    """The key padding of the layer's nk keys from the padding our mask function saw
+    (absolute positions ``[end - nk, end)``): exact also for a layer with more keys than the
+    mask covers (a layer converted to a wider window than the model's mask)."""
+    if info["causal"] is not None and info["causal"] != causal:
+        raise RuntimeError(f"attention_ext: the model's mask is {'causal' if info['causal'] else 'bidirectional'} "
+                           f"but layer {getattr(module, 'layer_idx', '?')} is "
+                           f"{'causal' if causal else 'bidirectional'}")
+    pad, end = info["padding"], info["end"]
+    start = end - nk
+    if start < 0:
+        raise RuntimeError(f"attention_ext: {nk} keys end at position {end}")
+    if pad.shape[-1] < end:
+        pad = F.pad(pad, (0, end - pad.shape[-1]))
+    return pad[:, start:end]
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
-    """transformers attention function ``"attention_ext"``; returns ``(out (B, N, H, Dv), None)``."""
+    """transformers attention function ``"attention_ext"``; returns ``(out (B, N, H, Dv), None)``.
+
+    How ``attention_mask`` is read (by shape and dtype, so a copy reads the same):
+
+    * ``None``: the layer's own pattern (causal/bidirectional, window), queries aligned
+      bottom-right.
+    * bool ``(B, 1, 1, M)`` and ``Nq > 1``: key padding, which transformers never builds for
+      more than one query (its masks have a query axis of ``Nq``); only :func:`mask_function`
+      returns it, for a plain pattern whose queries are the last ``Nq`` of the keys. It is
+      the kernels' ``key_mask`` (its last ``Nk`` columns), combined with the layer's own
+      pattern. A 4-D bool mask of this shape given by the user reads the same way.
+    * bool ``(B, 1, 1, M)`` and ``Nq == 1`` (decoding): the whole mask of that one query,
+      passed as ``key_mask`` with no pattern of ours. transformers' rows (a static cache's
+      full layers keep the query at its position, not at the last key, and mask the unused
+      slots) hold the causal and window pattern already, and so does our own (for one
+      query :func:`mask_function` returns transformers' exact row).
+    * our mask with its attribute still on (``_attention_ext``, not copied): the same, with
+      the padding of every position, so a layer converted to a wider window than the
+      model's mask gets its key padding too.
+    * anything else: an exact dense mask (SDPA, or eager math with a softcap).
+    """
     if s_aux is not None:
         raise NotImplementedError("attention_ext: attention sinks (s_aux) are not supported")
     if kwargs.get("output_attentions", False) and "output_attentions" not in _warned:
@@ -217,37 +277,27 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     dense = None  # the exact boolean/additive mask of a fallback, if one is needed
     key_mask = None  # padding, (B, Nk) bool: our kernels take it as is
 
-    info = getattr(attention_mask, "_attention_ext", None) if attention_mask is not None else None
-    if info is not None:
-        # our key-padding view: padding of absolute positions [end - Nk, end)
-        if info["causal"] is not None and info["causal"] != causal:
-            raise RuntimeError(f"attention_ext: the model's mask is {'causal' if info['causal'] else 'bidirectional'} "
-                               f"but layer {getattr(module, 'layer_idx', '?')} is "
-                               f"{'causal' if causal else 'bidirectional'}")
-        pad, end = info["padding"], info["end"]
-        start = end - Nk
-        if start < 0:
-            raise RuntimeError(f"attention_ext: {Nk} keys end at position {end}")
-        if pad.shape[-1] < end:
-            pad = F.pad(pad, (0, end - pad.shape[-1]))
-        keypad = pad[:, start:end]
-        if not bool(keypad.all()):
-            key_mask = keypad
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
+    if attention_mask is not None and _is_key_row(attention_mask, B):
+        info = getattr(attention_mask, "_attention_ext", None)
+        if info is not None:
+            key_mask = _tagged_padding(info, Nk, causal, module)
+        else:
+            key_mask = _fit_keys(attention_mask[:, 0, 0], Nk).expand(B, Nk)
+            if Nq == 1 and not _narrowed(window, model_window):
+                causal, window = False, None  # the row is the whole mask
+        if bool(key_mask.all()):
+            key_mask = None
     elif attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
-        if attention_mask.dim() == 4 and attention_mask.stride(2) == 0 and Nq > 1 and (causal or window):
-            # the same over all queries: a key-padding mask, which cannot be the whole pattern of a causal or
-            # windowed layer (e.g. our padding view, sliced by the model and so untagged); refuse to guess
+        if (attention_mask.dim() == 4 and Nq > 1 and (causal or window)
+                and (attention_mask.shape[2] == 1 or attention_mask.stride(2) == 0)):
+            # the same over all queries and not our bool key padding: it cannot be the whole pattern of a causal
+            # or windowed layer, and whether it should be combined with one is a guess; refuse to guess
             raise RuntimeError("attention_ext: got a query-independent (key-padding) mask for a causal or windowed "
                                "layer; pass a 2-D attention_mask instead")
         dense = _fit_keys(attention_mask, Nk)
-        reason = "dense_mask"
-        if window != model_window:
-            if window is None or (model_window is not None and model_window < window):
-                raise NotImplementedError(
-                    "attention_ext: this layer was converted to a wider pattern than the model's own mask, "
-                    "which cannot be recovered from a dense mask")
+        if _narrowed(window, model_window):
             band = _band(Nq, Nk, causal, window, query.device)
             dense = dense & band if dense.dtype == torch.bool else dense.masked_fill(~band, float("-inf"))
 
@@ -256,10 +306,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if dense is None:
             dense = _band(Nq, Nk, causal, window, query.device)
             if key_mask is not None:
-                dense = key_mask.view(B, 1, 1, Nk) & dense
+                dense = key_mask.reshape(B, 1, 1, Nk) & dense
         out = _eager(query, key, value, dense, scaling, softcap, dropout)
     elif dense is not None:
-        _count(reason)
+        _count("dense_mask")
         if softcap is not None:  # SDPA has no softcap
             out = _eager(query, key, value, dense, scaling, softcap, 0.0)
         else:
@@ -317,9 +367,31 @@ def _analyse(mask_function):
 def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
     """transformers mask function ``"attention_ext"`` (AttentionMaskInterface).
 
-    Returns None (no padding, a plain pattern), a key-padding view tagged for
-    :func:`attention_forward` (padding, a plain pattern), or transformers' own exact
-    dense boolean mask (every other case)."""
+    Returns, for a plain pattern (the queries are the last ``q_length`` of the
+    ``kv_length`` keys, no overlay), ``None`` without padding, else the key padding as a
+    bool ``(B, 1, 1, kv_length)`` tensor: for one query transformers' exact row (the whole
+    mask, window included), for more the padding alone (:func:`attention_forward` adds the
+    layer's pattern). Both carry ``_attention_ext`` (the padding of every position) as
+    extra information only: a copy drops it and reads the same, except in a layer converted
+    to a wider window than the mask covers, which then raises. Every other case gets
+    transformers' own exact dense boolean mask ``(B, 1, q_length, kv_length)``.
+
+    The cases, for transformers' caches (``q_offset``: position of the first query;
+    ``kv_offset``/``kv_length``: positions of the keys; plain when
+    ``q_offset + q_length == kv_offset + kv_length``):
+
+    * no cache / dynamic caches (full and sliding layers): always plain.
+    * static full layers: ``kv_length`` is the whole cache (unused slots masked) and
+      ``q_offset`` a tensor on 5.x: dense, prefill and decoding alike (a decoding row then
+      runs on the kernels as ``key_mask``); on 4.57 plain only when the queries end at the
+      last slot.
+    * static sliding layers: plain once the window is full, and when the new tokens fill or
+      pass it (a prefill longer than the window: its keys are just the prompt,
+      ``kv_length == q_length``; this is where a tag lost in generate's copy made the layer
+      run with no causal mask and no window); dense while the tokens stay short of the
+      window (the keys are the whole window-sized buffer, the queries at its top).
+    * decoding on a compileable cache on 5.x passes ``allow_is_causal_skip=False``: dense.
+    """
     from transformers import masking_utils
 
     if mask_function is None:
@@ -334,29 +406,35 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
         skip_allowed = True  # 4.57 clears allow_is_causal_skip for every forward with position_ids
     kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
 
-    spec = _analyse(mask_function)
-    plain = (spec is not None and skip_allowed and not spec["padding"]
-             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
-             and int(q_offset) + q_length == int(kv_offset) + kv_length)
-    if plain:
-        end = int(q_offset) + q_length
-        pad = attention_mask
-        if pad is None or (pad.shape[-1] >= end and bool(pad[:, :end].all())):
-            return None
-        pad = pad.to(torch.bool)
-        kv = pad[:, kv_offset:kv_offset + kv_length]
-        if kv.shape[-1] < kv_length:
-            kv = F.pad(kv, (0, kv_length - kv.shape[-1]))
-        view = kv.view(batch_size, 1, 1, kv_length).expand(batch_size, 1, q_length, kv_length)
-        view._attention_ext = {"padding": pad, "end": end, "causal": spec["causal"], "window": spec["window"]}
-        return view
-
     dense_kwargs = dict(kwargs)
     dense_kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
     if args:
         dense_kwargs["cache_position"] = cache_position
-    return masking_utils.sdpa_mask(batch_size=batch_size, mask_function=mask_function,
-                                   attention_mask=attention_mask, **dense_kwargs)
+
+    def dense():
+        return masking_utils.sdpa_mask(batch_size=batch_size, mask_function=mask_function,
+                                       attention_mask=attention_mask, **dense_kwargs)
+
+    spec = _analyse(mask_function)
+    plain = (spec is not None and skip_allowed and not spec["padding"]
+             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+             and int(q_offset) + q_length == int(kv_offset) + kv_length)
+    if not plain:
+        return dense()
+    end = int(q_offset) + q_length
+    pad = attention_mask
+    if pad is None or (pad.shape[-1] >= end and bool(pad[:, :end].all())):
+        return None
+    pad = pad.to(torch.bool)
+    if q_length == 1:
+        mask = dense()
+    else:
+        kv = pad[:, kv_offset:kv_offset + kv_length]
+        if kv.shape[-1] < kv_length:
+            kv = F.pad(kv, (0, kv_length - kv.shape[-1]))
+        mask = kv.reshape(batch_size, 1, 1, kv_length)
+    mask._attention_ext = {"padding": pad, "end": end, "causal": spec["causal"], "window": spec["window"]}
+    return mask
 
 
 # ---------------------------------------------------------------------------------
