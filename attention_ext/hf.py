@@ -64,6 +64,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import _layers
 from . import functional as _fn
 
 NAME = "attention_ext"
@@ -137,15 +138,8 @@ def _reach(window, causal):
 
 def _band(nq, nk, causal, window, device):
     """Bool (1, 1, nq, nk): the layer's causal/window pattern, queries aligned bottom-right."""
-    i = torch.arange(nq, device=device).view(-1, 1) + (nk - nq)
-    j = torch.arange(nk, device=device).view(1, -1)
-    allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= j <= i
-    if window is not None:
-        left, right = _reach(window, causal)
-        allowed &= (i - j <= left) & (j - i <= right)
-    return allowed.view(1, 1, nq, nk)
+    left, right = _reach(window, causal) if window is not None else (None, None)
+    return _layers.band_mask(nq, nk, causal=causal, left=left, right=right, device=device).view(1, 1, nq, nk)
 
 
 # ---------------------------------------------------------------------------------
@@ -501,13 +495,18 @@ def register():
 # Layer patterns
 # ---------------------------------------------------------------------------------
 
+_PATTERN_KINDS = {"L": "sliding_attention", "G": "full_attention"}
+
+
+def _pattern_message(pattern, bad):
+    shown = pattern.upper() if isinstance(pattern, str) else pattern
+    return f"pattern must be a non-empty string of 'L' (local) and 'G' (global), got {shown!r}"
+
+
 def layer_types(pattern, num_layers):
     """``"LG"`` -> ``["sliding_attention", "full_attention", ...]`` for ``num_layers``
     layers (the pattern repeats from layer 0; ``L`` local, ``G`` global)."""
-    pattern = pattern.upper()
-    if not pattern or set(pattern) - {"L", "G"}:
-        raise ValueError(f"pattern must be a non-empty string of 'L' (local) and 'G' (global), got {pattern!r}")
-    return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(num_layers)]
+    return _layers.expand_pattern(pattern, num_layers, _PATTERN_KINDS, _pattern_message)
 
 
 def _text_config(config):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _layers
 from . import functional as _fn
 
 KINDS = {"G": "global", "L": "local", "R": "linear"}
@@ -45,19 +46,18 @@ def has_linear_attention():
     return _linear_attention()[0] is not None
 
 
+def _pattern_message(pattern, bad):
+    if not bad:
+        return f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}"
+    return f"pattern {pattern!r} has unknown layer kinds {bad}; use G (global), L (local), R (linear)"
+
+
 def parse_pattern(pattern, num_layers=None):
     """``"LG"`` -> ``["local", "global"]`` repeated to ``num_layers`` (default: one per character)."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}")
-    bad = set(pattern.upper()) - set(KINDS)
-    if bad:
-        raise ValueError(f"pattern {pattern!r} has unknown layer kinds {sorted(bad)}; use G (global), L (local), "
-                         "R (linear)")
-    n = len(pattern) if num_layers is None else int(num_layers)
-    if n < 1:
+    kinds = _layers.expand_pattern(pattern, num_layers, KINDS, _pattern_message)
+    if not kinds:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    p = pattern.upper()
-    return [KINDS[p[i % len(p)]] for i in range(n)]
+    return kinds
 
 
 class RotaryEmbedding(nn.Module):
@@ -78,15 +78,6 @@ class RotaryEmbedding(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _window_mask(nq, nk, left, right, causal, device):
-    i = torch.arange(nq, device=device).view(-1, 1) + (nk - nq)
-    j = torch.arange(nk, device=device).view(1, -1)
-    m = (i - j <= left) & (j - i <= right)
-    if causal:
-        m &= j <= i
-    return m
 
 
 def _torch_linear(q, k, v, causal, eps=1e-6, state=None):
@@ -201,8 +192,8 @@ class Attention(nn.Module):
         nq, nk = q.shape[2], k.shape[2]
         if self.kind == "global" and (not self.causal or nq == nk or nq == 1):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa)
-        left, right = (self.left, self.right) if self.kind == "local" else (nk, nk)
-        mask = _window_mask(nq, nk, left, right, self.causal, q.device)
+        left, right = (self.left, self.right) if self.kind == "local" else (None, None)
+        mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _linear(self, q, k, v, cache):
