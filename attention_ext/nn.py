@@ -14,7 +14,7 @@ Layer kinds, one character each in a pattern (it repeats from layer 0 to ``num_l
   a causal query sees ``w + 1`` keys, itself included (transformers' ``sliding_window`` counts
   ``w`` keys including itself); a ``(left, right)`` pair gives both reaches.
 * ``R`` / ``"linear"``: linear attention (``attention_ext.linear_attention``, elu + 1
-  features), when this build has it.
+  features).
 
 Every module takes ``backend="attention_ext"`` (our ops) or ``backend="sdpa"`` (the same
 layer on PyTorch: ``F.scaled_dot_product_attention``, with a dense boolean mask for
@@ -30,20 +30,10 @@ from torch import nn
 
 from . import _layers
 from . import functional as _fn
+from . import linear as _linear
 
 KINDS = {"G": "global", "L": "local", "R": "linear"}
 BACKENDS = ("attention_ext", "sdpa")
-
-
-def _linear_attention():
-    """attention_ext.linear_attention / linear_attention_step when this build has them."""
-    import attention_ext
-
-    return getattr(attention_ext, "linear_attention", None), getattr(attention_ext, "linear_attention_step", None)
-
-
-def has_linear_attention():
-    return _linear_attention()[0] is not None
 
 
 def _pattern_message(pattern, bad):
@@ -142,9 +132,6 @@ class Attention(nn.Module):
         head_dim = head_dim or embed_dim // num_heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1 (embed_dim={embed_dim}, num_heads={num_heads})")
-        if kind == "linear" and backend == "attention_ext" and not has_linear_attention():
-            raise NotImplementedError("kind='linear' needs attention_ext.linear_attention, which this build lacks "
-                                      "(use backend='sdpa' for the plain-PyTorch form)")
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.kind, self.causal, self.backend = kind, bool(causal), backend
         self.window = tuple(window) if isinstance(window, (tuple, list)) else window
@@ -201,11 +188,10 @@ class Attention(nn.Module):
         if self.backend == "sdpa":
             out, new = _torch_linear(q, k, v, self.causal, state=state)
         else:
-            linear, step = _linear_attention()
             if state is None:
-                out, new = linear(q, k, v, feature_map="elu", causal=self.causal, return_state=True)
+                out, new = _linear.linear_attention(q, k, v, feature_map="elu", causal=self.causal, return_state=True)
             else:
-                out, new = step(q, k, v, state, feature_map="elu")
+                out, new = _linear.linear_attention_step(q, k, v, state, feature_map="elu")
         if cache is not None:
             cache["state"] = new
         return out
@@ -298,8 +284,6 @@ class TransformerLM(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for b in self.blocks:
-            if b.attn.kind == "linear" and backend == "attention_ext" and not has_linear_attention():
-                raise NotImplementedError("linear layers need attention_ext.linear_attention")
             b.attn.backend = backend
         return self
 
