@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
 
 import attention_ext.hf as aehf  # noqa: E402  (registers "attention_ext")
+from attention_ext import _layers, functional  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -294,7 +295,7 @@ def test_padding_builds_no_dense_mask(name, device, monkeypatch):
         raise AssertionError("a dense attention mask was built")
 
     monkeypatch.setattr(masking_utils, "sdpa_mask", refuse)
-    monkeypatch.setattr(aehf, "_band", refuse)
+    monkeypatch.setattr(_layers, "band_mask", refuse)  # every dense band mask of ours is built here
     aehf.reset_counts()
     with torch.no_grad():
         got = ours(input_ids=ids, attention_mask=mask).logits
@@ -440,13 +441,13 @@ def test_softcap_runs_in_the_kernels(device, monkeypatch):
     ours.load_state_dict(ref.state_dict())
     ids, _ = inputs("gemma2", False, device)
     seen = []
-    orig = aehf._fn.flash_attention
+    orig = functional.flash_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("softcap"))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(aehf._fn, "flash_attention", spy)
+    monkeypatch.setattr(functional, "flash_attention", spy)
     aehf.reset_counts()
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits
