@@ -36,9 +36,10 @@ warns once):
 
 =================================  =================================================
 ``"kernel"``                       our ops (flash_attention / sliding_window_attention),
-                                   padded batches included (``key_mask``)
-``"dense_mask"``                   a mask only transformers can describe (see above):
-                                   exact SDPA with that mask
+                                   padded batches included (``key_mask``), and every
+                                   one-query (decoding) step whose mask is a bool row
+``"dense_mask"``                   a mask only transformers can describe (see above)
+                                   for more than one query: exact SDPA with that mask
 ``"dropout"``                      attention dropout > 0 while training: exact eager math
 =================================  =================================================
 
@@ -48,7 +49,7 @@ eager math (SDPA has no softcap).
 
 Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
 no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
-cross-attention run the ``"dense_mask"`` path.
+cross-attention run the ``"dense_mask"`` path (decoding steps: the kernels, with the row).
 
 ModernBERT on transformers 4.57 does not use ``AttentionInterface``: registering also adds
 ``"attention_ext"`` to its own attention table, so its layers run on our kernels too, but
