@@ -14,7 +14,7 @@ Layer kinds, one character each in a pattern (it repeats from layer 0 to ``num_l
   a causal query sees ``w + 1`` keys, itself included (transformers' ``sliding_window`` counts
   ``w`` keys including itself); a ``(left, right)`` pair gives both reaches.
 * ``R`` / ``"linear"``: linear attention (``attention_ext.linear_attention``, elu + 1
-  features), when this build has it.
+  features).
 
 Every module takes ``backend="attention_ext"`` (our ops) or ``backend="sdpa"`` (the same
 layer on PyTorch: ``F.scaled_dot_product_attention``, with a dense boolean mask for
@@ -28,36 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _layers
 from . import functional as _fn
+from . import linear as _linear
 
 KINDS = {"G": "global", "L": "local", "R": "linear"}
 BACKENDS = ("attention_ext", "sdpa")
 
 
-def _linear_attention():
-    """attention_ext.linear_attention / linear_attention_step when this build has them."""
-    import attention_ext
-
-    return getattr(attention_ext, "linear_attention", None), getattr(attention_ext, "linear_attention_step", None)
-
-
-def has_linear_attention():
-    return _linear_attention()[0] is not None
+def _pattern_message(pattern, bad):
+    if not bad:
+        return f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}"
+    return f"pattern {pattern!r} has unknown layer kinds {bad}; use G (global), L (local), R (linear)"
 
 
 def parse_pattern(pattern, num_layers=None):
     """``"LG"`` -> ``["local", "global"]`` repeated to ``num_layers`` (default: one per character)."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}")
-    bad = set(pattern.upper()) - set(KINDS)
-    if bad:
-        raise ValueError(f"pattern {pattern!r} has unknown layer kinds {sorted(bad)}; use G (global), L (local), "
-                         "R (linear)")
-    n = len(pattern) if num_layers is None else int(num_layers)
-    if n < 1:
+    kinds = _layers.expand_pattern(pattern, num_layers, KINDS, _pattern_message)
+    if not kinds:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    p = pattern.upper()
-    return [KINDS[p[i % len(p)]] for i in range(n)]
+    return kinds
 
 
 class RotaryEmbedding(nn.Module):
@@ -78,15 +68,6 @@ class RotaryEmbedding(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _window_mask(nq, nk, left, right, causal, device):
-    i = torch.arange(nq, device=device).view(-1, 1) + (nk - nq)
-    j = torch.arange(nk, device=device).view(1, -1)
-    m = (i - j <= left) & (j - i <= right)
-    if causal:
-        m &= j <= i
-    return m
 
 
 def _torch_linear(q, k, v, causal, eps=1e-6, state=None):
@@ -151,9 +132,6 @@ class Attention(nn.Module):
         head_dim = head_dim or embed_dim // num_heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1 (embed_dim={embed_dim}, num_heads={num_heads})")
-        if kind == "linear" and backend == "attention_ext" and not has_linear_attention():
-            raise NotImplementedError("kind='linear' needs attention_ext.linear_attention, which this build lacks "
-                                      "(use backend='sdpa' for the plain-PyTorch form)")
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.kind, self.causal, self.backend = kind, bool(causal), backend
         self.window = tuple(window) if isinstance(window, (tuple, list)) else window
@@ -201,8 +179,8 @@ class Attention(nn.Module):
         nq, nk = q.shape[2], k.shape[2]
         if self.kind == "global" and (not self.causal or nq == nk or nq == 1):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa)
-        left, right = (self.left, self.right) if self.kind == "local" else (nk, nk)
-        mask = _window_mask(nq, nk, left, right, self.causal, q.device)
+        left, right = (self.left, self.right) if self.kind == "local" else (None, None)
+        mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _linear(self, q, k, v, cache):
@@ -210,11 +188,10 @@ class Attention(nn.Module):
         if self.backend == "sdpa":
             out, new = _torch_linear(q, k, v, self.causal, state=state)
         else:
-            linear, step = _linear_attention()
             if state is None:
-                out, new = linear(q, k, v, feature_map="elu", causal=self.causal, return_state=True)
+                out, new = _linear.linear_attention(q, k, v, feature_map="elu", causal=self.causal, return_state=True)
             else:
-                out, new = step(q, k, v, state, feature_map="elu")
+                out, new = _linear.linear_attention_step(q, k, v, state, feature_map="elu")
         if cache is not None:
             cache["state"] = new
         return out
@@ -307,8 +284,6 @@ class TransformerLM(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for b in self.blocks:
-            if b.attn.kind == "linear" and backend == "attention_ext" and not has_linear_attention():
-                raise NotImplementedError("linear layers need attention_ext.linear_attention")
             b.attn.backend = backend
         return self
 

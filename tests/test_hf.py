@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
 
 import attention_ext.hf as aehf  # noqa: E402  (registers "attention_ext")
+from attention_ext import _layers, functional  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -154,6 +155,110 @@ def test_generate_with_kv_cache(name, padded, device):
     assert counts[path] == 10 * layers, counts  # prefill + 9 cached decoding steps, padded or not
 
 
+STATIC_W = 6  # the window of the static-cache tests: shorter than their long prompt
+
+
+def static_pair(name, device):
+    """Eager and attention_ext models of one family with 2 layers and a 6-key window
+    (Mistral: both sliding; the others one sliding, one full), weight matrices redrawn at
+    std 0.15: at transformers' initialisation the attention pattern hardly moves the
+    tokens, and a lost causal mask or window would go unseen."""
+    base = dict(COMMON, num_hidden_layers=2, sliding_window=STATIC_W)
+    types = dict(layer_types=["sliding_attention", "full_attention"])
+    cfg = {"mistral": lambda: MistralConfig(**base),
+           "qwen2": lambda: Qwen2Config(**base, use_sliding_window=True, max_window_layers=0, **types),
+           "gemma2": lambda: Gemma2Config(**base, query_pre_attn_scalar=16, **types),
+           "gemma3": lambda: Gemma3TextConfig(**base, query_pre_attn_scalar=16, **types)}[name]()
+    ref = build(name, "eager", device, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() > 1:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.15).to(p.device))
+    ours = build(name, "attention_ext", device, cfg)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours, (0 if name == "mistral" else 1)
+
+
+@pytest.mark.parametrize("copied", [False, True], ids=["as_returned", "copied"])
+@pytest.mark.parametrize("prompt", [12, 5], ids=["prompt_over_window", "prompt_under_window"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "qwen2"])
+def test_generate_static_cache_left_padded(name, prompt, copied, device):
+    """cache_implementation="static", left padding: eager's tokens and step logits.
+
+    generate copies a static cache's 4-D masks (.contiguous()), and a copy keeps shape,
+    dtype and values, not attributes; "copied" clones every mask our mask function
+    returns, so the masks are read by shape alone. A prompt of 12 passes the window in the
+    prefill (the sliding layers' keys are then just the prompt: plain, our key padding);
+    one of 5 fills the window while decoding (not yet full: transformers' dense mask)."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    ref, ours, full_layers = static_pair(name, device)
+    ids = torch.randint(1, 97, (2, prompt), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4 if prompt == 12 else 2] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    steps = 4
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0, cache_implementation="static")
+
+    def copy_of_mask(*args, **kwargs):
+        m = aehf.mask_function(*args, **kwargs)
+        return m if m is None else m.clone()
+
+    with torch.no_grad():
+        r = ref.generate(ids, **kw)
+        if copied:
+            AttentionMaskInterface.register("attention_ext", copy_of_mask)
+        try:
+            aehf.reset_counts()
+            o = ours.generate(ids, **kw)
+        finally:
+            AttentionMaskInterface.register("attention_ext", aehf.mask_function)
+    assert torch.equal(o.sequences, r.sequences)
+    for step, (lo, lr) in enumerate(zip(o.logits, r.logits)):
+        assert_close(lo, lr, f"{name} static cache step {step} logits")
+    # prefill: a full layer's keys are the whole cache (dense mask, exact SDPA/eager); a sliding layer's are
+    # the prompt when it passes the window (plain: kernels), else the window-sized buffer (dense).
+    # Decoding: every layer on the kernels, transformers' one-row masks as key_mask.
+    dense = full_layers + (2 - full_layers if prompt < STATIC_W else 0)
+    assert aehf.fallback_counts() == {"kernel": 2 * steps - dense, "dense_mask": dense, "dropout": 0}
+
+
+def test_attention_forward_reads_masks_by_shape(device):
+    """What each mask means follows from shape and dtype, which a copy keeps: a bool
+    (B, 1, 1, N) mask is key padding for several queries (the layer adds its causal
+    window), and for one query the whole mask (a static cache's row: the query need not be
+    at the last key); other query-independent masks of a causal layer are refused."""
+    import types
+
+    import torch.nn.functional as F
+
+    module = types.SimpleNamespace(is_causal=True, config=None)
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, w = 2, 2, 10, 8, 4
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(device) for _ in range(3))
+    pad = torch.ones(B, N, dtype=torch.bool, device=device)
+    pad[1, :3] = False
+    i, j = torch.arange(N, device=device).view(-1, 1), torch.arange(N, device=device).view(1, -1)
+    aehf.reset_counts()
+    # several queries: the key padding and the layer's causal window of w keys
+    out, _ = aehf.attention_forward(module, q, k, v, pad.view(B, 1, 1, N).clone(), sliding_window=w)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=pad.view(B, 1, 1, N) & (j <= i) & (i - j < w))
+    valid = pad  # a padded query sees no key (zeros here, NaN in SDPA)
+    assert_close(out[valid], want.transpose(1, 2)[valid], "key padding, several queries")
+    # one query at position 5 of 10 static slots (slots 6.. unused, masked): its row is the whole mask; the
+    # layer's window applied from the last slot would see only unused slots
+    row = pad & (j[0] <= 5) & (j[0] > 5 - w)
+    out, _ = aehf.attention_forward(module, q[:, :, 5:6], k, v, row.view(B, 1, 1, N).clone(), sliding_window=w)
+    want = F.scaled_dot_product_attention(q[:, :, 5:6], k, v, attn_mask=row.view(B, 1, 1, N))
+    assert_close(out, want.transpose(1, 2), "one query, a static cache's row")
+    assert aehf.fallback_counts()["kernel"] == 2
+    for other in (torch.zeros(B, 1, 1, N, device=device), pad.view(B, 1, 1, N).expand(B, 1, N, N)):
+        with pytest.raises(RuntimeError, match="query-independent"):
+            aehf.attention_forward(module, q, k, v, other)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "modernbert"])
 def test_no_dense_mask_without_padding(name, device, monkeypatch):
     """Without padding the mask function returns None: transformers' mask builder never runs."""
@@ -190,7 +295,7 @@ def test_padding_builds_no_dense_mask(name, device, monkeypatch):
         raise AssertionError("a dense attention mask was built")
 
     monkeypatch.setattr(masking_utils, "sdpa_mask", refuse)
-    monkeypatch.setattr(aehf, "_band", refuse)
+    monkeypatch.setattr(_layers, "band_mask", refuse)  # every dense band mask of ours is built here
     aehf.reset_counts()
     with torch.no_grad():
         got = ours(input_ids=ids, attention_mask=mask).logits
@@ -200,9 +305,9 @@ def test_padding_builds_no_dense_mask(name, device, monkeypatch):
     assert aehf.fallback_counts()["kernel"] == layers
 
 
-def test_mask_function_returns_padding_view_or_dense(device):
-    """With padding: a stride-0 key-padding view (O(B*N)); for packed sequences (a pattern
-    only transformers can describe) its exact dense mask."""
+def test_mask_function_returns_key_padding_or_dense(device):
+    """With padding: the key padding as a bool (B, 1, 1, N) tensor (O(B*N)); for packed
+    sequences (a pattern only transformers can describe) its exact dense mask."""
     cfg, _, _ = family_config("llama")
     model = build("llama", "attention_ext", device)
     ids, mask = inputs("llama", True, device)
@@ -219,8 +324,9 @@ def test_mask_function_returns_padding_view_or_dense(device):
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
-            view = seen[-1]
-            assert view is not None and view.stride(2) == 0 and hasattr(view, "_attention_ext")
+            padding = seen[-1]
+            assert padding.shape == (2, 1, 1, 24) and padding.dtype == torch.bool
+            assert torch.equal(padding[:, 0, 0], mask.bool())
             # two packed sequences per row (position ids restart): exact dense mask
             pos = torch.cat([torch.arange(10), torch.arange(14)]).view(1, -1).expand(2, -1).to(device)
             aehf.reset_counts()
@@ -335,13 +441,13 @@ def test_softcap_runs_in_the_kernels(device, monkeypatch):
     ours.load_state_dict(ref.state_dict())
     ids, _ = inputs("gemma2", False, device)
     seen = []
-    orig = aehf._fn.flash_attention
+    orig = functional.flash_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("softcap"))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(aehf._fn, "flash_attention", spy)
+    monkeypatch.setattr(functional, "flash_attention", spy)
     aehf.reset_counts()
     with torch.no_grad():
         a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits

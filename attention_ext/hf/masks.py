@@ -1,0 +1,119 @@
+"""The mask function registered as ``"attention_ext"``: recognises the plain patterns our
+kernels run (causal / bidirectional / sliding window, with padding as key padding) in
+transformers' mask functions, and leaves every other mask to transformers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _closure(fn):
+    names = fn.__code__.co_freevars
+    return {n: c.cell_contents for n, c in zip(names, fn.__closure__ or ())}
+
+
+def _analyse(mask_function):
+    """Describe an index-based transformers mask function as ``{"causal": bool|None,
+    "window": ..., "padding": [...]}``, or None when it is anything but an and-combination
+    of causal / bidirectional / sliding-window / padding / unpacked-sequence masks."""
+    out = {"causal": None, "window": None, "padding": []}
+    stack = [mask_function]
+    while stack:
+        fn = stack.pop()
+        qn = getattr(fn, "__qualname__", "")
+        if qn == "and_masks.<locals>.and_mask":
+            stack.extend(_closure(fn).get("mask_functions", ()))
+        elif qn == "causal_mask_function":
+            out["causal"] = True
+        elif qn == "bidirectional_mask_function":
+            out["causal"] = False if out["causal"] is None else out["causal"]
+        elif qn == "sliding_window_overlay.<locals>.inner_mask":
+            out["window"] = ("causal", _closure(fn)["sliding_window"])
+        elif qn == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+            out["window"] = ("bidirectional", _closure(fn)["sliding_window"])
+            out["causal"] = False if out["causal"] is None else out["causal"]
+        elif qn == "padding_mask_function.<locals>.inner_mask":
+            out["padding"].append(_closure(fn)["padding_mask"])
+        elif qn == "packed_sequence_mask_function.<locals>.inner_mask":
+            packed = _closure(fn)["packed_sequence_mask"]
+            if not bool((packed[:, -1] == 0).all()):  # several sequences in a row: not ours
+                return None
+        else:
+            return None
+    if out["causal"] is None:
+        return None
+    return out
+
+
+def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
+    """transformers mask function ``"attention_ext"`` (AttentionMaskInterface).
+
+    Returns, for a plain pattern (the queries are the last ``q_length`` of the
+    ``kv_length`` keys, no overlay), ``None`` without padding, else the key padding as a
+    bool ``(B, 1, 1, kv_length)`` tensor: for one query transformers' exact row (the whole
+    mask, window included), for more the padding alone (:func:`attention_forward` adds the
+    layer's pattern). Both carry ``_attention_ext`` (the padding of every position) as
+    extra information only: a copy drops it and reads the same, except in a layer converted
+    to a wider window than the mask covers, which then raises. Every other case gets
+    transformers' own exact dense boolean mask ``(B, 1, q_length, kv_length)``.
+
+    The cases, for transformers' caches (``q_offset``: position of the first query;
+    ``kv_offset``/``kv_length``: positions of the keys; plain when
+    ``q_offset + q_length == kv_offset + kv_length``):
+
+    * no cache / dynamic caches (full and sliding layers): always plain.
+    * static full layers: ``kv_length`` is the whole cache (unused slots masked) and
+      ``q_offset`` a tensor on 5.x: dense, prefill and decoding alike (a decoding row then
+      runs on the kernels as ``key_mask``); on 4.57 plain only when the queries end at the
+      last slot.
+    * static sliding layers: plain once the window is full, and when the new tokens fill or
+      pass it (a prefill longer than the window: its keys are just the prompt,
+      ``kv_length == q_length``; this is where a tag lost in generate's copy made the layer
+      run with no causal mask and no window); dense while the tokens stay short of the
+      window (the keys are the whole window-sized buffer, the queries at its top).
+    * decoding on a compileable cache on 5.x passes ``allow_is_causal_skip=False``: dense.
+    """
+    from transformers import masking_utils
+
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    cache_position = kwargs.get("cache_position", args[0] if args else None)
+    if "q_length" in kwargs:  # transformers 5.x
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+        skip_allowed = kwargs.get("allow_is_causal_skip", True) or kwargs.get("allow_is_bidirectional_skip", False)
+    else:  # 4.57: queries at cache_position
+        q_length = cache_position.shape[0]
+        q_offset = int(cache_position[0]) if q_length else 0
+        skip_allowed = True  # 4.57 clears allow_is_causal_skip for every forward with position_ids
+    kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
+
+    dense_kwargs = dict(kwargs)
+    dense_kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+    if args:
+        dense_kwargs["cache_position"] = cache_position
+
+    def dense():
+        return masking_utils.sdpa_mask(batch_size=batch_size, mask_function=mask_function,
+                                       attention_mask=attention_mask, **dense_kwargs)
+
+    spec = _analyse(mask_function)
+    plain = (spec is not None and skip_allowed and not spec["padding"]
+             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+             and int(q_offset) + q_length == int(kv_offset) + kv_length)
+    if not plain:
+        return dense()
+    end = int(q_offset) + q_length
+    pad = attention_mask
+    if pad is None or (pad.shape[-1] >= end and bool(pad[:, :end].all())):
+        return None
+    pad = pad.to(torch.bool)
+    if q_length == 1:
+        mask = dense()
+    else:
+        kv = pad[:, kv_offset:kv_offset + kv_length]
+        if kv.shape[-1] < kv_length:
+            kv = F.pad(kv, (0, kv_length - kv.shape[-1]))
+        mask = kv.reshape(batch_size, 1, 1, kv_length)
+    mask._attention_ext = {"padding": pad, "end": end, "causal": spec["causal"], "window": spec["window"]}
+    return mask
