@@ -80,6 +80,14 @@ def publish(args, name, body):
         write_section(name, body)
 
 
+def report(args, name, title, notes, rows, columns=None):
+    """A suite's section (title, command, machine, notes, the table of rows), printed and
+    published."""
+    body = header(title, command_line()) + "\n" + notes + "\n\n"
+    body += table(rows, columns or list(rows[0].keys()))
+    publish(args, name, body)
+
+
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -84,11 +84,10 @@ def main(args, rest):
                     rows.append(row)
                     U.print_row(row, errs)
     cols = list(rows[0].keys())
-    body = U.header("flash_attention vs SDPA (CPU flash) and naive, B=1 H=8", U.command_line())
-    body += ("\nRatios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
-             "(half with causal) forward and 3.5x that for forward+backward. GEMM roof measured in this run: "
-             + ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in gemm.items() if v)
-             + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
-             "contender runs only where it fits in reasonable time.\n\n")
-    body += U.table(rows, cols)
-    U.publish(args, "flash", body)
+    U.report(args, "flash", "flash_attention vs SDPA (CPU flash) and naive, B=1 H=8",
+             ("Ratios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
+              "(half with causal) forward and 3.5x that for forward+backward. GEMM roof measured in this run: "
+              + ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in gemm.items() if v)
+              + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
+              "contender runs only where it fits in reasonable time."),
+             rows, cols)

@@ -114,18 +114,17 @@ def main(args, rest):
     cols = ["pattern", "N", "f+b ours s", "f+b sdpa s", "sdpa/ours", "mem ours MiB", "mem sdpa MiB", "calls"]
     if any("notes" in r for r in rows):
         cols.append("notes")
-    body = U.header("Layer patterns on a small transformers model (Qwen2): attention_ext vs SDPA, "
-                    "forward+backward", U.command_line())
-    body += (f"\ntransformers {transformers.__version__}. Qwen2 from_config: 6 layers, hidden 128, 2 query heads / "
-             f"1 KV head of dim 64, MLP 256, vocabulary 256, fp32, batch 1, sliding_window {opts.window} "
-             f"(a query sees {opts.window} keys, itself included); the pattern repeats over the 6 layers (G global, L local) "
-             "and is set with `attention_ext.hf.alternate`. One step = forward, cross-entropy loss, backward. "
-             "Time: best of `calls` calls (the first call also measures memory; N >= 32k runs one call). "
-             f"1-minute load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
-             f"{os.cpu_count()} cores (a shared machine; other jobs ran alongside), "
-             f"{(time.perf_counter() - t_start) / 60:.0f} minutes in all. "
-             "Memory: the process's peak RSS above the start during one step (weights, activations, masks, "
-             "gradients). SDPA runs the same weights with transformers' masks: `is_causal` for global layers and "
-             "a dense N x N boolean mask for the sliding ones; attention_ext builds no mask.\n\n")
-    body += U.table(rows, cols)
-    U.publish(args, "hf", body)
+    U.report(args, "hf", "Layer patterns on a small transformers model (Qwen2): attention_ext vs SDPA, "
+             "forward+backward",
+             (f"transformers {transformers.__version__}. Qwen2 from_config: 6 layers, hidden 128, 2 query heads / "
+              f"1 KV head of dim 64, MLP 256, vocabulary 256, fp32, batch 1, sliding_window {opts.window} "
+              f"(a query sees {opts.window} keys, itself included); the pattern repeats over the 6 layers (G global, L local) "
+              "and is set with `attention_ext.hf.alternate`. One step = forward, cross-entropy loss, backward. "
+              "Time: best of `calls` calls (the first call also measures memory; N >= 32k runs one call). "
+              f"1-minute load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+              f"{os.cpu_count()} cores (a shared machine; other jobs ran alongside), "
+              f"{(time.perf_counter() - t_start) / 60:.0f} minutes in all. "
+              "Memory: the process's peak RSS above the start during one step (weights, activations, masks, "
+              "gradients). SDPA runs the same weights with transformers' masks: `is_causal` for global layers and "
+              "a dense N x N boolean mask for the sliding ones; attention_ext builds no mask."),
+             rows, cols)

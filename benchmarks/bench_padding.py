@@ -57,11 +57,11 @@ def main(args, rest):
             }
             rows.append(row)
             U.print_row(row, errs)
-    body = U.header("padded batch (causal, B=2, 1/4 left padding in one sequence) with key_mask vs SDPA with the "
-                    "dense boolean mask, H=8 D=64", U.command_line())
-    body += ("\nRatios are peer time / our time (> 1: ours faster). 'unpadded/ours' compares our run without "
-             "key_mask on the same batch: above 1 means the padded run is faster (its fully padded key tiles are "
-             "skipped). SDPA's mask is built inside the timed call, as a model builds it per forward. Peak "
-             "memory: forward+backward, process peak RSS above the start (MiB).\n\n")
-    body += U.table(rows, list(rows[0].keys()))
-    U.publish(args, "padding", body)
+    U.report(args, "padding",
+             "padded batch (causal, B=2, 1/4 left padding in one sequence) with key_mask vs SDPA with the "
+             "dense boolean mask, H=8 D=64",
+             ("Ratios are peer time / our time (> 1: ours faster). 'unpadded/ours' compares our run without "
+              "key_mask on the same batch: above 1 means the padded run is faster (its fully padded key tiles are "
+              "skipped). SDPA's mask is built inside the timed call, as a model builds it per forward. Peak "
+              "memory: forward+backward, process peak RSS above the start (MiB)."),
+             rows)

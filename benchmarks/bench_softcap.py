@@ -101,11 +101,11 @@ def main(args, rest):
             }
             rows.append(row)
             U.print_row(row, errs)
-    body = U.header("softcap (Gemma 2 logit softcapping, cap 50) vs compiled FlexAttention score_mod and eager math, "
-                    "causal, B=1 H=8 D=64", U.command_line())
-    body += ("\nRatios are peer time / our time (> 1: ours faster). 'cap cost' is our time with softcap / our "
-             "time without (what the tanh costs). FlexAttention runs forward only (no CPU backward); eager math "
-             "(transformers' Gemma 2 path) only up to N=4096. Peak memory: forward+backward, process peak RSS "
-             "above the start (MiB).\n\n")
-    body += U.table(rows, list(rows[0].keys()))
-    U.publish(args, "softcap", body)
+    U.report(args, "softcap",
+             "softcap (Gemma 2 logit softcapping, cap 50) vs compiled FlexAttention score_mod and eager math, "
+             "causal, B=1 H=8 D=64",
+             ("Ratios are peer time / our time (> 1: ours faster). 'cap cost' is our time with softcap / our "
+              "time without (what the tanh costs). FlexAttention runs forward only (no CPU backward); eager math "
+              "(transformers' Gemma 2 path) only up to N=4096. Peak memory: forward+backward, process peak RSS "
+              "above the start (MiB)."),
+             rows)

@@ -60,8 +60,8 @@ def opcheck_attention(q, k, v, spec):
     torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, (q, k, v), kw)
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = spec.forward(q, k, v)
-    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, (torch.randn_like(out), None, q, k, v, out, lse),
-                          kw)
+    bwd_args = (torch.randn_like(out), None, q, k, v, out, lse)
+    torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd_args, kw)
 
 
 def check_compiles(loss_fn, *inputs):

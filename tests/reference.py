@@ -71,12 +71,8 @@ def block_mask(layout, block_size, nq, nk):
     return m[:, :nq, :nk]
 
 
-def attention(q, k, v, mask=None, *, scale=None, softcap=None):
-    """Dense float64 softmax attention on the CPU, differentiable (gradients flow back
-    to the inputs, whatever their dtype/device). mask broadcasts to (B, H, Nq, Nk);
-    rows with no allowed key give zeros; softcap caps the scaled scores as
-    softcap * tanh(s / softcap). Returns (out, lse) in float64."""
-    q, k, v = (t.to(device="cpu", dtype=torch.float64) for t in (q, k, v))
+def _scores(q, k, v, scale, softcap):
+    """Scaled (and capped) scores with K/V repeated over each GQA group; returns (s, v)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, 1)
     v = v.repeat_interleave(group, 1)
@@ -84,6 +80,16 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None):
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    return s, v
+
+
+def attention(q, k, v, mask=None, *, scale=None, softcap=None):
+    """Dense float64 softmax attention on the CPU, differentiable (gradients flow back
+    to the inputs, whatever their dtype/device). mask broadcasts to (B, H, Nq, Nk);
+    rows with no allowed key give zeros; softcap caps the scaled scores as
+    softcap * tanh(s / softcap). Returns (out, lse) in float64."""
+    q, k, v = (t.to(device="cpu", dtype=torch.float64) for t in (q, k, v))
+    s, v = _scores(q, k, v, scale, softcap)
     if mask is None:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool)
     mask = mask.cpu().expand_as(s)
@@ -99,13 +105,7 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None):
 def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None):
     """The same math done by plain PyTorch in the inputs' dtype (the FlashAttention test
     rule compares our error against this one's)."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, 1)
-    v = v.repeat_interleave(group, 1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
+    s, v = _scores(q, k, v, scale, softcap)
     if mask is not None:
         mask = mask.to(s.device).expand_as(s)
         empty = ~mask.any(-1, keepdim=True)

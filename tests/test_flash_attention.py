@@ -1,14 +1,13 @@
 """flash_attention against the float64 dense reference, plus the custom-op contract
 (gradcheck, opcheck, torch.compile) and bad input."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attention_ext as ae
-from attention_ext._spec import MASK_KINDS, AttentionSpec
+from attention_ext._spec import AttentionSpec
 import reference as R
 from _harness import check_attention, check_compiles, make_qkv, opcheck_attention
 

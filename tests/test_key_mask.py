@@ -1,7 +1,6 @@
 """key_mask (per-batch key padding) in every pattern of the kernel family, forward and
 backward, against the float64 reference with the same keys masked."""
 
-import math
 
 import pytest
 import torch

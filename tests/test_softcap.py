@@ -1,7 +1,6 @@
 """Logit softcapping (softcap * tanh(s / softcap), Gemma 2) in every pattern of the
 kernel family, forward and backward, against the float64 reference."""
 
-import math
 
 import pytest
 import torch
