@@ -38,7 +38,7 @@ import torch
 from . import _C, _checks, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
 
 FEATURE_MAPS = dict(_C.feature_maps)  # name -> code, from csrc/common/linear.h
-MAX_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = _checks.LIMITS["linear_max_chunk"]
 
 
 def _params(fn, feature_map, eps, normalize, scale):

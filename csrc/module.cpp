@@ -64,6 +64,7 @@ PYBIND11_MODULE(_C, m) {
   limits["softcap_min"] = ae::kMinSoftcap;
   limits["softcap_max"] = ae::kMaxSoftcap;
   limits["linear_max_dim"] = ae::kLinearMaxDim;
+  limits["linear_max_chunk"] = ae::kLinearMaxChunk;
   m.attr("limits") = limits;
   py::dict kinds;
   kinds["dense"] = int64_t(ae::kDense);

@@ -611,3 +611,14 @@ def test_explain_names_the_path():
     info = ae.explain(q, q, q)
     assert info["device"] == "cpu" and info["path"] == f"cpu-{ae.cpu_isa()}"
     assert info["max_head_dim"] == LIMITS["cpu_max_head_dim"]
+
+
+def test_linear_chunk_limit():
+    top = LIMITS["linear_max_chunk"]
+    q = torch.randn(1, 1, 40, 8)
+    ref = ae.linear_attention(q, q, q, causal=True, chunk_size=40)
+    torch.testing.assert_close(ae.linear_attention(q, q, q, causal=True, chunk_size=top), ref)
+    with pytest.raises(ValueError, match=f"chunk_size must be <= {top}"):
+        ae.linear_attention(q, q, q, causal=True, chunk_size=top + 1)
+    with pytest.raises(RuntimeError, match=rf"chunk_size must be in \[1, {top}\]"):
+        torch.ops.attention_ext.linear_fwd(q, q, q, None, None, 1, True, True, 1e-6, 1.0, top + 1)

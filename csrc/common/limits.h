@@ -20,7 +20,9 @@ constexpr int64_t kCudaTensorCoreMaxHeadDim = 256;
 // its inverse and scale / softcap in float32.
 constexpr double kMinSoftcap = 1e-6, kMaxSoftcap = 1e6;
 
-// Largest q/k feature and v head dim of the linear-attention ops.
+// Largest q/k feature and v head dim of the linear-attention ops, and their largest
+// chunk (the intra-chunk products hold chunk x chunk scores per task).
 constexpr int64_t kLinearMaxDim = 4096;
+constexpr int64_t kLinearMaxChunk = 1024;
 
 }  // namespace attention_ext

@@ -14,7 +14,8 @@ QkvShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor&
 void check_linear_params(const char* op, int64_t feature_map, int64_t chunk, double eps, double scale) {
   TORCH_CHECK(feature_map == kFeatureIdentity || feature_map == kFeatureElu || feature_map == kFeatureRelu, op,
               ": unknown feature_map code ", feature_map);
-  TORCH_CHECK(chunk >= 1, op, ": chunk_size must be >= 1, got ", chunk);
+  TORCH_CHECK(chunk >= 1 && chunk <= kLinearMaxChunk, op, ": chunk_size must be in [1, ", kLinearMaxChunk, "], got ",
+              chunk);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
