@@ -115,7 +115,8 @@ def extensions():
     cxx = CXX_FLAGS + ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     exts = []
     if with_cuda:
-        cu_sources = sorted(_rel(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))))
+        cu_sources = sorted(_rel(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))
+                                 + glob.glob(str(ROOT / "csrc" / "cuda" / "generated" / "*.cu"))))
         cxx.append("-DAE_WITH_CUDA")
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-DAE_WITH_CUDA",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",

@@ -5,9 +5,10 @@ directly by the public functions.
 Like ``torch.library.register_autograd``, the kernel runs the op through the Function
 when gradients are needed and redispatches past autograd otherwise. Unlike it:
 - the Function has a ``setup_context``, so the public functions work under torch.func
-  grad / vjp / jacrev (functorch hands the Function to its ``custom_function_call``, which
-  must be reached from the public function: below functorch's layer, inside the op's
-  kernel, it has no kernel, so a raw op call under those transforms raises a clear error);
+  grad / vjp / jacrev / vmap (functorch hands the Function to its
+  ``custom_function_call``, which must be reached from the public function: below
+  functorch's layer, inside the op's kernel, it has no kernel, so a raw op call under
+  those transforms raises a clear error, as do torch.func transforms inside torch.compile);
 - its ``jvp`` refuses forward mode: torch's generated Function is skipped when no input
   requires grad, which made ``torch.func.jvp`` and ``torch.autograd.forward_ad`` return
   zero tangents without a word;
@@ -20,6 +21,8 @@ from torch.autograd import forward_ad
 from torch._C._functorch import TransformType
 
 _lib = torch.library.Library("attention_ext", "IMPL")
+# torch.func transforms that must see the autograd.Function rather than the op
+_FUNCTION_TRANSFORMS = (TransformType.Grad, TransformType.Jvp, TransformType.Vmap)
 
 
 def _fill_defaults(op, args):
@@ -28,10 +31,14 @@ def _fill_defaults(op, args):
     return tuple(args) + tuple(a.default_value for a in schema_args[len(args):])
 
 
+def _innermost_transform():
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return None if interpreter is None else interpreter.key()
+
+
 def _functorch_differentiating():
     """A torch.func grad/vjp/jacrev/jvp transform is innermost."""
-    interpreter = torch._C._functorch.peek_interpreter_stack()
-    return interpreter is not None and interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+    return _innermost_transform() in (TransformType.Grad, TransformType.Jvp)
 
 
 def _needs_function(args):
@@ -42,11 +49,13 @@ def _needs_function(args):
     return forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled()
 
 
-def register_autograd(qualname, backward, setup_context, *, functions):
+def register_op_autograd(qualname, backward, setup_context, *, functions):
     """Registers the Autograd kernel of op ``qualname`` and returns how the public
     functions call the op: ``call(*op_args)`` (every argument positional, in schema
-    order) runs it through its autograd.Function, or, while torch.compile traces, as the
-    op itself (dynamo keeps a custom op whole; AOTAutograd then meets this kernel).
+    order). Under a torch.func grad/jvp/vmap transform it goes through the op's
+    autograd.Function (``call.function``), which functorch must meet at its own layer;
+    everywhere else, torch.compile and torch.func.functionalize included, it calls the op,
+    whose Autograd kernel uses the same Function when a gradient is wanted.
     ``backward=None``: the op is itself a backward pass, and differentiating it raises
     (double backward). ``functions`` names the public functions for the messages."""
     op = getattr(torch.ops.attention_ext, qualname.split("::")[1]).default
@@ -79,6 +88,10 @@ def register_autograd(qualname, backward, setup_context, *, functions):
 
     def autograd_kernel(keyset, *args):
         if _functorch_differentiating():
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"attention_ext: torch.func grad/vjp/jacrev/jvp inside torch.compile are not "
+                                   f"supported by {functions}; use torch.autograd inside the compiled region, or "
+                                   f"torch.func outside it")
             raise RuntimeError(f"attention_ext: torch.func grad/vjp/jacrev/jvp over the raw op {qualname} are not "
                                f"supported; call {functions} instead")
         if _needs_function(args):
@@ -89,9 +102,9 @@ def register_autograd(qualname, backward, setup_context, *, functions):
     _lib.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        return fn.apply(*args)
+        if not torch.compiler.is_compiling() and _innermost_transform() in _FUNCTION_TRANSFORMS:
+            return fn.apply(*args)
+        return op(*args)
 
     call.function = fn
     return call
@@ -107,6 +120,8 @@ def register_batch_vmap(qualname, batch_leading):
 
     def rule(info, in_dims, *args):
         V = info.batch_size
+        if V == 0:
+            raise ValueError(f"attention_ext: torch.vmap over a dimension of size 0 is not supported ({qualname})")
         if any(d is not None and n not in batch_leading for n, d in zip(names, in_dims)):
             outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(V)]
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])

@@ -134,10 +134,10 @@ def key_bools(value, name, batch, nk, device, fn):
     tensor(value, name)
     if value.dtype != torch.bool:
         raise TypeError(f"{fn}: {name} must be a bool tensor, got dtype {value.dtype}")
+    if not (value.dim() == 1 and value.shape[0] == nk or value.dim() == 2 and tuple(value.shape) == (batch, nk)):
+        raise ValueError(f"{fn}: {name} must have shape (batch={batch}, Nk={nk}) or (Nk,), got {tuple(value.shape)}")
     if value.dim() == 1:
         value = value.unsqueeze(0).expand(batch, -1)
-    if value.dim() != 2 or value.shape[0] != batch or value.shape[1] != nk:
-        raise ValueError(f"{fn}: {name} must have shape (batch={batch}, Nk={nk}) or (Nk,), got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
     return value.contiguous()

@@ -2,15 +2,16 @@
 every op. Public functions live in functional.py and linear.py.
 
 Autograd covers first-order reverse mode (backward, torch.autograd.grad, torch.func.grad /
-vjp / jacrev through the public functions, which call ``ATTENTION_FWD``, ``LINEAR_FWD``
-and ``LINEAR_STEP``, the ops' autograd.Functions). Double backward and forward-mode AD
-(torch.func.jvp, forward_ad) raise a RuntimeError that says so; they never return zeros.
+vjp / jacrev / vmap through the public functions, which call the ops through
+``ATTENTION_FWD``, ``LINEAR_FWD`` and ``LINEAR_STEP``: see _autograd.py). Double backward
+and forward-mode AD (torch.func.jvp, forward_ad) raise a RuntimeError that says so; they
+never return zeros.
 """
 
 import torch
 
 from . import _C  # noqa: F401  (registers the torch.ops.attention_ext schemas and kernels)
-from ._autograd import register_autograd, register_batch_vmap
+from ._autograd import register_batch_vmap, register_op_autograd
 from ._spec import AttentionSpec
 
 _lib = "attention_ext"
@@ -86,12 +87,12 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 _EXACT = ("flash_attention, sliding_window_attention, neighborhood_attention and block_sparse_attention "
           "(op attention_ext::attention_fwd)")
-ATTENTION_FWD = register_autograd(f"{_lib}::attention_fwd", _attention_backward, _attention_setup_context,
+ATTENTION_FWD = register_op_autograd(f"{_lib}::attention_fwd", _attention_backward, _attention_setup_context,
                                   functions=_EXACT)
-ATTENTION_BWD = register_autograd(f"{_lib}::attention_bwd", None, None, functions=_EXACT)
-register_batch_vmap(f"{_lib}::attention_fwd", {"q", "k", "v", "global_mask", "key_mask"})
-register_batch_vmap(f"{_lib}::attention_bwd", {"grad_out", "grad_lse", "q", "k", "v", "out", "lse", "global_mask",
-                                               "key_mask"})
+ATTENTION_BWD = register_op_autograd(f"{_lib}::attention_bwd", None, None, functions=_EXACT)
+register_batch_vmap(f"{_lib}::attention_fwd", {"q", "k", "v", *AttentionSpec.BATCH_TENSORS})
+register_batch_vmap(f"{_lib}::attention_bwd", {"grad_out", "grad_lse", "q", "k", "v", "out", "lse",
+                                               *AttentionSpec.BATCH_TENSORS})
 
 
 # ---- linear_fwd / linear_bwd / linear_step: linear attention -----------------------
@@ -160,10 +161,10 @@ def _linear_step_backward(ctx, grad_out, grad_S, grad_z):
 
 
 _LINEAR = "linear_attention and linear_attention_step (ops attention_ext::linear_fwd / linear_step)"
-LINEAR_FWD = register_autograd(f"{_lib}::linear_fwd", _linear_backward, _linear_setup_context, functions=_LINEAR)
-LINEAR_STEP = register_autograd(f"{_lib}::linear_step", _linear_step_backward, _linear_step_setup_context,
+LINEAR_FWD = register_op_autograd(f"{_lib}::linear_fwd", _linear_backward, _linear_setup_context, functions=_LINEAR)
+LINEAR_STEP = register_op_autograd(f"{_lib}::linear_step", _linear_step_backward, _linear_step_setup_context,
                                 functions=_LINEAR)
-LINEAR_BWD = register_autograd(f"{_lib}::linear_bwd", None, None, functions=_LINEAR)
+LINEAR_BWD = register_op_autograd(f"{_lib}::linear_bwd", None, None, functions=_LINEAR)
 register_batch_vmap(f"{_lib}::linear_fwd", {"q", "k", "v", "S0", "z0"})
 register_batch_vmap(f"{_lib}::linear_bwd", {"grad_out", "grad_S", "grad_z", "q", "k", "v", "out", "S0", "z0"})
 register_batch_vmap(f"{_lib}::linear_step", {"q", "k", "v", "S", "z"})

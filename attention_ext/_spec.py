@@ -3,9 +3,10 @@ becomes a probability (``../shared/DESIGN.md``: one spec, one mask family, one k
 
 The public functions (functional.py) check their arguments and build an
 :class:`AttentionSpec`; its fields are the trailing arguments of the two ops
-``attention_ext::attention_fwd`` / ``attention_bwd``, with the same names
-(``AE_ATTENTION_SPEC_SCHEMA`` in ``csrc/common/attention_args.h``), and are always
-passed by name. The autograd of
+``attention_ext::attention_fwd`` / ``attention_bwd``, with the same names and in the
+same order (``AE_ATTENTION_SPEC_SCHEMA`` in ``csrc/common/attention_args.h``):
+``op_kwargs()`` passes them by name, ``op_args()`` positionally (for the autograd
+machinery, whose kernels take positional arguments only). The autograd of
 ``_ops.py`` keeps the spec between the passes, and the tests build raw op calls from it.
 
 A new modifier (packed sequences, cache lengths, ALiBi slopes, sinks, dropout) is one
@@ -54,8 +55,10 @@ class AttentionSpec:
     block_size: int = 1
     key_mask: Optional[torch.Tensor] = None
 
-    # fields that hold tensors: saved for backward through save_for_backward
+    # fields that hold tensors (saved for backward through save_for_backward), and those of
+    # them whose dim 0 is the batch (torch.vmap folds its dim into that batch)
     TENSORS = ("global_mask", "block_layout", "key_mask")
+    BATCH_TENSORS = ("global_mask", "key_mask")
 
     def op_kwargs(self):
         """The ops' keyword-only arguments."""

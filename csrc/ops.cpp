@@ -5,7 +5,7 @@
 //
 // Exact attention: every pattern runs the same two ops; what differs is the spec, their
 // trailing arguments (AE_ATTENTION_SPEC_SCHEMA in common/attention_args.h, built by
-// attention_ext/_spec.py, which passes them by name). mask_kind: 0 dense, 1 window, 2 neighborhood, 3 block layout
+// attention_ext/_spec.py with the same names in the same order). mask_kind: 0 dense, 1 window, 2 neighborhood, 3 block layout
 // (common/mask.h). softcap > 0 caps every scaled score s as softcap * tanh(s / softcap)
 // before masking and softmax (Gemma 2); 0 turns it off. key_mask / global_mask: bool
 // (B, Nk); block_layout: bool (1 or Hq, ceil(Nq / block_size), ceil(Nk / block_size)).

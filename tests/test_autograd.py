@@ -135,3 +135,24 @@ def test_compile_dynamic_no_recompile_per_length(name, fn, msg):
         for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v))):
             torch.testing.assert_close(a, b)
     assert len(frames) == 1, f"compiled {len(frames)} times for 3 sequence lengths"
+
+
+def test_functionalize_and_compile_around_the_public_functions():
+    q, k, v = _qkv()
+    torch.testing.assert_close(torch.func.functionalize(lambda q: ae.flash_attention(q, k, v))(q),
+                               ae.flash_attention(q, k, v))
+    torch.testing.assert_close(torch.func.functionalize(lambda q: ae.linear_attention(q, k, v))(q),
+                               ae.linear_attention(q, k, v))
+
+
+def test_torch_func_inside_compile_says_so():
+    q, k, v = _qkv()
+    g = torch.compile(lambda q: torch.func.grad(lambda q: ae.flash_attention(q, k, v).sum())(q), fullgraph=True,
+                      backend="aot_eager")
+    with pytest.raises(Exception, match="inside torch.compile are not supported"):
+        g(q)
+
+
+def test_vmap_over_nothing_is_refused():
+    with pytest.raises(ValueError, match="size 0"):
+        torch.func.vmap(lambda q: ae.flash_attention(q, q, q))(torch.randn(0, 1, 1, 5, 4))

@@ -19,8 +19,8 @@
 
 namespace attention_ext {
 
-// Trailing arguments of both ops, one per line. They are positional because
-// torch.library.register_autograd refuses keyword-only tensors; callers pass them by name.
+// Trailing arguments of both ops, one per line. Not keyword-only: the Python autograd
+// and vmap kernels (attention_ext/_autograd.py) receive every argument positionally.
 #define AE_ATTENTION_SPEC_SCHEMA      \
   "float scale, "                     \
   "float softcap=0.0, "               \

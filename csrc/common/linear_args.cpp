@@ -7,7 +7,8 @@ namespace attention_ext {
 QkvShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           bool causal) {
   const QkvShape s = check_qkv(op, q, k, v, kLinearMaxDim);
-  TORCH_CHECK(!causal || s.Nq == s.Nk, op, ": causal needs as many queries as keys, got ", s.Nq, " and ", s.Nk);
+  TORCH_CHECK(!causal || s.Nq == s.Nk, op, ": q and k must have the same sequence length (causal attention and ",
+              "the recurrent step read one token at a time), got ", s.Nq, " and ", s.Nk);
   return s;
 }
 
@@ -51,8 +52,8 @@ std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const 
   }
   auto state_grad = check_linear_state(op, "grad of the final state", s, q, gS, gz);
   const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.Dv};
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(o_shape) && out.sizes() == c10::IntArrayRef(o_shape), op,
-              ": grad_out and out must be ", c10::IntArrayRef(o_shape));
+  check_shape(op, "grad_out", grad_out, o_shape);
+  check_shape(op, "out", out, o_shape);
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
               ": grad_out and out must have q's dtype");
   check_device(op, "grad_out", grad_out, q);

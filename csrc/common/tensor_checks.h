@@ -20,8 +20,8 @@ struct QkvShape {
 // (Hq a multiple of Hkv), with D and Dv in [1, max_dim].
 QkvShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t max_dim);
 
-// A tensor argument must sit on q's device (meta included: a mixed call would reach
-// the fake kernel with real tensors).
+// A tensor argument must sit on q's device. (A call mixing meta and real tensors is
+// dispatched to the fake kernel, which refuses it in Python: attention_ext/_ops.py.)
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q);
 void check_device(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& q);
 

@@ -1,5 +1,5 @@
 // Which CUDA kernels an exact-attention call runs, and why: the op bodies
-// (cuda_attn_ops.cu) follow it and attention_ext.explain() reports it.
+// (attention_ops.cu) follow it and attention_ext.explain() reports it.
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -368,7 +368,7 @@ AE_DEV int sched_fill(SchedShared& sh, int64_t& pos, int64_t end, ClassFn cls_of
   return sh.count;
 }
 
-// cuda_attn_ops.cu reserves 2 KB of shared memory for what the kernels declare statically
+// attention_ops.cu reserves 2 KB of shared memory for what the kernels declare statically
 static_assert(sizeof(MaskSpec) + sizeof(SchedShared) + 64 <= 2048, "static shared memory exceeds its reserve");
 static_assert(std::is_trivially_copyable_v<MaskSpec>, "the mask spec is copied into shared memory as bytes");
 

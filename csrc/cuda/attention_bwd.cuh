@@ -20,8 +20,8 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include "cuda_attn_device.cuh"
-#include "cuda_attn_params.h"
+#include "attention_device.cuh"
+#include "attention_params.h"
 #include "softcap.cuh"
 
 namespace attention_ext::cuda {

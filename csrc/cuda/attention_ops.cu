@@ -16,7 +16,7 @@
 
 #include "../common/attention_op.h"
 #include "attention_path.h"
-#include "cuda_attn_params.h"
+#include "attention_params.h"
 
 namespace attention_ext::cuda {
 namespace {

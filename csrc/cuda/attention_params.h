@@ -1,5 +1,5 @@
 // Plain-data parameters and launcher declarations shared by the CUDA op bodies
-// (cuda_attn_ops.cu, which includes ATen) and the kernel sources (which do not, so that
+// (attention_ops.cu, which includes ATen) and the kernel sources (which do not, so that
 // they compile quickly and in parallel).
 //
 // Two kernel families:
@@ -134,8 +134,8 @@ void type_switch(DType dtype, F&& f) {
   }
 }
 
-// Explicitly instantiated in cuda_attn_{fwd,bwd}_<dtype>_d<bucket>.cu for T in
-// {__half, __nv_bfloat16} and D in {64, 128, 256}.
+// Explicitly instantiated in generated/attention_{fwd,bwd}_<dtype>_d<bucket>.cu (written by
+// scripts/gen_cuda_instantiations.py) for T in {__half, __nv_bfloat16} and D in {64, 128, 256}.
 template <typename T, int D>
 void launch_tc_fwd(const TcFwdParams& p, cudaStream_t stream);
 // dK, dV (and, when p.dq_accum is set, dQ through fp32 atomics)

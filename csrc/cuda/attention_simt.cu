@@ -16,7 +16,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "cuda_attn_params.h"
+#include "attention_params.h"
 #include "softcap.cuh"
 
 namespace attention_ext::cuda {
