@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import ctypes
-import gc
-
 import torch
+
+from ._memory import LIBC, Peak
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -68,6 +67,25 @@ def ratio(times, peer, base="ours"):
     return times[peer] / times[base] if times.get(peer) and times.get(base) else None
 
 
+def speed_columns(t_f, t_b, peers=(), fwd_only=(), ratios=None, fwd_flops=None):
+    """The timing columns of a suite's row: 'fwd ours ms', 'fwd <peer>/ours' for every peer
+    (fwd_only: peers without a backward), the same for 'f+b', then any named ratios
+    ({label: (name, over)}: times[name] / times[over]) and the forward's GFLOP/s."""
+    row = {}
+    for tag, t, names in (("fwd", t_f, tuple(peers) + tuple(fwd_only)), ("f+b", t_b, tuple(peers))):
+        row[f"{tag} ours ms"] = t["ours"] * 1e3
+        row.update({f"{tag} {p}/ours": ratio(t, p) for p in names})
+        row.update({f"{tag} {label}": ratio(t, a, b) for label, (a, b) in (ratios or {}).items()})
+        if fwd_flops and tag == "fwd":
+            row["fwd GFLOP/s"] = fwd_flops / t["ours"] / 1e9
+    return row
+
+
+def memory_columns(mem, names):
+    """'mem <name> MiB' for each contender (None where it was not measured)."""
+    return {f"mem {n} MiB": mem.get(n) for n in names}
+
+
 def print_row(row, errors=None):
     """One finished row of a suite's table, as it is measured."""
     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errors or "", flush=True)
@@ -88,21 +106,6 @@ def report(args, name, title, notes, rows, columns=None):
     publish(args, name, body)
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-if _LIBC is not None:
-    # Big blocks through mmap, returned to the system on free: otherwise glibc keeps
-    # freed memory mapped and reuses it, and the peak RSS of a later contender would
-    # not show what it allocated. M_MMAP_THRESHOLD = -3.
-    _LIBC.mallopt(-3, 1 << 20)
-
-
 def keep_heap():
     """Keep large freed blocks in the heap instead of glibc's fresh mmap per allocation
     above its threshold (which the line above lowers to 1 MiB for memory accounting):
@@ -110,11 +113,11 @@ def keep_heap():
     costly in this VM (the linear forward at N=32768 took 2.6x the time of N=16384 with
     the default, 2.0x with this). Applies to every contender alike; peak_memory_mb still
     trims the heap before it measures. Returns whether it took effect."""
-    if _LIBC is None:
+    if LIBC is None:
         return False
     try:
-        _LIBC.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        _LIBC.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+        LIBC.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        LIBC.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
         return True
     except AttributeError:
         return False
@@ -128,46 +131,11 @@ def raise_recompile_limit(limit=256):
             setattr(torch._dynamo.config, name, limit)
 
 
-def _read_hwm_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return None
-
-
-def _read_rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
-
-
 def peak_memory_mb(fn, device="cpu"):
-    """Peak memory added while fn runs, in MiB. CUDA: the caching allocator's peak.
-    CPU: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs), which sees
-    every allocation, ours and the peers' alike; None where the kernel does not allow
-    the reset."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """Peak memory added while fn runs, in MiB (benchmarks/_memory.py says how)."""
+    with Peak(device) as peak:
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    base = _read_rss_kb()
-    fn()
-    hwm = _read_hwm_kb()
-    return max(0.0, (hwm - base) / 1024.0)
+    return peak.read()
 
 
 def machine_line():

@@ -70,16 +70,9 @@ def main(args, rest):
                     fl = attention_flops(n, d, causal)
                     row = {
                         "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
-                        "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa ms": t_f["sdpa"] * 1e3 if t_f["sdpa"] else None,
-                        "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
-                        "fwd naive/ours": U.ratio(t_f, "naive"),
-                        "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
-                        "f+b ours ms": t_b["ours"] * 1e3,
-                        "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
-                        "f+b naive/ours": U.ratio(t_b, "naive"),
+                        **U.speed_columns(t_f, t_b, ("sdpa", "naive"), fwd_flops=fl),
                         "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
-                        "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"),
-                        "mem naive MiB": mem.get("naive"),
+                        **U.memory_columns(mem, ("ours", "sdpa", "naive")),
                     }
                     rows.append(row)
                     U.print_row(row, errs)

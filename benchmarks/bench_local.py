@@ -142,15 +142,8 @@ def main(args, rest):
         fl = window_flops(n, w)
         row = {
             "dtype": str(dtype).replace("torch.", ""), "N": n, "window": w,
-            "fwd ours ms": t_f["ours"] * 1e3,
-            "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
-            "fwd flex/ours": U.ratio(t_f, "flex"),
-            "fwd naive/ours": U.ratio(t_f, "naive"),
-            "fwd GFLOP/s": fl / t_f["ours"] / 1e9,
-            "f+b ours ms": t_b["ours"] * 1e3,
-            "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
-            "f+b naive/ours": U.ratio(t_b, "naive"),
-            "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"), "mem naive MiB": mem.get("naive"),
+            **U.speed_columns(t_f, t_b, ("sdpa", "naive"), fwd_only=("flex",), fwd_flops=fl),
+            **U.memory_columns(mem, ("ours", "sdpa", "naive")),
         }
         rows.append(row)
         U.print_row(row, errs)

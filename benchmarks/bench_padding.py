@@ -49,11 +49,8 @@ def main(args, rest):
 
             row = {
                 "dtype": str(dtype).replace("torch.", ""), "N": n,
-                "fwd ours ms": t_f["ours"] * 1e3, "fwd sdpa/ours": U.ratio(t_f, "sdpa"),
-                "fwd unpadded/ours": U.ratio(t_f, "ours unpadded"),
-                "f+b ours ms": t_b["ours"] * 1e3, "f+b sdpa/ours": U.ratio(t_b, "sdpa"),
-                "f+b unpadded/ours": U.ratio(t_b, "ours unpadded"),
-                "mem ours MiB": mem.get("ours"), "mem sdpa MiB": mem.get("sdpa"),
+                **U.speed_columns(t_f, t_b, ("sdpa",), ratios={"unpadded/ours": ("ours unpadded", "ours")}),
+                **U.memory_columns(mem, ("ours", "sdpa")),
             }
             rows.append(row)
             U.print_row(row, errs)

@@ -91,13 +91,9 @@ def main(args, rest):
             t_f, t_b, mem, errs = run_case(n, window, dtype, rounds)
             row = {
                 "dtype": str(dtype).replace("torch.", ""), "N": n, "window": window or "full",
-                "fwd ours ms": t_f["ours"] * 1e3,
-                "fwd cap cost": U.ratio(t_f, "ours", "ours no cap"),
-                "fwd flex/ours": U.ratio(t_f, "flex"), "fwd eager/ours": U.ratio(t_f, "eager"),
-                "f+b ours ms": t_b["ours"] * 1e3,
-                "f+b cap cost": U.ratio(t_b, "ours", "ours no cap"),
-                "f+b eager/ours": U.ratio(t_b, "eager"),
-                "mem ours MiB": mem.get("ours"), "mem eager MiB": mem.get("eager"),
+                **U.speed_columns(t_f, t_b, ("eager",), fwd_only=("flex",),
+                                  ratios={"cap cost": ("ours", "ours no cap")}),
+                **U.memory_columns(mem, ("ours", "eager")),
             }
             rows.append(row)
             U.print_row(row, errs)

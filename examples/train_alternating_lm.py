@@ -16,7 +16,6 @@ goes (tqdm progress bar when installed) and ends with one comparison line.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import attention_ext.nn as aenn  # noqa: E402
+from benchmarks._memory import Peak  # noqa: E402  (one way to measure peak memory)
 
 TEXT_SUFFIXES = {".md", ".py", ".txt", ".toml", ".cpp", ".h", ".cu", ".cuh", ".sh"}
 
@@ -90,69 +90,6 @@ class HFWrapper(torch.nn.Module):
         if targets is not None:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss
-
-
-def _libc():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: big blocks go back to the system when freed, so
-        return libc                # one run's freed memory does not hide the next run's peak
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
-
-def _rss_reset():
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status("VmRSS")
-
-
-def _status(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-class Peak:
-    """Peak memory added while a run trains: CUDA allocator peak, or the process's peak
-    RSS (VmHWM, reset through /proc/self/clear_refs; None where that is not allowed)."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = _rss_reset()
-        return self
-
-    def read(self):
-        if self.device == "cuda":
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        hwm = _status("VmHWM")
-        return None if self.base is None or hwm is None else max(0.0, hwm - self.base)
-
-    def __exit__(self, *exc):
-        return False
 
 
 def progress(total, desc, enabled):
