@@ -5,16 +5,10 @@
 
 #include "../common/linear_op.h"
 #include "isa.h"
+#include "operand.h"
 
 namespace attention_ext::cpu {
 namespace {
-
-Operand operand(const at::Tensor& t) {
-  Operand o;
-  o.data = t.data_ptr();
-  for (int i = 0; i < 4; ++i) o.stride[i] = t.stride(i);
-  return o;
-}
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 

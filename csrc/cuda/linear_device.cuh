@@ -84,14 +84,14 @@ __device__ __forceinline__ void fill_slab(acc_t* s, const F& f) {
   }
 }
 
-// acc[i][j] += sum_k a[k][ty + 16 i] * b[k][tx + 16 j]   (a, b: [KS][kLd])
-template <int KS, typename acc_t>
-__device__ __forceinline__ void mma_slab(acc_t (&acc)[4][4], const acc_t* a, const acc_t* b, int ty, int tx) {
+// acc[i][j] += sum_k A[ty + 16 i][k] * b[k][tx + 16 j]   (b: [KS][kLd]), A[r][k] = a[r * RS + k * KSTRIDE]
+template <int KS, int RS, int KSTRIDE, typename acc_t>
+__device__ __forceinline__ void mma_tile(acc_t (&acc)[4][4], const acc_t* a, const acc_t* b, int ty, int tx) {
 #pragma unroll
   for (int k = 0; k < KS; ++k) {
     acc_t av[4], bv[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = a[k * kLd + ty + 16 * i];
+    for (int i = 0; i < 4; ++i) av[i] = a[(ty + 16 * i) * RS + k * KSTRIDE];
 #pragma unroll
     for (int j = 0; j < 4; ++j) bv[j] = b[k * kLd + tx + 16 * j];
 #pragma unroll
@@ -101,22 +101,17 @@ __device__ __forceinline__ void mma_slab(acc_t (&acc)[4][4], const acc_t* a, con
   }
 }
 
-// acc[i][j] += sum_k t[ty + 16 i][k0 + k] * b[k][tx + 16 j]   (t: [kTile][kLd] row-major)
+// A = a^T for a slab a [KS][kLd]: acc[i][j] += sum_k a[k][ty + 16 i] * b[k][tx + 16 j]
+template <int KS, typename acc_t>
+__device__ __forceinline__ void mma_slab(acc_t (&acc)[4][4], const acc_t* a, const acc_t* b, int ty, int tx) {
+  mma_tile<KS, 1, kLd>(acc, a, b, ty, tx);
+}
+
+// A = columns [k0, k0 + KS) of a row-major tile t [kTile][kLd]
 template <int KS, typename acc_t>
 __device__ __forceinline__ void mma_rows(acc_t (&acc)[4][4], const acc_t* t, int k0, const acc_t* b, int ty,
                                          int tx) {
-#pragma unroll
-  for (int k = 0; k < KS; ++k) {
-    acc_t av[4], bv[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) av[i] = t[(ty + 16 * i) * kLd + k0 + k];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) bv[j] = b[k * kLd + tx + 16 * j];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-  }
+  mma_tile<KS, kLd, 1>(acc, t + k0, b, ty, tx);
 }
 
 template <typename acc_t>
