@@ -37,13 +37,12 @@ tests_line=$(grep -E "passed|failed" "$OUT/tests.log" | tail -1)
 echo "== GPU benchmarks"
 flags=""
 [ -n "${QUICK:-}" ] && flags="--quick"
-timeout ${BENCH_TIMEOUT:-900} $PY benchmarks/gpu_attention_check.py --budget ${BUDGET:-60} $flags 2>&1 | tee "$OUT/bench.log"
+timeout ${BENCH_TIMEOUT:-900} $PY -m benchmarks gpu_check --device cuda --budget ${BUDGET:-60} $flags 2>&1 | tee "$OUT/bench.log"
 
 $PY - "$OUT" "$commit" "$tests_line" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, ".")
-from benchmarks import _util as U
+from benchmarks import _util as U  # PYTHONPATH holds the repo root
 out, commit, tests = sys.argv[1:4]
 device = Path(out, "device.txt").read_text().strip().replace("\n", ", ")
 bench = Path(out, "bench.log").read_text()

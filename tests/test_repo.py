@@ -35,3 +35,21 @@ def test_cuda_instantiations_are_generated():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert sorted({int(d) for d in re.findall(r"integral_constant<int, (\d+)>", switch)}) == sorted(gen.HEAD_DIMS)
+
+
+def test_each_op_family_has_one_body_and_one_backend_file_per_device():
+    # README "Layout": an op is found in one guess by its family name (attention, linear)
+    registering = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
+                         if p.suffix in (".cpp", ".cu", ".h", ".cuh") and "TORCH_LIBRARY" in p.read_text())
+    expected = ["csrc/ops.cpp"]
+    for family in ("attention", "linear"):
+        assert (ROOT / "csrc" / "common" / f"{family}_op.h").is_file()
+        expected += [f"csrc/cpu/{family}_ops.cpp", f"csrc/cuda/{family}_ops.cu"]
+    assert registering == sorted(expected)
+
+
+def test_benchmarks_hold_code_and_results_only():
+    # logs of GPU sessions live in docs/gpu_runs/; their figures in benchmarks/RESULTS.md
+    stray = [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".sh", ".md", ".pyc")]
+    assert not stray, stray

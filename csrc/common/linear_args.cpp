@@ -1,8 +1,10 @@
 #include "linear_args.h"
 
 #include <cmath>
+#include <tuple>
 
 namespace attention_ext {
+namespace {
 
 QkvShape check_linear_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           bool causal) {
@@ -21,6 +23,7 @@ void check_linear_params(const char* op, int64_t feature_map, int64_t chunk, dou
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
+// Both or neither; returns contiguous copies (undefined tensors when absent).
 std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char* name, const QkvShape& s,
                                                      const at::Tensor& q, const std::optional<at::Tensor>& S,
                                                      const std::optional<at::Tensor>& z) {
@@ -40,10 +43,11 @@ std::pair<at::Tensor, at::Tensor> check_linear_state(const char* op, const char*
   return {S->contiguous(), z->contiguous()};
 }
 
-std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const QkvShape& s, const at::Tensor& q,
-                                                          const at::Tensor& grad_out, const at::Tensor& out,
-                                                          const std::optional<at::Tensor>& grad_S,
-                                                          const std::optional<at::Tensor>& grad_z) {
+// grad_out, out and the state gradient, where a missing half counts as zero.
+std::pair<at::Tensor, at::Tensor> check_linear_grads(const char* op, const QkvShape& s, const at::Tensor& q,
+                                                     const at::Tensor& grad_out, const at::Tensor& out,
+                                                     const std::optional<at::Tensor>& grad_S,
+                                                     const std::optional<at::Tensor>& grad_z) {
   std::optional<at::Tensor> gS = grad_S, gz = grad_z;
   if (gS.has_value() != gz.has_value()) {
     const auto sd = q.options().dtype(linear_state_dtype(q.scalar_type()));
@@ -59,6 +63,42 @@ std::pair<at::Tensor, at::Tensor> check_linear_bwd_inputs(const char* op, const 
   check_device(op, "grad_out", grad_out, q);
   check_device(op, "out", out, q);
   return state_grad;
+}
+
+// The checks every op starts with, in the order the ops always ran them.
+LinearInputs check_linear_common(const char* op, const char* state_name, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const std::optional<at::Tensor>& S,
+                                 const std::optional<at::Tensor>& z, const LinearOptions& o) {
+  LinearInputs in{};
+  in.shape = check_linear_qkv(op, q, k, v, o.causal);
+  check_linear_params(op, o.feature_map, o.chunk, o.eps, o.scale);
+  std::tie(in.S0, in.z0) = check_linear_state(op, state_name, in.shape, q, S, z);
+  in.options = o;
+  return in;
+}
+
+}  // namespace
+
+LinearInputs check_linear_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
+                                     const LinearOptions& options) {
+  return check_linear_common("linear_fwd", "initial state", q, k, v, S0, z0, options);
+}
+
+LinearInputs check_linear_bwd_inputs(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_S,
+                                     const std::optional<at::Tensor>& grad_z, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                     const std::optional<at::Tensor>& S0, const std::optional<at::Tensor>& z0,
+                                     const LinearOptions& options) {
+  const char* op = "linear_bwd";
+  LinearInputs in = check_linear_common(op, "initial state", q, k, v, S0, z0, options);
+  std::tie(in.grad_S, in.grad_z) = check_linear_grads(op, in.shape, q, grad_out, out, grad_S, grad_z);
+  return in;
+}
+
+LinearInputs check_linear_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& S, const at::Tensor& z, const LinearOptions& options) {
+  return check_linear_common("linear_step", "state", q, k, v, S, z, options);
 }
 
 }  // namespace attention_ext

@@ -4,16 +4,10 @@
 
 #include "../common/attention_op.h"
 #include "isa.h"
+#include "operand.h"
 
 namespace attention_ext::cpu {
 namespace {
-
-Operand operand(const at::Tensor& t) {
-  Operand o;
-  o.data = t.data_ptr();
-  for (int i = 0; i < 4; ++i) o.stride[i] = t.stride(i);
-  return o;
-}
 
 // The kernels' view of a checked call (the fields both passes share).
 template <class Args>

@@ -26,44 +26,16 @@ namespace {
 using namespace linear;
 
 template <typename scalar_t, typename acc_t>
-struct BwdKernel {
-  const LinearBwdArgs& a;
-  Dims<acc_t> d;
-  acc_t scale, eps;
+struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
+  using Base = ChunkKernel<scalar_t, acc_t, LinearBwdArgs>;
+  using typename Base::KV;
+  using Base::a, Base::d, Base::scale, Base::eps;
+  using Base::load_kv, Base::load_queries, Base::load_state, Base::store_state;
+  using Base::Base;
 
-  explicit BwdKernel(const LinearBwdArgs& args)
-      : a(args),
-        d(args.B, args.Hq, args.Hkv, args.Nq, args.Nk, args.D, args.Dv, args.chunk),
-        scale(acc_t(args.scale)),
-        eps(acc_t(args.eps)) {}
-
-  // Key-chunk operands: phi(k) as rows and transposed, phi'(k), v as rows and transposed.
-  struct KV {
-    acc_t *fk, *fkT, *dphi, *v, *vT;
-  };
-  int64_t kv_size() const { return 2 * d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp + d.Dv * d.Cp; }
-  KV kv_at(acc_t* p) const {
-    KV kv;
-    kv.fk = p;
-    kv.fkT = kv.fk + d.C * d.Dp;
-    kv.dphi = kv.fkT + d.D * d.Cp;
-    kv.v = kv.dphi + d.C * d.Dp;
-    kv.vT = kv.v + d.C * d.Dvp;
-    return kv;
-  }
+  int64_t kv_size() const { return Base::kv_size(true); }
+  KV kv_at(acc_t* p) const { return Base::kv_at(p, true); }
   acc_t* kv_end(const KV& kv) const { return kv.vT + d.Dv * d.Cp; }
-  // Rows always; the transposed forms and phi'(k) on request. Returns the key count.
-  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool with_grad) const {
-    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
-    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
-                  kv.fk, d.Dp, d.C, with_grad ? kv.dphi : nullptr);
-    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
-    if (transposed) {
-      transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
-      transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
-    }
-    return n;
-  }
 
   int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
 
@@ -73,7 +45,7 @@ struct BwdKernel {
   // dfk [C][Dp] and dv [C][Dvp].
   void query_chunk(int64_t b, int64_t h, int64_t qc, const acc_t* st, const acc_t* stT, const KV& kv, acc_t* gdelta,
                    acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
-    const int64_t q0 = qc * d.C, m = std::min(d.C, d.Nq - q0);
+    const int64_t q0 = qc * d.C;
     acc_t* fq = scratch;
     acc_t* g = fq + d.C * d.Dp;
     acc_t* A = g + d.C * d.Dvp;
@@ -82,8 +54,7 @@ struct BwdKernel {
     acc_t* rowsum = dfq + d.C * d.Dp;
     acc_t* dd = rowsum + d.C;
     acc_t* dphi = dd + d.C;
-    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
-                  d.Dp, m, full ? dphi : nullptr);
+    const int64_t m = load_queries(b, h, qc, fq, full ? dphi : nullptr);
     load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
               m);
     const bool need_A = a.causal && (a.normalize || full);
@@ -160,14 +131,7 @@ struct BwdKernel {
     }
   }
 
-  void load_state(const void* S, const void* z, int64_t bh, acc_t* st) const {
-    const auto* Sp = static_cast<const acc_t*>(S);
-    const auto* zp = static_cast<const acc_t*>(z);
-    state_in(d, Sp ? Sp + bh * d.D * d.Dv : nullptr, zp ? zp + bh * d.D : nullptr, st);
-  }
-  void store_grad_state(int64_t bh, const acc_t* G) const {
-    state_out(d, G, static_cast<acc_t*>(a.dS0) + bh * d.D * d.Dv, static_cast<acc_t*>(a.dz0) + bh * d.D);
-  }
+  void store_grad_state(int64_t bh, const acc_t* G) const { store_state(a.dS0, a.dz0, bh, G); }
   void transpose_state(const acc_t* st, acc_t* stT) const { transpose_block(st, d.Dvp, d.D, d.Dv, stT, d.Dp); }
 
   // ---- one task per (batch, kv head) ------------------------------------------------
@@ -229,7 +193,6 @@ struct BwdKernel {
   // ---- chunk tasks ------------------------------------------------------------------
   void run_chunked() const {
     const int64_t bhk = d.B * d.Hkv, nck = d.nck, ncq = d.ncq;
-    const int64_t slice = 512, nslices = (d.state + slice - 1) / slice;
     const int64_t TT = d.Dv * d.Dp;
     // 1. chunk deltas; 2. scan: states[bh][kc] = state before kc (causal), finals = last
     Buffer<acc_t> states(bhk * std::max<int64_t>(nck, 1) * d.state);
@@ -241,21 +204,7 @@ struct BwdKernel {
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
-    parallel_tasks(bhk * nslices, [&](int64_t t) {
-      const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, d.state - s0);
-      acc_t* run = finals.get() + bh * d.state + s0;
-      for (int64_t kc = 0; kc < nck; ++kc) {
-        acc_t* cell = states.get() + (bh * nck + kc) * d.state + s0;
-        if (a.causal)
-          for (int64_t i = 0; i < len; ++i) {
-            const acc_t delta = cell[i];
-            cell[i] = run[i];
-            run[i] += delta;
-          }
-        else
-          state_add(run, cell, len);
-      }
-    });
+    scan_chunks(bhk, nck, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
     // 3. gradient deltas per query chunk (non-causal: with dq as well)
     Buffer<acc_t> gstates(bhk * std::max<int64_t>(ncq, 1) * d.state);
     parallel_tasks(bhk * ncq, [&](int64_t t) {
@@ -280,22 +229,7 @@ struct BwdKernel {
     //    gradient of the state after chunk c), non-causal a plain sum in chunk order
     Buffer<acc_t> gfinal(bhk * d.state);
     parallel_tasks(bhk, [&](int64_t bh) { load_state(a.grad_S, a.grad_z, bh, gfinal.get() + bh * d.state); });
-    parallel_tasks(bhk * nslices, [&](int64_t t) {
-      const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, d.state - s0);
-      acc_t* run = gfinal.get() + bh * d.state + s0;
-      for (int64_t i = 0; i < ncq; ++i) {
-        const int64_t qc = a.causal ? ncq - 1 - i : i;
-        acc_t* cell = gstates.get() + (bh * ncq + qc) * d.state + s0;
-        if (a.causal)
-          for (int64_t e = 0; e < len; ++e) {
-            const acc_t delta = cell[e];
-            cell[e] = run[e];
-            run[e] += delta;
-          }
-        else
-          state_add(run, cell, len);
-      }
-    });
+    scan_chunks(bhk, ncq, d.state, gstates.get(), gfinal.get(), /*exclusive=*/a.causal, /*reverse=*/a.causal);
     // 5. gradients per key chunk (causal: with dq and the intra-chunk terms)
     parallel_tasks(bhk * nck, [&](int64_t t) {
       const int64_t bh = t / nck, kc = t % nck, b = bh / d.Hkv, hk = bh % d.Hkv;

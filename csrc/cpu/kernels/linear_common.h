@@ -201,6 +201,98 @@ void state_out(const Dims<acc_t>& d, const acc_t* st, acc_t* S, acc_t* z) {
   std::copy(st + d.D * d.Dvp, st + d.D * d.Dvp + d.D, z);
 }
 
+// Scan of per-chunk states cells[bh][nc] (Dims::state elements each) over the chunks, split
+// across tasks by slices of the state. run[bh] starts as the caller set it and ends as the
+// sum of every delta; with `exclusive` each cell becomes the running value before it;
+// `reverse` walks the chunks backwards.
+template <typename acc_t>
+void scan_chunks(int64_t bhk, int64_t nc, int64_t state, acc_t* cells, acc_t* run_all, bool exclusive,
+                 bool reverse) {
+  const int64_t slice = 512, nslices = (state + slice - 1) / slice;
+  parallel_tasks(bhk * nslices, [&](int64_t t) {
+    const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, state - s0);
+    acc_t* run = run_all + bh * state + s0;
+    for (int64_t i = 0; i < nc; ++i) {
+      const int64_t c = reverse ? nc - 1 - i : i;
+      acc_t* cell = cells + (bh * nc + c) * state + s0;
+      if (exclusive)
+        for (int64_t e = 0; e < len; ++e) {
+          const acc_t delta = cell[e];
+          cell[e] = run[e];
+          run[e] += delta;
+        }
+      else
+        state_add(run, cell, len);
+    }
+  });
+}
+
+// What the forward and backward kernels share: the call, its dims, and the loaders of the
+// chunk operands and of the caller's states. Args: LinearFwdArgs or LinearBwdArgs.
+template <typename scalar_t, typename acc_t, class Args>
+struct ChunkKernel {
+  const Args& a;
+  Dims<acc_t> d;
+  acc_t scale, eps;
+
+  explicit ChunkKernel(const Args& args)
+      : a(args),
+        d(args.B, args.Hq, args.Hkv, args.Nq, args.Nk, args.D, args.Dv, args.chunk),
+        scale(acc_t(args.scale)),
+        eps(acc_t(args.eps)) {}
+
+  // Key chunk of a kv head: phi(k) rows fk [C][Dp] and transposed fkT [D][Cp], v rows
+  // [C][Dvp]; with_grad layouts (the backward) add phi'(k) dphi [C][Dp] and vT [Dv][Cp].
+  struct KV {
+    acc_t *fk, *fkT, *v, *dphi, *vT;
+  };
+  int64_t kv_size(bool with_grad) const {
+    return d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp + (with_grad ? d.C * d.Dp + d.Dv * d.Cp : 0);
+  }
+  KV kv_at(acc_t* p, bool with_grad) const {
+    KV kv;
+    kv.fk = p;
+    kv.fkT = kv.fk + d.C * d.Dp;
+    kv.v = kv.fkT + d.D * d.Cp;
+    kv.dphi = with_grad ? kv.v + d.C * d.Dvp : nullptr;
+    kv.vT = with_grad ? kv.dphi + d.C * d.Dp : nullptr;
+    return kv;
+  }
+  // Key chunk kc of kv head (b, hk): rows always; the transposed forms when `transposed`
+  // (vT where the layout has it), phi'(k) when `dphi`. Returns the chunk's key count.
+  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool dphi) const {
+    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
+    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
+                  kv.fk, d.Dp, d.C, dphi ? kv.dphi : nullptr);
+    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
+    if (transposed) {
+      transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
+      if (kv.vT) transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
+    }
+    return n;
+  }
+
+  // fq [C][Dp] = scale * phi(q) of query chunk qc of head (b, h); dphi (optional) gets
+  // phi'(q). Returns the chunk's query count.
+  int64_t load_queries(int64_t b, int64_t h, int64_t qc, acc_t* fq, acc_t* dphi) const {
+    const int64_t q0 = qc * d.C, m = std::min(d.C, d.Nq - q0);
+    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
+                  d.Dp, m, dphi);
+    return m;
+  }
+
+  // The padded state of kv head bh from the caller's contiguous (B, Hkv, D, Dv) + (B, Hkv, D)
+  // arrays (null: zeros), and back.
+  void load_state(const void* S, const void* z, int64_t bh, acc_t* st) const {
+    const auto* Sp = static_cast<const acc_t*>(S);
+    const auto* zp = static_cast<const acc_t*>(z);
+    state_in(d, Sp ? Sp + bh * d.D * d.Dv : nullptr, zp ? zp + bh * d.D : nullptr, st);
+  }
+  void store_state(void* S, void* z, int64_t bh, const acc_t* st) const {
+    state_out(d, st, static_cast<acc_t*>(S) + bh * d.D * d.Dv, static_cast<acc_t*>(z) + bh * d.D);
+  }
+};
+
 // Whether one task per (batch, kv head) keeps every thread busy; otherwise the kernels
 // split the sequence into chunk tasks and scan the chunk states in a separate pass.
 // Both ways run the same arithmetic in the same order, so the choice (which depends

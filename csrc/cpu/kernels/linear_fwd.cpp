@@ -22,32 +22,15 @@ namespace {
 using namespace linear;
 
 template <typename scalar_t, typename acc_t>
-struct FwdKernel {
-  const LinearFwdArgs& a;
-  Dims<acc_t> d;
-  acc_t scale, eps;
+struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
+  using Base = ChunkKernel<scalar_t, acc_t, LinearFwdArgs>;
+  using typename Base::KV;
+  using Base::a, Base::d, Base::eps;
+  using Base::load_kv, Base::load_queries, Base::load_state, Base::store_state;
+  using Base::Base;
 
-  explicit FwdKernel(const LinearFwdArgs& args)
-      : a(args),
-        d(args.B, args.Hq, args.Hkv, args.Nq, args.Nk, args.D, args.Dv, args.chunk),
-        scale(acc_t(args.scale)),
-        eps(acc_t(args.eps)) {}
-
-  // Key chunk kc of kv head (b, hk) at p: fk [C][Dp], fkT [D][Cp], v [C][Dvp].
-  struct KV {
-    acc_t *fk, *fkT, *v;
-  };
-  int64_t kv_size() const { return d.C * d.Dp + d.D * d.Cp + d.C * d.Dvp; }
-  KV kv_at(acc_t* p) const { return {p, p + d.C * d.Dp, p + d.C * d.Dp + d.D * d.Cp}; }
-  // Returns the chunk's key count; the transposed form only when `transposed`.
-  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed) const {
-    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
-    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
-                  kv.fk, d.Dp, n);
-    if (transposed) transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
-    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
-    return n;
-  }
+  int64_t kv_size() const { return Base::kv_size(false); }
+  KV kv_at(acc_t* p) const { return Base::kv_at(p, false); }
 
   int64_t out_scratch() const { return d.C * d.Dp + d.C * d.Cp + d.C * d.Dvp + d.C; }
 
@@ -55,13 +38,12 @@ struct FwdKernel {
   // (causal) or the final state (non-causal); fkT / v the same chunk's keys (causal).
   void out_chunk(int64_t b, int64_t h, int64_t qc, const acc_t* st, const acc_t* fkT, const acc_t* v,
                  acc_t* scratch) const {
-    const int64_t q0 = qc * d.C, m = std::min(d.C, d.Nq - q0);
+    const int64_t q0 = qc * d.C;
     acc_t* fq = scratch;
     acc_t* A = fq + d.C * d.Dp;
     acc_t* num = A + d.C * d.Cp;
     acc_t* rowsum = num + d.C * d.Dvp;
-    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
-                  d.Dp, m);
+    const int64_t m = load_queries(b, h, qc, fq, nullptr);
     gemm<acc_t>(m, d.Dvp, d.D, fq, d.Dp, 1, st, d.Dvp, num, d.Dvp, false);
     if (a.causal) {
       gemm_lower_cols<acc_t>(m, m, d.D, fq, d.Dp, fkT, d.Cp, A, d.Cp);
@@ -87,15 +69,6 @@ struct FwdKernel {
     }
   }
 
-  void store_state(int64_t bh, const acc_t* st) const {
-    state_out(d, st, static_cast<acc_t*>(a.S) + bh * d.D * d.Dv, static_cast<acc_t*>(a.z) + bh * d.D);
-  }
-  void load_state(int64_t bh, acc_t* st) const {
-    const auto* S0 = static_cast<const acc_t*>(a.S0);
-    const auto* z0 = static_cast<const acc_t*>(a.z0);
-    state_in(d, S0 ? S0 + bh * d.D * d.Dv : nullptr, z0 ? z0 + bh * d.D : nullptr, st);
-  }
-
   // One task per (batch, kv head), chunks in order.
   void run_per_head() const {
     parallel_tasks(d.B * d.Hkv, [&](int64_t bh) {
@@ -104,9 +77,9 @@ struct FwdKernel {
       acc_t* delta = st + d.state;
       const KV kv = kv_at(delta + d.state);
       acc_t* scratch = kv.v + d.C * d.Dvp;
-      load_state(bh, st);
+      load_state(a.S0, a.z0, bh, st);
       for (int64_t kc = 0; kc < d.nck; ++kc) {
-        const int64_t n = load_kv(b, hk, kc, kv, a.causal);
+        const int64_t n = load_kv(b, hk, kc, kv, a.causal, false);
         if (a.causal)
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
             out_chunk(b, h, kc, st, kv.fkT, kv.v, scratch);
@@ -117,7 +90,7 @@ struct FwdKernel {
         for (int64_t qc = 0; qc < d.ncq; ++qc)
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
             out_chunk(b, h, qc, st, nullptr, nullptr, scratch);
-      store_state(bh, st);
+      store_state(a.S, a.z, bh, st);
     });
   }
 
@@ -129,28 +102,13 @@ struct FwdKernel {
     parallel_tasks(bhk * nck, [&](int64_t t) {
       const int64_t bh = t / nck, kc = t % nck;
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false);
+      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false, false);
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
-    // exclusive scan over chunks, split over slices of the state
-    const int64_t slice = 512, nslices = (d.state + slice - 1) / slice;
+    // exclusive scan over chunks (causal), the total into finals
     Buffer<acc_t> finals(bhk * d.state);
-    parallel_tasks(bhk, [&](int64_t bh) { load_state(bh, finals.get() + bh * d.state); });
-    parallel_tasks(bhk * nslices, [&](int64_t t) {
-      const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, d.state - s0);
-      acc_t* run = finals.get() + bh * d.state + s0;
-      for (int64_t kc = 0; kc < nck; ++kc) {
-        acc_t* cell = states.get() + (bh * nck + kc) * d.state + s0;
-        if (a.causal)
-          for (int64_t i = 0; i < len; ++i) {
-            const acc_t delta = cell[i];
-            cell[i] = run[i];
-            run[i] += delta;
-          }
-        else
-          state_add(run, cell, len);
-      }
-    });
+    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
+    scan_chunks(bhk, nck, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
     parallel_tasks(d.B * d.Hq * d.ncq, [&](int64_t t) {
       const int64_t qc = t % d.ncq, bh = t / d.ncq, b = bh / d.Hq, h = bh % d.Hq, hk = h / d.group;
       const int64_t bhk_i = b * d.Hkv + hk;
@@ -158,14 +116,14 @@ struct FwdKernel {
       acc_t* scratch = kv.v + d.C * d.Dvp;
       const acc_t* st;
       if (a.causal) {
-        load_kv(b, hk, qc, kv, true);
+        load_kv(b, hk, qc, kv, true, false);
         st = states.get() + (bhk_i * nck + qc) * d.state;
       } else {
         st = finals.get() + bhk_i * d.state;
       }
       out_chunk(b, h, qc, st, kv.fkT, kv.v, scratch);
     });
-    parallel_tasks(bhk, [&](int64_t bh) { store_state(bh, finals.get() + bh * d.state); });
+    parallel_tasks(bhk, [&](int64_t bh) { store_state(a.S, a.z, bh, finals.get() + bh * d.state); });
   }
 
   void run() const {

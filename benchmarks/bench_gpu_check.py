@@ -1,6 +1,6 @@
-"""GPU timing check of the CUDA attention kernels (self-contained; run on a GPU machine).
+"""GPU timing check of the CUDA attention kernels (run on a GPU machine; elsewhere it says so and skips).
 
-    PYTHONPATH=. python benchmarks/gpu_attention_check.py [--budget 60] [--quick]
+    python -m benchmarks gpu_check --device cuda [--budget 60] [--quick] [--skip-sdpa] [--skip-flex] [--skip-ops]
 
 Times, with CUDA events (best of several runs after warm-up), bf16, H=16, D=128:
   * our attention_fwd and fwd+bwd against F.scaled_dot_product_attention restricted to
@@ -14,11 +14,11 @@ Prints markdown tables with times, our speed relative to the peer (peer time / o
 time, > 1 means we are faster) and TFLOP/s counted over the pairs the mask allows
 (fwd 4*D flops per allowed pair, fwd+bwd 3.5x that). A peer that fails is reported,
 not fatal. Sections stop early once --budget seconds have passed.
+It writes no RESULTS.md section itself: benchmarks/run_gpu.sh puts its tables in the "gpu" one.
 """
 
 import argparse
 import math
-import sys
 import time
 import traceback
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import attention_ext  # noqa: F401
 from attention_ext._spec import AttentionSpec
 
-sys.path.insert(0, ".")  # benchmarks._util and the PyTorch linear-attention peer, run from the repo root
+from . import _util as U
 
 
 def time_ms(fn, reps=10, warmup=2):
@@ -250,7 +250,7 @@ def ops_section(args, t_start, rows):
     def deterministic_flash(q, k, v):
         return ae.flash_attention(q, k, v, causal=True)
 
-    from benchmarks.bench_linear import torch_chunked
+    from .bench_linear import torch_chunked
 
     cases = [
         ("flash_attention causal", lambda q, k, v: ae.flash_attention(q, k, v, causal=True), "SDPA flash", sdpa_causal, N),
@@ -347,19 +347,22 @@ def ops_section(args, t_start, rows):
         rows.append(f"| linear_attention_step | failed: {short_error(e)} | | | | | | | | |")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(args, rest):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per section before skipping sizes")
-    ap.add_argument("--quick", action="store_true", help="one size per section")
     ap.add_argument("--skip-sdpa", action="store_true")
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--skip-ops", action="store_true")
-    args = ap.parse_args()
+    opts = ap.parse_args(rest)
+    opts.quick = args.quick  # --quick: one size per section
+    # `python -m benchmarks all` runs every suite on the CPU: this one then only says why it skips
+    if args.device != "cuda":
+        print("gpu_check: skipped, it times the CUDA kernels (run it with --device cuda)")
+        return
     if not torch.cuda.is_available():
-        print("no CUDA device")
-        return 1
-    from benchmarks import _util as U
-
+        print("gpu_check: skipped, no CUDA device here (torch.cuda.is_available() is False)")
+        return
+    args = opts
     U.raise_recompile_limit()  # every size and mask recompiles FlexAttention
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuda_built={attention_ext._C.cuda_built}")
@@ -389,8 +392,3 @@ def main():
         if rows:
             print(f"\n### {title}\n\n| {columns} |\n|" + "---|" * (columns.count("|") + 1))
             print("\n".join(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
