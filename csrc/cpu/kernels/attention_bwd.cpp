@@ -45,7 +45,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const MaskSpec& mask = a.mask;
   const auto [BQ, BK] = bwd_tiles<acc_t>(mask, a.Nq, a.Nk);
   const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
-  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK, Nqp = nqt * BQ;
+  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK), Nqp = nqt * BQ;
   const int64_t group = a.Hq / a.Hkv;
   const acc_t l2e = acc_t(1.4426950408889634), c_scale = acc_t(a.scale) * l2e;
   const bool softcap = a.softcap > 0;
@@ -115,7 +115,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
   // memory their dQ partials take. Depends on shapes only (determinism).
   const int64_t bhk = a.B * a.Hkv;
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
-  int64_t chunks = std::clamp<int64_t>((8 + bhk - 1) / bhk, 1, std::max<int64_t>(nkt, 1));
+  int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(nkt, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
   Buffer<acc_t> dq_part(chunks * part);
   dq_part.zero(chunks * part);
@@ -142,10 +142,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
       const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
       std::fill(dk_acc, dk_acc + nk * Dp, acc_t(0));
       std::fill(dv_acc, dv_acc + nk * Dvp, acc_t(0));
-      int64_t qb0, qb1;
-      query_band(mask, k0, k0 + nk, &qb0, &qb1);
-      int64_t qt_begin = qb0 / BQ, qt_end = qb1 > qb0 ? (qb1 - 1) / BQ + 1 : qt_begin;
-      if (has_global(mask)) qt_begin = 0, qt_end = nqt;
+      int64_t qt_begin, qt_end;
+      query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         acc_t* dq_acc = dq_part.get() + c * part + bhq * a.Nq * Dp;

@@ -21,7 +21,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const MaskSpec& mask = a.mask;
   const auto [BQ, BK] = fwd_tiles<acc_t>(mask, a.Nq, a.Nk);
   const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
-  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK;
+  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK);
   const int64_t group = a.Hq / a.Hkv;
   const auto* q = static_cast<const scalar_t*>(a.q.data);
   const auto* k = static_cast<const scalar_t*>(a.k.data);
@@ -72,10 +72,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
     std::fill(row_max, row_max + mq, kNegInf<acc_t>);
     std::fill(row_sum, row_sum + mq, acc_t(0));
 
-    int64_t kb0, kb1;
-    key_band(mask, q0, q0 + mq, &kb0, &kb1);
-    int64_t kt_begin = kb0 / BK, kt_end = kb1 > kb0 ? (kb1 - 1) / BK + 1 : kt_begin;
-    if (has_global(mask)) kt_begin = 0, kt_end = nkt;
+    int64_t kt_begin, kt_end;
+    key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
     const acc_t* kT_head = kT.get() + (b * a.Hkv + hk) * nkt * kt_tile;
     const acc_t* v_head = vP.get() + (b * a.Hkv + hk) * a.Nk * Dvp;
     const uint8_t* v_bad_head = v_bad.get() + (b * a.Hkv + hk) * a.Nk;
