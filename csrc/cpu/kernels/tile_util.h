@@ -117,16 +117,26 @@ struct TileShape {
   int64_t bq, bk;
 };
 
+// Tile edge (at most cap) for a block layout of block size bs, aligned with the blocks
+// so that classify() sees whole blocks (Full or Empty, no per-element test): a multiple
+// of bs (at least `lo`) for bs <= cap, else the largest divisor of bs in [lo, cap]. A
+// large bs without such a divisor gets cap: tiles then straddle blocks, which classify()
+// marks Partial (correct, only slower). Never the block size itself above cap.
+inline int64_t block_tile(int64_t bs, int64_t lo, int64_t cap) {
+  if (bs <= cap) {
+    const int64_t t = (lo + bs - 1) / bs * bs;  // the smallest multiple of bs >= lo
+    return t <= cap ? t : bs;
+  }
+  for (int64_t t = cap; t >= lo; --t)
+    if (bs % t == 0) return t;
+  return cap;
+}
+
 template <typename acc_t>
 inline TileShape fwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   constexpr int64_t VL = Vec<acc_t>::size();
   int64_t bq = 64, bk = 128;
-  if (m.kind == kBlockLayout && m.block_size >= 16) {
-    // align tiles with the layout's blocks so classify() sees whole blocks
-    bq = m.block_size <= 128 ? std::max<int64_t>(m.block_size, 32) : 128;
-    bq = bq % m.block_size == 0 ? bq : m.block_size;
-    bk = bq;
-  }
+  if (m.kind == kBlockLayout && m.block_size >= 16) bq = bk = block_tile(m.block_size, 32, 128);
   bq = std::min(bq, std::max<int64_t>(nq, 1));
   bk = round_up(std::min(bk, std::max<int64_t>(nk, 1)), VL);
   return {bq, bk};
@@ -136,7 +146,8 @@ template <typename acc_t>
 inline TileShape bwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   constexpr int64_t VL = Vec<acc_t>::size();
   int64_t bq = 64, bk = 64;
-  if (m.kind == kBlockLayout && m.block_size >= 16 && m.block_size <= 128) bq = bk = m.block_size;
+  if (m.kind == kBlockLayout && m.block_size >= 16)
+    bq = bk = m.block_size <= 128 ? m.block_size : block_tile(m.block_size, 32, 64);
   bq = round_up(std::min(bq, std::max<int64_t>(nq, 1)), VL);
   bk = std::min(bk, std::max<int64_t>(nk, 1));
   return {bq, bk};
