@@ -45,9 +45,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
   });
 
   // log2(e) is folded into the query so that the softmax runs on exp2.
-  const acc_t qmult = acc_t(a.scale * 1.4426950408889634);
-  const acc_t ln2 = acc_t(0.6931471805599453);
-  const acc_t cap2 = acc_t(a.softcap * 1.4426950408889634);  // softcap in base-2 units, 0 = off
+  const acc_t qmult = acc_t(a.scale * kLog2e);
+  const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
   parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
     const int64_t qt = nqt - 1 - t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
@@ -110,7 +109,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
       const bool none = l == acc_t(0);
       const acc_t inv = none ? acc_t(0) : acc_t(1) / l;
       for (int64_t c = 0; c < a.Dv; ++c) out_t[r * a.Dv + c] = from_acc<scalar_t>(o[r * Dvp + c] * inv);
-      lse_t[r] = none ? kNegInf<acc_t> : (row_max[r] + std::log2(l)) * ln2;
+      lse_t[r] = none ? kNegInf<acc_t> : lse_from_log2(row_max[r], l);
     }
   });
 }
