@@ -37,6 +37,16 @@ at::Tensor apply_unary(UnaryFn fn, const at::Tensor& x) {
 at::Tensor exp2_poly(const at::Tensor& x) { return apply_unary(attention_ext::cpu::active_kernels().exp2, x); }
 at::Tensor tanh_fast(const at::Tensor& x) { return apply_unary(attention_ext::cpu::active_kernels().tanh, x); }
 
+// ((fwd BQ, BK), (bwd BQ, BK)): the float32 tiles of the active CPU build for a mask of
+// this kind and block size (tests bound the kernels' scratch with it).
+py::tuple cpu_tile_shapes(int64_t kind, int64_t block_size, int64_t nq, int64_t nk) {
+  attention_ext::MaskSpec m;
+  m.kind = kind, m.block_size = block_size, m.nq = nq, m.nk = nk, m.offset = nk - nq;
+  int64_t t[4];
+  attention_ext::cpu::active_kernels().tile_shapes(m, nq, nk, t);
+  return py::make_tuple(py::make_tuple(t[0], t[1]), py::make_tuple(t[2], t[3]));
+}
+
 #ifdef AE_WITH_CUDA
 // (tensor_core, bucket, reason) for an exact-attention call on q's CUDA device.
 py::tuple cuda_attention_path(const at::Tensor& q, int64_t head_dim, int64_t value_dim, bool backward,
@@ -55,6 +65,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_reset_cpu_kernels", &reset_cpu_kernels, "Go back to the portable CPU kernels built into _C");
   m.def("_exp2_poly", &exp2_poly, "The CPU kernels' vectorised exp2 (for tests)");
   m.def("_tanh_fast", &tanh_fast, "The CPU kernels' vectorised tanh of the softcap (for tests)");
+  m.def("_cpu_tile_shapes", &cpu_tile_shapes, "((fwd BQ, BK), (bwd BQ, BK)) of the CPU kernels (for tests)");
   m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
   namespace ae = attention_ext;
   py::dict limits;

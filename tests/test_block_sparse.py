@@ -120,3 +120,29 @@ def test_bad_pattern_arguments():
         P.strided(0, 10)
     with pytest.raises(ValueError, match="num_summary_blocks"):
         P.fixed(100, 10, stride=2, num_summary_blocks=3)
+
+
+@pytest.mark.parametrize("bs", [256, 1024])
+def test_large_block_sizes(bs):
+    # blocks larger than the kernels' largest tile (128): tiles split the blocks; forward
+    # and backward against the float64 reference, fp32 (and float64 for tight numbers)
+    Nq, Nk = 1100, 1300
+    layout = torch.rand(2, -(-Nq // bs), -(-Nk // bs)) < 0.6
+    layout[:, :, 0] = True  # every query row sees a block
+    layout[1, -1] = False   # ... but the last block row of head 1, whose queries get zeros
+    mask = R.block_mask(layout, bs, Nq, Nk).unsqueeze(0)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = make_qkv(1, 2, 1, Nq, Nk, 32, dtype=dtype)
+        check_attention(_bs(layout, bs), q, k, v, mask)
+
+
+@pytest.mark.parametrize("bs", [16, 50, 128, 256, 1000, 1024, 4096])
+def test_tiles_bounded_by_128(bs):
+    # the CPU kernels' per-thread scratch is sized by their tiles: never by a large block
+    (fq, fk), (bq, bk) = ae._C._cpu_tile_shapes(MASK_KINDS["block_layout"], bs, 8192, 8192)
+    assert max(fq, fk, bq, bk) <= 128
+    # where possible tiles stay aligned with the blocks (whole blocks or parts of one)
+    if bs <= 128 or bs % 128 == 0:
+        assert fq % bs == 0 or bs % fq == 0, (bs, fq)
+    if bs % 64 == 0:
+        assert bq % bs == 0 or bs % bq == 0, (bs, bq)

@@ -58,7 +58,8 @@ struct MaskSpec {
 
 AE_HD int64_t ae_min(int64_t a, int64_t b) { return a < b ? a : b; }
 AE_HD int64_t ae_max(int64_t a, int64_t b) { return a > b ? a : b; }
-AE_HD int64_t ae_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1 (no overflow near INT64_MAX)
+AE_HD int64_t ae_cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 AE_HD bool has_global(const MaskSpec& s) { return s.num_global > 0 || s.global_prefix != nullptr; }
 
@@ -173,6 +174,32 @@ AE_HD void query_band(const MaskSpec& s, int64_t k0, int64_t k1, int64_t* q0, in
   base_reach(s, &lo, &hi);
   *q0 = ae_max(0, k0 - hi - s.offset);
   *q1 = ae_min(s.nq, k1 - 1 + lo - s.offset + 1);
+}
+
+// Key tiles of edge bk (tile t = keys [t * bk, (t + 1) * bk)) that queries [q0, q1) may
+// touch: [*t0, *t1), empty when none. With global positions any tile may hold one, so
+// all are returned (classify() then skips the Empty ones).
+AE_HD void key_tile_range(const MaskSpec& s, int64_t q0, int64_t q1, int64_t bk, int64_t* t0, int64_t* t1) {
+  if (has_global(s)) {
+    *t0 = 0, *t1 = ae_cdiv(s.nk, bk);
+    return;
+  }
+  int64_t k0, k1;
+  key_band(s, q0, q1, &k0, &k1);
+  *t0 = k0 / bk;
+  *t1 = k1 > k0 ? ae_cdiv(k1, bk) : *t0;
+}
+
+// Query tiles of edge bq that keys [k0, k1) may be seen by: [*t0, *t1), as key_tile_range.
+AE_HD void query_tile_range(const MaskSpec& s, int64_t k0, int64_t k1, int64_t bq, int64_t* t0, int64_t* t1) {
+  if (has_global(s)) {
+    *t0 = 0, *t1 = ae_cdiv(s.nq, bq);
+    return;
+  }
+  int64_t a, b;
+  query_band(s, k0, k1, &a, &b);
+  *t0 = a / bq;
+  *t1 = b > a ? ae_cdiv(b, bq) : *t0;
 }
 
 // Class of the base pattern alone on the tile [q0, q1) x [k0, k1) (both non-empty,

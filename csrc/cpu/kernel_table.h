@@ -96,8 +96,11 @@ struct KernelTable {
   // bound their error.
   void (*exp2)(const float* x, float* y, int64_t n);
   void (*tanh)(const float* x, float* y, int64_t n);
+  // The float32 tile shapes {fwd BQ, fwd BK, bwd BQ, bwd BK} the kernels would use (the
+  // size of their per-thread scratch), so tests can bound them.
+  void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 };
 
-constexpr int kKernelAbiVersion = 4;
+constexpr int kKernelAbiVersion = 5;
 
 }  // namespace attention_ext::cpu

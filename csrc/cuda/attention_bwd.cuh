@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
   const int kg = warp / WK, cpart = warp % WK;
   if (tid == 0) *reinterpret_cast<MaskSpec*>(smask_raw) = p.mask;
 
-  const int64_t nkt = (p.Nk + BN - 1) / BN;
+  const int64_t nkt = ae_cdiv(p.Nk, BN);
   const int64_t bhk = blockIdx.x / nkt;
   const int64_t kt = blockIdx.x % nkt;
   const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
@@ -73,14 +73,8 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
   __syncthreads();  // smask
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
-  const int64_t nqt = (p.Nq + BM - 1) / BM;
-  int64_t qt_begin = 0, qt_end = nqt;
-  if (!has_global(mask)) {
-    int64_t qb0, qb1;
-    query_band(mask, k0, k0 + nk, &qb0, &qb1);
-    qt_begin = qb0 / BM;
-    qt_end = qb1 > qb0 ? (qb1 - 1) / BM + 1 : qt_begin;
-  }
+  int64_t qt_begin, qt_end;
+  query_tile_range(mask, k0, k0 + nk, BM, &qt_begin, &qt_end);
   // Work items: it = (h - h0) * nqr + (qt - qt_begin), for every query head of the group.
   const int64_t nqr = qt_end - qt_begin;
   const int64_t total = group * nqr;
@@ -285,7 +279,7 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
   const int g = lane >> 2, t = lane & 3;
   if (tid == 0) *reinterpret_cast<MaskSpec*>(smask_raw) = p.mask;
 
-  const int64_t nqt = (p.Nq + BM - 1) / BM;
+  const int64_t nqt = ae_cdiv(p.Nq, BM);
   const int64_t bh = blockIdx.x / nqt;
   const int64_t qt = nqt - 1 - blockIdx.x % nqt;
   const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
@@ -303,14 +297,8 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
   __syncthreads();  // smask
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
-  const int64_t nkt = (p.Nk + BN - 1) / BN;
-  int64_t kt_begin = 0, kt_end = nkt;
-  if (!has_global(mask)) {
-    int64_t kb0, kb1;
-    key_band(mask, q0, q0 + mq, &kb0, &kb1);
-    kt_begin = kb0 / BN;
-    kt_end = kb1 > kb0 ? (kb1 - 1) / BN + 1 : kt_begin;
-  }
+  int64_t kt_begin, kt_end;
+  key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
     const int64_t k0 = kt * BN;
     return classify(mask, b, h, q0, q0 + mq, k0, ae_min(k0 + BN, p.Nk));

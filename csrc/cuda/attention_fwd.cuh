@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
 
   // Heavy query tiles of a head are scheduled first: the late ones under causal masks, the
   // first ones (Longformer's leading global rows, which see every key) under global masks.
-  const int64_t nqt = (p.Nq + BM - 1) / BM;
+  const int64_t nqt = ae_cdiv(p.Nq, BM);
   const int64_t bh = blockIdx.x / nqt;
   const int64_t qt = has_global(p.mask) ? blockIdx.x % nqt : nqt - 1 - blockIdx.x % nqt;
   const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
@@ -54,14 +54,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
   __syncthreads();  // smask
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
-  const int64_t nkt = (p.Nk + BN - 1) / BN;
-  int64_t kt_begin = 0, kt_end = nkt;
-  if (!has_global(mask)) {
-    int64_t kb0, kb1;
-    key_band(mask, q0, q0 + mq, &kb0, &kb1);
-    kt_begin = kb0 / BN;
-    kt_end = kb1 > kb0 ? (kb1 - 1) / BN + 1 : kt_begin;
-  }
+  int64_t kt_begin, kt_end;
+  key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
     const int64_t k0 = kt * BN;
     return classify(mask, b, h, q0, q0 + mq, k0, ae_min(k0 + BN, p.Nk));

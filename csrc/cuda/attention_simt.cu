@@ -60,6 +60,16 @@ __device__ __forceinline__ int64_t off4(const Strides4& s, int64_t b, int64_t h,
   return b * s.s[0] + h * s.s[1] + n * s.s[2] + d * s.s[3];
 }
 
+// Keys row i may see: [*j0, *j1). True when every one of them is allowed (the row's mask
+// is one run), so the loop needs no per-element test.
+__device__ __forceinline__ bool row_keys(const MaskSpec& mask, int64_t i, int64_t* j0, int64_t* j1) {
+  key_tile_range(mask, i, i + 1, 1, j0, j1);
+  int64_t r0, r1;
+  const bool interval = row_interval(mask, i, &r0, &r1);
+  if (interval) *j0 = ae_max(*j0, r0), *j1 = ae_min(*j1, r1);
+  return interval;
+}
+
 template <typename T, typename A, int NPER>
 __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdParams p) {
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -80,11 +90,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
     qr[c] = d < p.Dqk ? to_acc(q[off4(p.qs, b, h, i, d)]) * c2 : A(0);
     o[c] = A(0);
   }
-  int64_t j0 = 0, j1 = p.Nk;
-  if (!has_global(mask)) key_band(mask, i, i + 1, &j0, &j1);
-  int64_t r0, r1;
-  const bool interval = row_interval(mask, i, &r0, &r1);
-  if (interval) j0 = ae_max(j0, r0), j1 = ae_min(j1, r1);
+  int64_t j0, j1;
+  const bool interval = row_keys(mask, i, &j0, &j1);
 
   A m = -INFINITY, l = A(0);
   for (int64_t j = j0; j < j1; ++j) {
@@ -143,11 +150,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
     dor[c] = d < p.Dv ? to_acc(dout[off4(p.dos, b, h, i, d)]) : A(0);
     acc[c] = A(0);
   }
-  int64_t j0 = 0, j1 = p.Nk;
-  if (!has_global(mask)) key_band(mask, i, i + 1, &j0, &j1);
-  int64_t r0, r1;
-  const bool interval = row_interval(mask, i, &r0, &r1);
-  if (interval) j0 = ae_max(j0, r0), j1 = ae_min(j1, r1);
+  int64_t j0, j1;
+  const bool interval = row_keys(mask, i, &j0, &j1);
   if (l2 == A(INFINITY)) j1 = j0;  // the row saw no key: all of its P are 0
 
   for (int64_t j = j0; j < j1; ++j) {
@@ -207,8 +211,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
     vr[c] = d < p.Dv ? to_acc(v[off4(p.vs, b, hk, j, d)]) : A(0);
     dk[c] = dv[c] = A(0);
   }
-  int64_t i0 = 0, i1 = p.Nq;
-  if (!has_global(mask)) query_band(mask, j, j + 1, &i0, &i1);
+  int64_t i0, i1;
+  query_tile_range(mask, j, j + 1, 1, &i0, &i1);  // tiles of one query: the rows that may see key j
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;

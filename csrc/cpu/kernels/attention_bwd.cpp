@@ -7,6 +7,13 @@
 // atomics, and the chunking depends on the problem size only, so the result is bitwise
 // the same for any thread count.
 //
+// dK and dV sum over every query row of the group: the (query head, query tile) products
+// are summed pairwise (pairwise_sum.h), so the error grows like log(Nq * group), not like
+// Nq * group.
+// P is recomputed from scores made exactly like the forward's (Q pre-multiplied by
+// scale * log2(e), the same products in the same order), so only lse's rounding
+// separates it from the forward's P.
+//
 // Tiles are held transposed (rows = keys, columns = queries) so every product is an
 // A * B with contiguous B rows:
 //   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
@@ -14,6 +21,7 @@
 #include "../../common/mask.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "pairwise_sum.h"
 #include "softmax_tile.h"
 #include "tile_util.h"
 
@@ -45,11 +53,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const MaskSpec& mask = a.mask;
   const auto [BQ, BK] = bwd_tiles<acc_t>(mask, a.Nq, a.Nk);
   const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
-  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK, Nqp = nqt * BQ;
+  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK), Nqp = nqt * BQ;
   const int64_t group = a.Hq / a.Hkv;
-  const acc_t l2e = acc_t(1.4426950408889634), c_scale = acc_t(a.scale) * l2e;
+  // the forward's constants: scores in base 2, the softcap in base-2 units
+  const acc_t qmult = acc_t(a.scale * kLog2e);
   const bool softcap = a.softcap > 0;
-  const acc_t cap2 = acc_t(a.softcap * 1.4426950408889634), t_scale = softcap ? acc_t(a.scale / a.softcap) : acc_t(0);
+  const acc_t cap2 = acc_t(a.softcap * kLog2e), inv_cap2 = softcap ? acc_t(1) / cap2 : acc_t(0);
 
   // Query side, per (b, hq): Q and dO as rows and as transposed tiles, lse in base 2
   // and delta_i = dO_i . O_i (- dlse_i).
@@ -78,7 +87,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               q_bad.get() + bh * Nqp + q0);
     load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(bh) + q0 * Dvp, Dvp, BQ, acc_t(1),
               do_bad.get() + bh * Nqp + q0);
-    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(bh) + q0 * D, BQ);
+    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(bh) + q0 * D, BQ, qmult);
     load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(bh) + q0 * Dv, BQ);
     acc_t* l2 = lse2(bh) + q0;
     acc_t* dl = delta(bh) + q0;
@@ -90,10 +99,13 @@ void bwd_impl(const AttentionBwdArgs& a) {
       }
       const acc_t lv = lse_in[bh * a.Nq + q0 + r];
       // a row that saw no key has lse = -inf; +inf makes all its P exactly 0
-      l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lv * l2e;
+      l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lse_to_log2(lv);
       const acc_t* dor = do_rows(bh) + (q0 + r) * Dvp;
+      // fused, in the order of the dP product: where O_i = V_j (one visible key) delta_i
+      // equals dP_ij exactly and dS is exactly 0
       acc_t d = 0;
-      for (int64_t c = 0; c < Dv; ++c) d += dor[c] * acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]]));
+      for (int64_t c = 0; c < Dv; ++c)
+        d = std::fma(dor[c], acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
       dl[r] = glse ? d - glse[bh * a.Nq + q0 + r] : d;
     }
   });
@@ -115,7 +127,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
   // memory their dQ partials take. Depends on shapes only (determinism).
   const int64_t bhk = a.B * a.Hkv;
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
-  int64_t chunks = std::clamp<int64_t>((8 + bhk - 1) / bhk, 1, std::max<int64_t>(nkt, 1));
+  int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(nkt, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
   Buffer<acc_t> dq_part(chunks * part);
   dq_part.zero(chunks * part);
@@ -133,19 +145,17 @@ void bwd_impl(const AttentionBwdArgs& a) {
     }
     acc_t* st = scratch->get();
     acc_t* dpt = st + BK * BQ;
-    acc_t* dk_acc = dpt + BK * BQ;
-    acc_t* dv_acc = dk_acc + BK * Dp;
+    acc_t* dkv_sum = dpt + BK * BQ;
+    // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
+    PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * nqt);
     const acc_t* k_rows = kbuf.get() + bh * k_side;
     const acc_t* v_rows = k_rows + a.Nk * Dp;
 
     for (int64_t kt = c; kt < nkt; kt += chunks) {
-      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
-      std::fill(dk_acc, dk_acc + nk * Dp, acc_t(0));
-      std::fill(dv_acc, dv_acc + nk * Dvp, acc_t(0));
-      int64_t qb0, qb1;
-      query_band(mask, k0, k0 + nk, &qb0, &qb1);
-      int64_t qt_begin = qb0 / BQ, qt_end = qb1 > qb0 ? (qb1 - 1) / BQ + 1 : qt_begin;
-      if (has_global(mask)) qt_begin = 0, qt_end = nqt;
+      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0), used = nk * (Dp + Dvp);
+      dkv.reset();
+      int64_t qt_begin, qt_end;
+      query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         acc_t* dq_acc = dq_part.get() + c * part + bhq * a.Nq * Dp;
@@ -167,14 +177,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
           const acc_t* l2 = lse2(bhq) + q0 + i0;
           const acc_t* dl = delta(bhq) + q0 + i0;
           if (softcap) {
-            // P = exp2(cap2 * t - lse2) with t = tanh(scale * s / softcap); the cap's
-            // derivative 1 - t^2 enters dS
+            // P = exp2(cap2 * t - lse2) with t = tanh(s2 / cap2) as in softcap_row; the
+            // cap's derivative 1 - t^2 enters dS
             for (int64_t r = 0; r < nj; ++r) {
               acc_t* pr = st0 + r * BQ;
               acc_t* dr = dpt0 + r * BQ;
               for (int64_t i = 0; i < ni_vec; i += VL) {
-                const V t = tanh_fast(V::loadu(pr + i) * V(t_scale));
-                const V p = exp2_poly(at::vec::fmsub(t, V(cap2), V::loadu(l2 + i)));
+                const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
+                const V p = exp2_poly(V(cap2) * t - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
               }
@@ -184,7 +194,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               acc_t* pr = st0 + r * BQ;
               acc_t* dr = dpt0 + r * BQ;
               for (int64_t i = 0; i < ni_vec; i += VL) {
-                const V p = exp2_poly(at::vec::fmsub(V::loadu(pr + i), V(c_scale), V::loadu(l2 + i)));
+                const V p = exp2_poly(V::loadu(pr + i) - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
               }
@@ -195,15 +205,21 @@ void bwd_impl(const AttentionBwdArgs& a) {
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);
           }
           // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
+          acc_t* dk_part = dkv.leaf(used);
+          acc_t* dv_part = dk_part + nk * Dp;
           const uint8_t* qb = q_bad.get() + bhq * Nqp + q0 + i0;
-          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_acc + j0 * Dvp, Dvp,
+          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_part + j0 * Dvp, Dvp,
                               true, do_bad.get() + bhq * Nqp + q0 + i0);
-          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_acc + j0 * Dp, Dp, true,
-                              qb);
+          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_part + j0 * Dp, Dp,
+                              true, qb);
+          dkv.added(used);
           gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
                               true, k_bad.get() + bh * a.Nk + k0 + j0);
         }
       }
+      dkv.total(dkv_sum, used);
+      const acc_t* dk_acc = dkv_sum;
+      const acc_t* dv_acc = dkv_sum + nk * Dp;
       scalar_t* dk_out = dk + ((b * a.Hkv + hk) * a.Nk + k0) * D;
       scalar_t* dv_out = dv + ((b * a.Hkv + hk) * a.Nk + k0) * Dv;
       const acc_t sc = acc_t(a.scale);

@@ -21,7 +21,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const MaskSpec& mask = a.mask;
   const auto [BQ, BK] = fwd_tiles<acc_t>(mask, a.Nq, a.Nk);
   const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
-  const int64_t nqt = (a.Nq + BQ - 1) / BQ, nkt = (a.Nk + BK - 1) / BK;
+  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK);
   const int64_t group = a.Hq / a.Hkv;
   const auto* q = static_cast<const scalar_t*>(a.q.data);
   const auto* k = static_cast<const scalar_t*>(a.k.data);
@@ -45,9 +45,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
   });
 
   // log2(e) is folded into the query so that the softmax runs on exp2.
-  const acc_t qmult = acc_t(a.scale * 1.4426950408889634);
-  const acc_t ln2 = acc_t(0.6931471805599453);
-  const acc_t cap2 = acc_t(a.softcap * 1.4426950408889634);  // softcap in base-2 units, 0 = off
+  const acc_t qmult = acc_t(a.scale * kLog2e);
+  const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
   parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
     const int64_t qt = nqt - 1 - t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
@@ -72,10 +71,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
     std::fill(row_max, row_max + mq, kNegInf<acc_t>);
     std::fill(row_sum, row_sum + mq, acc_t(0));
 
-    int64_t kb0, kb1;
-    key_band(mask, q0, q0 + mq, &kb0, &kb1);
-    int64_t kt_begin = kb0 / BK, kt_end = kb1 > kb0 ? (kb1 - 1) / BK + 1 : kt_begin;
-    if (has_global(mask)) kt_begin = 0, kt_end = nkt;
+    int64_t kt_begin, kt_end;
+    key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
     const acc_t* kT_head = kT.get() + (b * a.Hkv + hk) * nkt * kt_tile;
     const acc_t* v_head = vP.get() + (b * a.Hkv + hk) * a.Nk * Dvp;
     const uint8_t* v_bad_head = v_bad.get() + (b * a.Hkv + hk) * a.Nk;
@@ -112,7 +109,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
       const bool none = l == acc_t(0);
       const acc_t inv = none ? acc_t(0) : acc_t(1) / l;
       for (int64_t c = 0; c < a.Dv; ++c) out_t[r * a.Dv + c] = from_acc<scalar_t>(o[r * Dvp + c] * inv);
-      lse_t[r] = none ? kNegInf<acc_t> : (row_max[r] + std::log2(l)) * ln2;
+      lse_t[r] = none ? kNegInf<acc_t> : lse_from_log2(row_max[r], l);
     }
   });
 }

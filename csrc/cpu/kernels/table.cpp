@@ -1,4 +1,5 @@
 #include "kernels.h"
+#include "tile_util.h"
 #include "vec_math.h"
 
 #define AE_STR2(x) #x
@@ -21,10 +22,15 @@ void tanh_array(const float* x, float* y, int64_t n) {
   if (i < n) tanh_fast(Vec<float>::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
+void tile_shapes(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out) {
+  const TileShape f = fwd_tiles<float>(m, nq, nk), b = bwd_tiles<float>(m, nq, nk);
+  out[0] = f.bq, out[1] = f.bk, out[2] = b.bq, out[3] = b.bk;
+}
+
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
                                  &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
-                                 &tanh_array};
+                                 &tanh_array,       &tile_shapes};
   return &table;
 }
 

@@ -72,11 +72,11 @@ void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, 
   }
 }
 
-// Transposed copy: dst[c * ld + r] = src[r][c] for rows [0, rows), cols [0, cols);
+// Transposed copy: dst[c * ld + r] = src[r][c] * mult for rows [0, rows), cols [0, cols);
 // columns rows..ld of dst are zero.
 template <typename scalar_t, typename acc_t>
 void load_transposed(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols,
-                     acc_t* dst, int64_t ld) {
+                     acc_t* dst, int64_t ld, acc_t mult = acc_t(1)) {
   for (int64_t c = 0; c < cols; ++c) {
     acc_t* d = dst + c * ld;
     for (int64_t r = rows; r < ld; ++r) d[r] = acc_t(0);
@@ -86,7 +86,7 @@ void load_transposed(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t 
   for (int64_t r0 = 0; r0 < rows; r0 += RB) {
     const int64_t r1 = std::min(rows, r0 + RB);
     for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = acc_t(to_acc(src[r * s_row + c * s_col]));
+      for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = acc_t(to_acc(src[r * s_row + c * s_col])) * mult;
   }
 }
 
@@ -111,22 +111,45 @@ void parallel_tasks(int64_t n, const Fn& fn) {
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+
+// The softmax runs in base 2; lse is returned in base e. Both conversions round once
+// (in double), so the backward's base-2 lse is within about 1 ulp of the forward's.
+template <typename acc_t>
+inline acc_t lse_from_log2(acc_t row_max, acc_t row_sum) {
+  return acc_t((double(row_max) + std::log2(double(row_sum))) * kLn2);
+}
+template <typename acc_t>
+inline acc_t lse_to_log2(acc_t lse) {
+  return acc_t(double(lse) * kLog2e);
+}
+
 // Query/key tile shape. BK is a multiple of the vector width (it is the N of the
 // score product); BQ a multiple of the micro kernel's row block where it matters.
 struct TileShape {
   int64_t bq, bk;
 };
 
+// Tile edge (at most cap) for a block layout of block size bs, aligned with the blocks
+// so that classify() sees whole blocks (Full or Empty, no per-element test): a multiple
+// of bs (at least `lo`) for bs <= cap, else the largest divisor of bs in [lo, cap]. A
+// large bs without such a divisor gets cap: tiles then straddle blocks, which classify()
+// marks Partial (correct, only slower). Never the block size itself above cap.
+inline int64_t block_tile(int64_t bs, int64_t lo, int64_t cap) {
+  if (bs <= cap) {
+    const int64_t t = (lo + bs - 1) / bs * bs;  // the smallest multiple of bs >= lo
+    return t <= cap ? t : bs;
+  }
+  for (int64_t t = cap; t >= lo; --t)
+    if (bs % t == 0) return t;
+  return cap;
+}
+
 template <typename acc_t>
 inline TileShape fwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   constexpr int64_t VL = Vec<acc_t>::size();
   int64_t bq = 64, bk = 128;
-  if (m.kind == kBlockLayout && m.block_size >= 16) {
-    // align tiles with the layout's blocks so classify() sees whole blocks
-    bq = m.block_size <= 128 ? std::max<int64_t>(m.block_size, 32) : 128;
-    bq = bq % m.block_size == 0 ? bq : m.block_size;
-    bk = bq;
-  }
+  if (m.kind == kBlockLayout && m.block_size >= 16) bq = bk = block_tile(m.block_size, 32, 128);
   bq = std::min(bq, std::max<int64_t>(nq, 1));
   bk = round_up(std::min(bk, std::max<int64_t>(nk, 1)), VL);
   return {bq, bk};
@@ -136,7 +159,8 @@ template <typename acc_t>
 inline TileShape bwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   constexpr int64_t VL = Vec<acc_t>::size();
   int64_t bq = 64, bk = 64;
-  if (m.kind == kBlockLayout && m.block_size >= 16 && m.block_size <= 128) bq = bk = m.block_size;
+  if (m.kind == kBlockLayout && m.block_size >= 16)
+    bq = bk = m.block_size <= 128 ? m.block_size : block_tile(m.block_size, 32, 64);
   bq = round_up(std::min(bq, std::max<int64_t>(nq, 1)), VL);
   bk = std::min(bk, std::max<int64_t>(nk, 1));
   return {bq, bk};
