@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "attention_device.cuh"
+#include "attention_launch.cuh"
 #include "attention_params.h"
 #include "softcap.cuh"
 
@@ -381,25 +382,13 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
 template <typename T, int D>
 void launch_tc_bwd_dkdv(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<D>;
-  auto kernel = tc_bwd_dkdv_kernel<T, D>;
-  // Always opt in: the kernel's static shared memory (mask spec, tile schedule) counts
-  // against the default 48 KB too.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
-  const int64_t blocks = p.B * p.Hkv * ((p.Nk + Cfg::BN - 1) / Cfg::BN);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), Cfg::NTHREADS, Cfg::SMEM, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_tiles(tc_bwd_dkdv_kernel<T, D>, p, p.B * p.Hkv, p.Nk, Cfg::BN, Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 template <typename T, int D>
 void launch_tc_bwd_dq(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = DqCfg<D>;
-  auto kernel = tc_bwd_dq_kernel<T, D>;
-  // Always opt in: the kernel's static shared memory (mask spec, tile schedule) counts
-  // against the default 48 KB too.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
-  const int64_t blocks = p.B * p.Hq * ((p.Nq + Cfg::BM - 1) / Cfg::BM);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), Cfg::NTHREADS, Cfg::SMEM, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_tiles(tc_bwd_dq_kernel<T, D>, p, p.B * p.Hq, p.Nq, Cfg::BM, Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 }  // namespace attention_ext::cuda

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "attention_device.cuh"
+#include "attention_launch.cuh"
 #include "attention_params.h"
 #include "softcap.cuh"
 
@@ -192,13 +193,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
 template <typename T, int D>
 void launch_tc_fwd(const TcFwdParams& p, cudaStream_t stream) {
   using Cfg = FwdCfg<D>;
-  auto kernel = tc_fwd_kernel<T, D>;
-  // Always opt in: the kernel's static shared memory (mask spec, tile schedule) counts
-  // against the default 48 KB too.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM)));
-  const int64_t blocks = p.B * p.Hq * ((p.Nq + Cfg::BM - 1) / Cfg::BM);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), Cfg::NTHREADS, Cfg::SMEM, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_tiles(tc_fwd_kernel<T, D>, p, p.B * p.Hq, p.Nq, Cfg::BM, Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 }  // namespace attention_ext::cuda
