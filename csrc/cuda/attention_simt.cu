@@ -60,6 +60,38 @@ __device__ __forceinline__ int64_t off4(const Strides4& s, int64_t b, int64_t h,
   return b * s.s[0] + h * s.s[1] + n * s.s[2] + d * s.s[3];
 }
 
+// A running sum of N values per lane over many terms (dQ over keys, dK / dV over every
+// query row of a GQA group) in three tiers: terms go into `lo`, every kBlock terms lo
+// moves into mid, every kBlock^2 mid into hi. A single fp32 running sum over n terms
+// errs like n * eps; this one like (2 kBlock + n / kBlock^2) * eps, for two more
+// registers per value. The order is fixed, so results stay deterministic.
+template <typename A, int N>
+struct BlockedSum {
+  static constexpr int kBlock = 64;
+  A lo[N], mid[N], hi[N];
+  int n_lo = 0, n_mid = 0;
+
+  __device__ __forceinline__ BlockedSum() {
+#pragma unroll
+    for (int c = 0; c < N; ++c) lo[c] = mid[c] = hi[c] = A(0);
+  }
+  // call once after adding a term to lo[]
+  __device__ __forceinline__ void tick() {
+    // fp64 (the gradcheck path) needs no blocking; its mid / hi stay 0 and fold away,
+    // which keeps the D > 128 kernels from spilling
+    if constexpr (std::is_same_v<A, double>) return;
+    if (++n_lo < kBlock) return;
+    n_lo = 0;
+#pragma unroll
+    for (int c = 0; c < N; ++c) mid[c] += lo[c], lo[c] = A(0);
+    if (++n_mid < kBlock) return;
+    n_mid = 0;
+#pragma unroll
+    for (int c = 0; c < N; ++c) hi[c] += mid[c], mid[c] = A(0);
+  }
+  __device__ __forceinline__ A total(int c) const { return hi[c] + (mid[c] + lo[c]); }
+};
+
 // Keys row i may see: [*j0, *j1). True when every one of them is allowed (the row's mask
 // is one run), so the loop needs no per-element test.
 __device__ __forceinline__ bool row_keys(const MaskSpec& mask, int64_t i, int64_t* j0, int64_t* j1) {
@@ -142,13 +174,13 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
   const A l2 = static_cast<const A*>(p.lse2)[bh * p.nq_pad + i];
   const A dl = static_cast<const A*>(p.delta)[bh * p.nq_pad + i];
 
-  A qr[NPER], dor[NPER], acc[NPER];
+  A qr[NPER], dor[NPER];
+  BlockedSum<A, NPER> acc;
 #pragma unroll
   for (int c = 0; c < NPER; ++c) {
     const int64_t d = lane + 32 * c;
     qr[c] = d < p.Dqk ? to_acc(q[off4(p.qs, b, h, i, d)]) : A(0);
     dor[c] = d < p.Dv ? to_acc(dout[off4(p.dos, b, h, i, d)]) : A(0);
-    acc[c] = A(0);
   }
   int64_t j0, j1;
   const bool interval = row_keys(mask, i, &j0, &j1);
@@ -175,14 +207,15 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
 #pragma unroll
     for (int c = 0; c < NPER; ++c) {
       const int64_t d = lane + 32 * c;
-      if (d < p.Dqk) acc[c] += ds * to_acc(k[off4(p.ks, b, hk, j, d)]);
+      if (d < p.Dqk) acc.lo[c] += ds * to_acc(k[off4(p.ks, b, hk, j, d)]);
     }
+    acc.tick();
   }
   T* dq = static_cast<T*>(p.dq) + w * p.Dqk;
 #pragma unroll
   for (int c = 0; c < NPER; ++c) {
     const int64_t d = lane + 32 * c;
-    if (d < p.Dqk) dq[d] = store_val<T>(acc[c] * A(p.scale));
+    if (d < p.Dqk) dq[d] = store_val<T>(acc.total(c) * A(p.scale));
   }
 }
 
@@ -203,13 +236,13 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
   const A c2 = A(p.scale) * A(1.4426950408889634);
   const A cap2 = A(p.softcap) * A(1.4426950408889634), s_cap = p.softcap > 0 ? A(p.scale / p.softcap) : A(0);
 
-  A kr[NPER], vr[NPER], dk[NPER], dv[NPER];
+  A kr[NPER], vr[NPER];
+  BlockedSum<A, 2 * NPER> dkv;  // dK in [0, NPER), dV in [NPER, 2 NPER), over the group's query rows
 #pragma unroll
   for (int c = 0; c < NPER; ++c) {
     const int64_t d = lane + 32 * c;
     kr[c] = d < p.Dqk ? to_acc(k[off4(p.ks, b, hk, j, d)]) : A(0);
     vr[c] = d < p.Dv ? to_acc(v[off4(p.vs, b, hk, j, d)]) : A(0);
-    dk[c] = dv[c] = A(0);
   }
   int64_t i0, i1;
   query_tile_range(mask, j, j + 1, 1, &i0, &i1);  // tiles of one query: the rows that may see key j
@@ -243,9 +276,10 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
       }
 #pragma unroll
       for (int c = 0; c < NPER; ++c) {
-        dv[c] += pij * dov[c];
-        dk[c] += ds * qv[c];
+        dkv.lo[c] += ds * qv[c];
+        dkv.lo[NPER + c] += pij * dov[c];
       }
+      dkv.tick();
     }
   }
   T* dko = static_cast<T*>(p.dk) + w * p.Dqk;
@@ -253,8 +287,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
 #pragma unroll
   for (int c = 0; c < NPER; ++c) {
     const int64_t d = lane + 32 * c;
-    if (d < p.Dqk) dko[d] = store_val<T>(dk[c] * A(p.scale));
-    if (d < p.Dv) dvo[d] = store_val<T>(dv[c]);
+    if (d < p.Dqk) dko[d] = store_val<T>(dkv.total(c) * A(p.scale));
+    if (d < p.Dv) dvo[d] = store_val<T>(dkv.total(NPER + c));
   }
 }
 
