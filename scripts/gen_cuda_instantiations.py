@@ -35,19 +35,26 @@ def files():
     return out
 
 
+def stale():
+    """Names of the generated files that are missing, extra or out of date."""
+    want = files()
+    have = {p.name: p.read_text() for p in OUT.glob("*.cu")} if OUT.is_dir() else {}
+    return sorted(set(want) ^ set(have) | {n for n in want if have.get(n) not in (None, want[n])})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only report whether the folder is stale")
-    want = files()
-    have = {p.name: p.read_text() for p in OUT.glob("*.cu")} if OUT.is_dir() else {}
     if ap.parse_args().check:
-        stale = sorted(set(want) ^ set(have) | {n for n in want if have.get(n) not in (None, want[n])})
-        if stale:
-            print("stale:", ", ".join(stale))
-        return 1 if stale else 0
+        names = stale()
+        if names:
+            print("stale:", ", ".join(names))
+        return 1 if names else 0
+    want = files()
     OUT.mkdir(exist_ok=True)
-    for name in set(have) - set(want):
-        (OUT / name).unlink()
+    for old in OUT.glob("*.cu"):
+        if old.name not in want:
+            old.unlink()
     for name, text in want.items():
         (OUT / name).write_text(text)
     return 0

@@ -24,7 +24,7 @@ class PairwiseSum {
 
   // Sums of `size` values, at most `max_terms` terms between two reset()s.
   PairwiseSum(int64_t size, int64_t max_terms) {
-    const int64_t leaves = (std::max<int64_t>(max_terms, 1) + kLeaf - 1) / kLeaf;
+    const int64_t leaves = ae_cdiv(std::max<int64_t>(max_terms, 1), kLeaf);
     while ((int64_t(1) << levels_) < leaves) ++levels_;
     ++levels_;
     buf_ = std::make_unique<Buffer<acc_t>>((levels_ + 1) * size);

@@ -137,7 +137,7 @@ struct TileShape {
 // marks Partial (correct, only slower). Never the block size itself above cap.
 inline int64_t block_tile(int64_t bs, int64_t lo, int64_t cap) {
   if (bs <= cap) {
-    const int64_t t = (lo + bs - 1) / bs * bs;  // the smallest multiple of bs >= lo
+    const int64_t t = round_up(lo, bs);  // the smallest multiple of bs >= lo
     return t <= cap ? t : bs;
   }
   for (int64_t t = cap; t >= lo; --t)
