@@ -168,3 +168,31 @@ LINEAR_BWD = register_op_autograd(f"{_lib}::linear_bwd", None, None, functions=_
 register_batch_vmap(f"{_lib}::linear_fwd", {"q", "k", "v", "S0", "z0"})
 register_batch_vmap(f"{_lib}::linear_bwd", {"grad_out", "grad_S", "grad_z", "q", "k", "v", "out", "S0", "z0"})
 register_batch_vmap(f"{_lib}::linear_step", {"q", "k", "v", "S", "z"})
+
+
+# ---- attention_decode: a few queries over a KV cache (forward only) ----------------
+
+@torch.library.register_fake(f"{_lib}::attention_decode")
+def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, scale, k=None, v=None, block_table=None,
+                           rolling=False, softcap=0.0, causal=True, window_left=-1, window_right=-1, key_mask=None):
+    _one_device("attention_decode", q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
+                block_table=block_table, key_mask=key_mask)
+    torch._check(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, lambda: "q and the caches must be 4-D")
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, Nq, v_cache.shape[-1])), q.new_empty((B, Hq, Nq), dtype=_acc_dtype(q.dtype))
+
+
+
+class DecodeForwardOnly(torch.autograd.Function):
+    """Ties attention_decode's outputs to its differentiable inputs so that a backward
+    through them raises (the op is forward only; a mutating op cannot carry an autograd
+    formula) instead of silently giving no gradient."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out.view_as(out), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        raise RuntimeError("attention_ext.attention_with_kvcache (op attention_ext::attention_decode) is forward "
+                           "only: it has no backward; train with flash_attention / sliding_window_attention")

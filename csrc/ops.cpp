@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/attention_args.h"
+#include "common/decode_args.h"
 
 TORCH_LIBRARY(attention_ext, m) {
   m.def("attention_fwd("
@@ -32,6 +33,9 @@ TORCH_LIBRARY(attention_ext, m) {
         AE_ATTENTION_SPEC_SCHEMA
         ") -> (Tensor dq, Tensor dk, Tensor dv)",
         {at::Tag::pt2_compliant_tag});
+  // Decoding over a KV cache (common/decode_args.h), forward only; k/v are written into
+  // the cache in place, hence the (a!) / (b!) annotations.
+  m.def(AE_DECODE_SCHEMA, {at::Tag::pt2_compliant_tag});
 }
 
 // Linear attention (common/linear.h): feature_map 0 identity, 1 elu + 1, 2 relu; the
