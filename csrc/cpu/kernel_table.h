@@ -44,12 +44,16 @@ struct AttentionBwdArgs {
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
-// (B, Hkv, D, Dv) and (B, Hkv, D) in the accumulation type: float32, float64 for
-// float64 inputs. A null initial state means zeros.
+// (G, Hkv, D, Dv) and (G, Hkv, D) in the accumulation type: float32, float64 for
+// float64 inputs, one per segment: G = B batch rows, or with cu_seqlens (B == 1) G
+// documents along the sequence (checked: 0 = cu[0] <= ... <= cu[G] = Nq = Nk). A null
+// initial state means zeros.
 struct LinearFwdArgs {
   DType dtype;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;  // causal: Nq == Nk
   Operand q, k, v;
+  const int32_t* cu_seqlens;  // (segments + 1) or nullptr
+  int64_t segments;
   const void *S0, *z0;  // initial state or nullptr
   void* out;            // contiguous (B, Hq, Nq, Dv), dtype
   void *S, *z;          // final state
@@ -62,6 +66,8 @@ struct LinearBwdArgs {
   DType dtype;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
   Operand q, k, v, out, grad_out;
+  const int32_t* cu_seqlens;    // (segments + 1) or nullptr
+  int64_t segments;
   const void *S0, *z0;          // initial state or nullptr
   const void *grad_S, *grad_z;  // gradient of the final state or nullptr
   void *dq, *dk, *dv;           // contiguous, dtype
@@ -101,6 +107,6 @@ struct KernelTable {
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 };
 
-constexpr int kKernelAbiVersion = 5;
+constexpr int kKernelAbiVersion = 6;
 
 }  // namespace attention_ext::cpu
