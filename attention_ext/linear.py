@@ -15,7 +15,9 @@ backward keeps only q, k, v and out alive) and ``linear_step`` (the recurrence, 
 token at a time, for decoding). The state (S, z) is ``(B, Hkv, D, Dv)`` and
 ``(B, Hkv, D)``, float32 for float32/bfloat16/float16 inputs and float64 for float64;
 all products accumulate in that type. GQA (``Hq % Hkv == 0``) shares one state per
-key/value head; K/V are never repeated.
+key/value head; K/V are never repeated. Packed documents (``cu_seqlens``, as
+flash-linear-attention's varlen mode) give every document a state of its own: the kernels
+treat a document like a batch row, its chunks counted from its first token.
 
 ``eps`` is added to the normaliser ``f . z``. It keeps the division finite where the
 normaliser vanishes: relu features that are all zero, a causal prefix whose keys are
