@@ -158,28 +158,31 @@ def key_mask(value, batch, nk, device, fn):
     return None if value is None else key_bools(value, "key_mask", batch, nk, device, fn)
 
 
-def cu_seqlens(value, name, batch, n, device, fn):
+def cu_seqlens(value, name, batch, n, device, fn, *, per_row=True):
     """FlashAttention's cumulative document boundaries along the sequence: int32
-    ``(S + 1,)`` (shared by every batch row) or ``(B, S + 1)``, with
-    ``0 = c[0] <= c[1] <= ... <= c[S] = n`` in every row -> ``(B, S + 1)``. The values are
-    checked here in eager mode; under torch.compile or a torch.func transform (where
-    reading them would break the graph or the transform) the op checks them."""
+    ``(S + 1,)`` (shared by every batch row) or, with ``per_row``, ``(B, S + 1)``, with
+    ``0 = c[0] <= c[1] <= ... <= c[S] = n`` in every row. Returns it as ``(B, S + 1)``
+    (``per_row``) or as given. The values are checked here in eager mode; under
+    torch.compile or a torch.func transform (where reading them would break the graph or
+    the transform) the op checks them."""
     tensor(value, name)
     if value.dtype != torch.int32:
         raise TypeError(f"{fn}: {name} must be an int32 tensor, got dtype {value.dtype}")
-    if not (value.dim() == 1 or value.dim() == 2 and value.shape[0] == batch) or value.shape[-1] < 2:
-        raise ValueError(f"{fn}: {name} must have shape (S + 1,) or (batch={batch}, S + 1) with S >= 1, "
-                         f"got {tuple(value.shape)}")
+    if value.dim() == 0 or value.shape[-1] < 1 or not (
+            value.dim() == 1 or per_row and value.dim() == 2 and value.shape[0] == batch):
+        want = f"have shape (S + 1,) or (batch={batch}, S + 1)" if per_row else "be 1-D (S + 1,)"
+        raise ValueError(f"{fn}: {name} must {want}, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
     if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(value):
         c = value.detach().reshape(-1, value.shape[-1]).cpu()
-        if (c[:, 0] != 0).any() or (c[:, -1] != n).any():
-            raise ValueError(f"{fn}: {name} must start at 0 and end at the sequence length {n}, "
-                             f"got {c[:, 0].tolist()} ... {c[:, -1].tolist()}")
+        if (c[:, 0] != 0).any():
+            raise ValueError(f"{fn}: {name} must start at 0, got {c[:, 0].tolist()}")
+        if (c[:, -1] != n).any():
+            raise ValueError(f"{fn}: {name} must end at the sequence length {n}, got {c[:, -1].tolist()}")
         if (c[:, 1:] < c[:, :-1]).any():
             raise ValueError(f"{fn}: {name} must be non-decreasing, got {value.tolist()}")
-    return value.expand(batch, -1) if value.dim() == 1 else value
+    return value.expand(batch, -1) if per_row and value.dim() == 1 else value
 
 
 def documents(cu, cu_q, cu_k, batch, nq, nk, device, fn):

@@ -76,24 +76,16 @@ def _state(state, name, q, k, v, fn, cu_seqlens=None):
 
 
 def _cu_seqlens(cu_seqlens, q, k, fn):
-    """What can be checked without reading the values (which would stop torch.compile and
-    sync a GPU); the op checks those: 0 first, the sequence length last, non-decreasing."""
+    """fla's varlen convention: one packed batch row of documents, (S + 1,) boundaries."""
     if cu_seqlens is None:
         return None
-    _checks.tensor(cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{fn}: cu_seqlens.dtype must be torch.int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"{fn}: cu_seqlens must be 1-D (documents + 1,), got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"{fn}: cu_seqlens.device ({cu_seqlens.device}) must equal q.device ({q.device})")
     if q.shape[0] != 1:
         raise ValueError(f"{fn}: cu_seqlens needs batch size 1 (documents packed along the sequence), got "
                          f"q.shape[0] = {q.shape[0]}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{fn}: cu_seqlens needs as many queries as keys, got q.shape[2] = {q.shape[2]} and "
                          f"k.shape[2] = {k.shape[2]}")
-    return cu_seqlens
+    return _checks.cu_seqlens(cu_seqlens, "cu_seqlens", 1, q.shape[2], q.device, fn, per_row=False)
 
 
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, normalize=True, chunk_size=64,

@@ -633,8 +633,8 @@ def test_cu_seqlens_bad_inputs(device):
     cu, N = packed([3, 5], device)
     q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=4, Dv=4, device=device, dtype=torch.float32)
     cases = [
-        (cu.long(), TypeError, r"cu_seqlens.dtype must be torch.int32"),
-        (cu.float(), TypeError, r"cu_seqlens.dtype"),
+        (cu.long(), TypeError, r"cu_seqlens must be an int32 tensor"),
+        (cu.float(), TypeError, r"cu_seqlens must be an int32"),
         (cu.tolist(), TypeError, r"cu_seqlens must be a torch.Tensor"),
         (cu.view(1, 3), ValueError, r"cu_seqlens must be 1-D"),
         (cu[:0], ValueError, r"cu_seqlens must be 1-D"),

@@ -22,27 +22,14 @@ at::Tensor prefix_counts(const char* op, const char* name, const at::Tensor& g, 
   return pre;
 }
 
-// cu_seqlens (S + 1,) or (B, S + 1) int32 on q's device: 0 = c[0] <= c[1] <= ... <= c[S] = n
-// in every row. Returns the boundaries as a host (rows, S + 1) tensor (the kernels walk
-// documents on the host; on CUDA this copy is a sync).
+// cu_seqlens (S + 1,) or (B, S + 1) int32 on q's device -> host (rows, S + 1) boundaries.
 at::Tensor check_cu_seqlens(const char* op, const char* name, const at::Tensor& c, int64_t B, int64_t n,
                             const at::Tensor& q) {
   TORCH_CHECK_TYPE(c.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", c.scalar_type());
   check_device(op, name, c, q);
-  TORCH_CHECK_VALUE(c.dim() == 1 || (c.dim() == 2 && c.size(0) == B), op, ": ", name,
+  TORCH_CHECK_VALUE((c.dim() == 1 || (c.dim() == 2 && c.size(0) == B)) && c.size(-1) >= 1, op, ": ", name,
                     " must have shape (S + 1,) or (batch=", B, ", S + 1), got ", c.sizes());
-  TORCH_CHECK_VALUE(c.size(-1) >= 2, op, ": ", name, " must hold at least 2 boundaries, got ", c.size(-1));
-  at::Tensor h = c.to(at::kCPU).contiguous().view({c.dim() == 1 ? 1 : B, c.size(-1)});
-  const int32_t* p = h.data_ptr<int32_t>();
-  const int64_t S = c.size(-1) - 1;
-  for (int64_t r = 0; r < h.size(0); ++r, p += S + 1) {
-    TORCH_CHECK_VALUE(p[0] == 0 && p[S] == n, op, ": ", name, " must start at 0 and end at the sequence length ", n,
-                      ", got ", p[0], " ... ", p[S], (h.size(0) > 1 ? " in row " + std::to_string(r) : ""));
-    for (int64_t i = 0; i < S; ++i)
-      TORCH_CHECK_VALUE(p[i] <= p[i + 1], op, ": ", name, " must be non-decreasing, got ", p[i], " then ",
-                        p[i + 1], " at index ", i);
-  }
-  return h;
+  return host_boundaries(op, name, c, c.dim() == 1 ? 1 : B, n);
 }
 
 void check_numbers(const char* op, const AttentionSpecArgs& a) {

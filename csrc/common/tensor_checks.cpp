@@ -1,5 +1,7 @@
 #include "tensor_checks.h"
 
+#include <string>
+
 namespace attention_ext {
 
 QkvShape check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t max_dim) {
@@ -47,6 +49,21 @@ DType dtype_of(at::ScalarType t) {
     case at::kHalf: return DType::Float16;
     default: TORCH_CHECK(false, "attention_ext: unsupported dtype ", t);
   }
+}
+
+at::Tensor host_boundaries(const char* op, const char* name, const at::Tensor& c, int64_t rows, int64_t n) {
+  const at::Tensor h = c.to(at::kCPU).contiguous().view({rows, -1});
+  const int64_t S = h.size(1) - 1;
+  const int32_t* p = h.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r, p += S + 1) {
+    const std::string where = rows > 1 ? " in row " + std::to_string(r) : "";
+    TORCH_CHECK_VALUE(p[0] == 0, op, ": ", name, " must start at 0, got ", p[0], where);
+    TORCH_CHECK_VALUE(p[S] == n, op, ": ", name, " must end at the sequence length ", n, ", got ", p[S], where);
+    for (int64_t i = 0; i < S; ++i)
+      TORCH_CHECK_VALUE(p[i] <= p[i + 1], op, ": ", name, " must be non-decreasing, got ", p[i], " then ", p[i + 1],
+                        " at index ", i, where);
+  }
+  return h;
 }
 
 }  // namespace attention_ext

@@ -30,6 +30,12 @@ void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntA
 
 DType dtype_of(at::ScalarType t);
 
+// FlashAttention-style cumulative boundaries (cu_seqlens) after their shape checks: a host
+// int32 copy viewed as (rows, S + 1) whose every row runs 0 = c[0] <= ... <= c[S] = n
+// (ValueError otherwise). Every value is read here, so a kernel walking documents never
+// leaves [0, n); on CUDA the copy is a sync.
+at::Tensor host_boundaries(const char* op, const char* name, const at::Tensor& c, int64_t rows, int64_t n);
+
 // dtype of accumulated statistics (the logsumexp, the linear state) for inputs of dtype t.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
