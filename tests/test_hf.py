@@ -240,10 +240,11 @@ def static_model_pair(name, device, layers):
     return redrawn_pair(name, cfg, device)
 
 
+@pytest.mark.parametrize("n", [11, 5], ids=["prompt_over_window", "prompt_under_window"])
 @pytest.mark.parametrize("cache", ["static", "sliding_window", "hybrid", None])
 @pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
-def test_generate_static_caches_batch_of_4_left_padded(name, cache, device):
-    """A batch of 4 left-padded prompts (padding 0, 2, 5, 9 of 11 tokens), greedy, with the
+def test_generate_static_caches_batch_of_4_left_padded(name, cache, n, device):
+    """A batch of 4 left-padded prompts (padding 0, 1, 2, 4 of 5 tokens or 0, 2, 5, 9 of 11), greedy, with the
     caches transformers builds for the family (static full layers: the whole buffer; static
     sliding layers: a window-sized buffer it shifts as it fills; "sliding_window" and "hybrid"
     are the older names, None the dynamic default): eager's tokens, every call on the kernels.
@@ -252,10 +253,10 @@ def test_generate_static_caches_batch_of_4_left_padded(name, cache, device):
     ref, ours = static_model_pair(name, device, layers)
     if name != "mistral":  # Mistral: no layer_types, every layer slides
         assert {"sliding_attention", "full_attention"} <= set(ours.config.layer_types)
-    n, steps = 11, 8
+    steps = 8
     ids = torch.randint(1, 97, (4, n), generator=torch.Generator().manual_seed(3)).to(device)
     mask = torch.ones_like(ids)
-    for row, pad in enumerate((0, 2, 5, 9)):
+    for row, pad in enumerate((0, 2, 5, 9) if n == 11 else (0, 1, 2, 4)):
         mask[row, :pad] = 0
     ids = ids.masked_fill(mask == 0, 0)
     kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
