@@ -31,6 +31,8 @@ from torch import nn
 from . import _layers
 from . import functional as _fn
 from . import linear as _linear
+from .decode import attention_with_kvcache
+from .kvcache import KVCache
 
 KINDS = {"G": "global", "L": "local", "R": "linear"}
 BACKENDS = ("attention_ext", "sdpa")
@@ -113,9 +115,13 @@ class Attention(nn.Module):
         rope: rotary position embedding on q and k (``rope_base``), default True.
         backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
 
-    ``forward(x, cache=None)``: pass a dict as ``cache`` to decode incrementally; it keeps
-    the keys/values (local layers only the last ``left`` positions; linear layers their
-    recurrent state) and the position offset for RoPE.
+    ``forward(x, cache=None)``: pass a :class:`~attention_ext.KVCache` to decode
+    incrementally (layer ``layer_idx`` of it; the caller advances it after every layer, as
+    :class:`TransformerLM` does): the new keys/values are appended in place by
+    :func:`attention_ext.attention_with_kvcache`, local layers into a ring of their window.
+    A dict is the concatenating cache of the ``"sdpa"`` backend (transformers'
+    DynamicCache's way): it keeps the keys/values (local layers the last ``left``), a linear
+    layer's state and the RoPE offset.
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
@@ -141,6 +147,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
+        self.layer_idx = 0  # this layer's entry in a KVCache (TransformerLM numbers its layers)
 
     def extra_repr(self):
         w = f", window=({self.left}, {self.right})" if self.kind == "local" else ""
@@ -152,13 +159,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        offset = 0 if cache is None else cache.get("pos", 0)
+        kv = isinstance(cache, KVCache)
+        offset = 0 if cache is None else cache.lengths[0] if kv else cache.get("pos", 0)
         if self.rope is not None:
             q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None and self.causal is False and cache.get("pos", 0):
+        if cache is not None and self.causal is False and (kv or cache.get("pos", 0)):
             raise ValueError("incremental decoding needs a causal layer")
         if self.kind == "linear":
-            out = self._linear(q, k, v, cache)
+            out = self._linear(q, k, v, cache.extra[self.layer_idx] if kv else cache)
+        elif kv:
+            out = self._cached(q, k, v, cache)
         else:
             if cache is not None:
                 if "k" in cache:
@@ -166,7 +176,7 @@ class Attention(nn.Module):
                 keep = k.shape[2] if self.kind == "global" else min(k.shape[2], self.left)
                 cache["k"], cache["v"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
             out = self._softmax(q, k, v)
-        if cache is not None:
+        if cache is not None and not kv:
             cache["pos"] = offset + N
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
@@ -182,6 +192,13 @@ class Attention(nn.Module):
         left, right = (self.left, self.right) if self.kind == "local" else (None, None)
         mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def _cached(self, q, k, v, cache):
+        window = (self.left, 0) if self.kind == "local" else None
+        if cache.windows[self.layer_idx] != window:
+            raise ValueError(f"layer {self.layer_idx}: the KVCache has window {cache.windows[self.layer_idx]}, "
+                             f"the layer {window}")
+        return attention_with_kvcache(q, **cache.update(self.layer_idx, k, v), causal=True)
 
     def _linear(self, q, k, v, cache):
         state = None if cache is None else cache.get("state")
@@ -252,7 +269,10 @@ class TransformerLM(nn.Module):
     ``forward(idx, targets=None, caches=None)`` returns ``(logits, loss)`` (loss is None
     without targets; cross entropy over all positions, ``ignore_index=-100``).
     ``generate(idx, max_new_tokens)`` decodes greedily (or samples with
-    ``temperature > 0``) with per-layer caches.
+    ``temperature > 0``) with a cache from :meth:`new_caches`: a
+    :class:`~attention_ext.KVCache` (``"attention_ext"``: nothing is concatenated, local
+    layers roll), or per-layer dicts (``"sdpa"``). With a KVCache, ``forward`` feeds the
+    tokens in chunks of ``caches.chunk`` and advances the cache once per chunk.
     """
 
     def __init__(self, vocab_size, dim=256, num_heads=4, *, pattern="LG", num_layers=None, num_kv_heads=None,
@@ -270,6 +290,8 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        for i, block in enumerate(self.blocks):
+            block.attn.layer_idx = i
         self.apply(self._init)
 
     @staticmethod
@@ -289,8 +311,11 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx, targets=None, caches=None):
         x = self.embed(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+        if isinstance(caches, KVCache):
+            x = self._cached_blocks(x, caches)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, None if caches is None else caches[i])
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
@@ -298,12 +323,33 @@ class TransformerLM(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    def new_caches(self):
-        return [dict() for _ in self.blocks]
+    def _cached_blocks(self, x, cache):
+        parts = []
+        for chunk in x.split(cache.chunk, dim=1):  # a rolling layer's ring holds its window and one chunk
+            for block in self.blocks:
+                chunk = block(chunk, cache)
+            cache.advance(chunk.shape[1])
+            parts.append(chunk)
+        return torch.cat(parts, 1)
+
+    def new_caches(self, batch_size=1, max_len=None, **kwargs):
+        """The cache of :meth:`forward`: for ``"attention_ext"`` layers a
+        :class:`~attention_ext.KVCache` of ``batch_size`` rows of up to ``max_len`` tokens
+        (``kwargs``: its ``page_size``, ``rolling``, ``chunk``, ...), local layers' windows
+        and no K/V for linear layers; for ``"sdpa"`` one dict per layer (arguments unused)."""
+        attns = [b.attn for b in self.blocks]
+        if any(a.backend == "sdpa" for a in attns):
+            return [dict() for _ in self.blocks]
+        windows = [False if a.kind == "linear" else (a.left, 0) if a.kind == "local" else None for a in attns]
+        w = self.embed.weight
+        return KVCache(batch_size, attns[0].num_kv_heads, attns[0].head_dim, max_len, windows=windows,
+                       dtype=w.dtype, device=w.device, **kwargs)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, *, temperature=0.0, generator=None):
-        caches = self.new_caches()
+    def generate(self, idx, max_new_tokens, *, temperature=0.0, generator=None, caches=None):
+        """``caches``: a fresh cache of :meth:`new_caches` (default: one for this call)."""
+        if caches is None:
+            caches = self.new_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, caches=caches)
         out = [idx]
         for _ in range(max_new_tokens):

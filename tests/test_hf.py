@@ -169,6 +169,11 @@ def static_pair(name, device):
            "qwen2": lambda: Qwen2Config(**base, use_sliding_window=True, max_window_layers=0, **types),
            "gemma2": lambda: Gemma2Config(**base, query_pre_attn_scalar=16, **types),
            "gemma3": lambda: Gemma3TextConfig(**base, query_pre_attn_scalar=16, **types)}[name]()
+    return (*redrawn_pair(name, cfg, device), 0 if name == "mistral" else 1)
+
+
+def redrawn_pair(name, cfg, device):
+    """Eager and attention_ext models of ``cfg`` with the weight matrices redrawn at std 0.15."""
     ref = build(name, "eager", device, cfg)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -177,7 +182,7 @@ def static_pair(name, device):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.15).to(p.device))
     ours = build(name, "attention_ext", device, cfg)
     ours.load_state_dict(ref.state_dict())
-    return ref, ours, (0 if name == "mistral" else 1)
+    return ref, ours
 
 
 @pytest.mark.parametrize("copied", [False, True], ids=["as_returned", "copied"])
@@ -218,11 +223,55 @@ def test_generate_static_cache_left_padded(name, prompt, copied, device):
     assert torch.equal(o.sequences, r.sequences)
     for step, (lo, lr) in enumerate(zip(o.logits, r.logits)):
         assert_close(lo, lr, f"{name} static cache step {step} logits")
-    # prefill: a full layer's keys are the whole cache (dense mask, exact SDPA/eager); a sliding layer's are
-    # the prompt when it passes the window (plain: kernels), else the window-sized buffer (dense).
-    # Decoding: every layer on the kernels, transformers' one-row masks as key_mask.
-    dense = full_layers + (2 - full_layers if prompt < STATIC_W else 0)
-    assert aehf.fallback_counts() == {"kernel": 2 * steps - dense, "dense_mask": dense, "dropout": 0}
+    # prefill: a full layer's keys are the whole cache, a sliding layer's the prompt when it passes the window,
+    # else the window-sized buffer: the short key row of the written slots, on the kernels. Decoding: every
+    # layer on the kernels, transformers' one-row masks as key_mask.
+    assert aehf.fallback_counts() == {"kernel": 2 * steps, "dense_mask": 0, "dropout": 0}
+
+
+def static_model_pair(name, device, layers):
+    """Eager and attention_ext models of one family, ``layers`` layers of the family's own
+    types (Mistral: every layer sliding; Gemma 2: alternating; Gemma 3: 5 sliding : 1 full),
+    window STATIC_W, weights redrawn (:func:`redrawn_pair`)."""
+    base = dict(COMMON, num_hidden_layers=layers, sliding_window=STATIC_W)
+    cfg = {"mistral": lambda: MistralConfig(**base),
+           "gemma2": lambda: Gemma2Config(**base, query_pre_attn_scalar=16),
+           "gemma3": lambda: Gemma3TextConfig(**base, query_pre_attn_scalar=16)}[name]()
+    return redrawn_pair(name, cfg, device)
+
+
+@pytest.mark.parametrize("n", [11, 5], ids=["prompt_over_window", "prompt_under_window"])
+@pytest.mark.parametrize("cache", ["static", "sliding_window", "hybrid", None])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_generate_static_caches_batch_of_4_left_padded(name, cache, n, device):
+    """A batch of 4 left-padded prompts (padding 0, 1, 2, 4 of 5 tokens or 0, 2, 5, 9 of 11), greedy, with the
+    caches transformers builds for the family (static full layers: the whole buffer; static
+    sliding layers: a window-sized buffer it shifts as it fills; "sliding_window" and "hybrid"
+    are the older names, None the dynamic default): eager's tokens, every call on the kernels.
+    8 new tokens carry the rows that start short of the window past it."""
+    layers = 6 if name == "gemma3" else 4
+    ref, ours = static_model_pair(name, device, layers)
+    if name != "mistral":  # Mistral: no layer_types, every layer slides
+        assert {"sliding_attention", "full_attention"} <= set(ours.config.layer_types)
+    steps = 8
+    ids = torch.randint(1, 97, (4, n), generator=torch.Generator().manual_seed(3)).to(device)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 2, 5, 9) if n == 11 else (0, 1, 2, 4)):
+        mask[row, :pad] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0, cache_implementation=cache)
+    with torch.no_grad():
+        r = ref.generate(ids, **kw)
+        aehf.reset_counts()
+        o = ours.generate(ids, **kw)
+    if TF5:  # 5.x: "sliding_window" builds the StaticCache of the config's layer types; "hybrid" and None the
+        # dynamic caches (DynamicSlidingWindowLayer for sliding layers)
+        assert type(o.past_key_values).__name__ == ("DynamicCache" if cache in ("hybrid", None) else "StaticCache")
+    assert torch.equal(o.sequences, r.sequences)
+    for step, (lo, lr) in enumerate(zip(o.logits, r.logits)):
+        assert_close(lo[mask[:, -1].bool()], lr[mask[:, -1].bool()], f"{name} {cache} cache step {step} logits")
+    assert aehf.fallback_counts() == {"kernel": steps * layers, "dense_mask": 0, "dropout": 0}
 
 
 def test_attention_forward_reads_masks_by_shape(device):
@@ -253,7 +302,18 @@ def test_attention_forward_reads_masks_by_shape(device):
     out, _ = aehf.attention_forward(module, q[:, :, 5:6], k, v, row.view(B, 1, 1, N).clone(), sliding_window=w)
     want = F.scaled_dot_product_attention(q[:, :, 5:6], k, v, attn_mask=row.view(B, 1, 1, N))
     assert_close(out, want.transpose(1, 2), "one query, a static cache's row")
-    assert aehf.fallback_counts()["kernel"] == 2
+    # several queries and a row shorter than the keys (a static cache's prefill): the keys end with the row, the
+    # queries are its last ones; the unused slots after it hold garbage that must not be seen
+    M = 7
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, M:], v2[:, :, M:] = 1e4, float("nan")
+    out, _ = aehf.attention_forward(module, q[:, :, 4:M], k2, v2, pad[:, :M].reshape(B, 1, 1, M).clone(),
+                                    sliding_window=w)
+    want = F.scaled_dot_product_attention(q[:, :, 4:M], k[:, :, :M], v[:, :, :M],
+                                          attn_mask=pad[:, :M].view(B, 1, 1, M) & (j[:, :M] <= i[4:M])
+                                          & (i[4:M] - j[:, :M] < w))
+    assert_close(out, want.transpose(1, 2), "several queries, a row shorter than the keys")
+    assert aehf.fallback_counts()["kernel"] == 3
     for other in (torch.zeros(B, 1, 1, N, device=device), pad.view(B, 1, 1, N).expand(B, 1, N, N)):
         with pytest.raises(RuntimeError, match="query-independent"):
             aehf.attention_forward(module, q, k, v, other)

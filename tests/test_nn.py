@@ -132,12 +132,17 @@ def test_incremental_decoding_matches_full_forward(backend, device):
     idx = torch.randint(0, 61, (2, 30), device=device)
     with torch.no_grad():
         full, _ = lm(idx)
-        caches = lm.new_caches()
+        caches = lm.new_caches(2, 30, chunk=8)  # attention_ext: a KVCache, fed in chunks of 8
         parts = [lm(idx[:, :12], caches=caches)[0], lm(idx[:, 12:20], caches=caches)[0]]
         parts += [lm(idx[:, t:t + 1], caches=caches)[0] for t in range(20, 30)]
     assert_close(torch.cat(parts, 1), full, "cached decoding")
-    # local layers keep only their reach of keys
-    assert caches[0]["k"].shape[2] == 5 and caches[2]["k"].shape[2] == 30
+    # local layers keep only their reach of keys: the concatenating cache its last 5, the KVCache a ring of the
+    # reach and one chunk
+    if backend == "sdpa":
+        assert caches[0]["k"].shape[2] == 5 and caches[2]["k"].shape[2] == 30
+    else:
+        assert caches.rolling[:2] == [True, True] and caches.k[0].shape[2] == 5 + 8 and caches.k[2].shape[2] == 30
+        assert caches.lengths == [30, 30]
     gen = lm.generate(idx[:, :8], 6)
     assert gen.shape == (2, 14) and torch.equal(gen[:, :8], idx[:, :8])
 

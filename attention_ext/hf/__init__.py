@@ -23,10 +23,11 @@ Importing this module registers two functions under the name ``"attention_ext"``
   ``N x N`` mask is ever built; with padding it returns the *key padding* as a bool
   ``(B, 1, 1, kv_length)`` tensor (O(B * N) memory), which :func:`attention_forward`
   passes to the kernels as ``key_mask`` next to the layer's own causal/window spec;
-  anything else (packed sequences, or-/and-mask overlays such as Gemma 3's image tokens,
-  chunked attention, a static cache's full layers and its sliding layers while shorter
-  than the window) gets transformers' exact dense boolean mask, which for one query
-  (decoding) is a ``(B, 1, 1, kv_length)`` row that the kernels take as ``key_mask``.
+  a static cache's prefill, whose keys are the whole buffer, gets the key row of the
+  written slots only (``(B, 1, 1, end)``: the keys end there); anything else (packed
+  sequences, or-/and-mask overlays such as Gemma 3's image tokens, chunked attention) gets
+  transformers' exact dense boolean mask, which for one query (decoding, a static cache's
+  steps included) is a ``(B, 1, 1, kv_length)`` row that the kernels take as ``key_mask``.
   Our masks are recognised by their shape, never by an attribute: ``generate`` copies
   the masks of a static cache (``.contiguous()``), and a copy keeps only shape, dtype
   and values (see :func:`attention_forward` for how each shape is read).

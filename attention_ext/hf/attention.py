@@ -18,7 +18,7 @@ _warned: set = set()
 
 _FALLBACK_WHY = {
     "dense_mask": "a mask pattern only transformers can describe (packed sequences, mask overlays, chunked "
-                  "attention or a static cache): exact SDPA with transformers' dense mask",
+                  "attention): exact SDPA with transformers' dense mask",
     "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
 }
 
@@ -189,6 +189,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     * ``None``: the layer's own pattern (causal/bidirectional, window), queries aligned
       bottom-right.
+    * bool ``(B, 1, 1, M)`` with ``M < Nk``: the keys are the first ``M`` slots of a static
+      cache (the later ones are not yet written), the row their padding; queries are the
+      last ``Nq`` of those ``M`` keys and the layer's pattern applies. Only
+      :func:`mask_function` builds it (a static cache's prefill), transformers never does.
     * bool ``(B, 1, 1, M)`` and ``Nq > 1``: key padding, which transformers never builds for
       more than one query (its masks have a query axis of ``Nq``); only :func:`mask_function`
       returns it, for a plain pattern whose queries are the last ``Nq`` of the keys. It is
@@ -221,6 +225,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         info = getattr(attention_mask, "_attention_ext", None)
         if info is not None:
             key_mask = _tagged_padding(info, Nk, causal, module)
+        elif attention_mask.shape[-1] < Nk:  # the keys end with the row: a static buffer's unused slots follow
+            Nk = attention_mask.shape[-1]
+            key, value = key[:, :, :Nk], value[:, :, :Nk]
+            key_mask = attention_mask[:, 0, 0].expand(B, Nk)
         else:
             key_mask = _fit_keys(attention_mask[:, 0, 0], Nk).expand(B, Nk)
             if Nq == 1 and not _narrowed(window, model_window):

@@ -46,6 +46,15 @@ def _analyse(mask_function):
     return out
 
 
+def _padding(attention_mask, start, length, batch_size, device):
+    """Bool (B, length): which of the key positions ``start ..`` are real tokens (past the
+    2-D mask: not yet written, False, as transformers pads it); all True without a mask."""
+    if attention_mask is None:
+        return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    kv = attention_mask[:, start:start + length].to(torch.bool)
+    return F.pad(kv, (0, length - kv.shape[-1])) if kv.shape[-1] < length else kv
+
+
 def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
     """transformers mask function ``"attention_ext"`` (AttentionMaskInterface).
 
@@ -58,21 +67,26 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
     to a wider window than the mask covers, which then raises. Every other case gets
     transformers' own exact dense boolean mask ``(B, 1, q_length, kv_length)``.
 
+    A static cache's keys are its whole buffer, whose slots past the queries are not yet
+    written: for several queries (a prefill) the mask is then the key row of the written
+    slots only, bool ``(B, 1, 1, end)`` with ``end = q_offset + q_length`` (its shape tells
+    :func:`attention_forward` where the keys end; no attribute).
+
     The cases, for transformers' caches (``q_offset``: position of the first query;
     ``kv_offset``/``kv_length``: positions of the keys; plain when
     ``q_offset + q_length == kv_offset + kv_length``):
 
     * no cache / dynamic caches (full and sliding layers): always plain.
-    * static full layers: ``kv_length`` is the whole cache (unused slots masked) and
-      ``q_offset`` a tensor on 5.x: dense, prefill and decoding alike (a decoding row then
-      runs on the kernels as ``key_mask``); on 4.57 plain only when the queries end at the
-      last slot.
-    * static sliding layers: plain once the window is full, and when the new tokens fill or
-      pass it (a prefill longer than the window: its keys are just the prompt,
-      ``kv_length == q_length``; this is where a tag lost in generate's copy made the layer
-      run with no causal mask and no window); dense while the tokens stay short of the
-      window (the keys are the whole window-sized buffer, the queries at its top).
-    * decoding on a compileable cache on 5.x passes ``allow_is_causal_skip=False``: dense.
+    * static full layers: ``kv_length`` is the whole cache (unused slots masked), ``q_offset``
+      a tensor on 5.x: a prefill gets the short key row, a decoding step transformers' own
+      row (``(B, 1, 1, kv_length)``: the kernels take it as ``key_mask``).
+    * static sliding layers (5.x keeps them in position order: it shifts the buffer, no
+      ring): plain once the window is full, and when the new tokens fill or pass it (a
+      prefill longer than the window: its keys are just the prompt, ``kv_length ==
+      q_length``); while the tokens stay short of the window the keys are the whole
+      window-sized buffer: the short key row for a prefill, transformers' row for one query.
+    * decoding on a compileable cache on 5.x passes ``allow_is_causal_skip=False``: dense,
+      which for one query is a row (kernels).
     """
     from transformers import masking_utils
 
@@ -87,6 +101,7 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
         q_offset = int(cache_position[0]) if q_length else 0
         skip_allowed = True  # 4.57 clears allow_is_causal_skip for every forward with position_ids
     kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
+    device = kwargs.get("device", cache_position.device if cache_position is not None else None)
 
     dense_kwargs = dict(kwargs)
     dense_kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
@@ -98,12 +113,20 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
                                        attention_mask=attention_mask, **dense_kwargs)
 
     spec = _analyse(mask_function)
-    plain = (spec is not None and skip_allowed and not spec["padding"]
-             and not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
-             and int(q_offset) + q_length == int(kv_offset) + kv_length)
-    if not plain:
+    if spec is None or not skip_allowed or spec["padding"]:
         return dense()
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        # a static cache's offsets: read them for a prefill, not per token (a sync) nor while compiling
+        if q_length == 1 or torch.compiler.is_compiling():
+            return dense()
+        q_offset, kv_offset = int(q_offset), int(kv_offset)
     end = int(q_offset) + q_length
+    if end < kv_length and kv_offset == 0 and q_length > 1:
+        # a static buffer whose slots from `end` on are unused: the key row stops at `end` (the
+        # shape says where the keys end, so a copy reads the same), the layer adds its pattern
+        return _padding(attention_mask, 0, end, batch_size, device).reshape(batch_size, 1, 1, end)
+    if end != int(kv_offset) + kv_length:
+        return dense()
     pad = attention_mask
     if pad is None or (pad.shape[-1] >= end and bool(pad[:, :end].all())):
         return None
@@ -111,9 +134,6 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
     if q_length == 1:
         mask = dense()
     else:
-        kv = pad[:, kv_offset:kv_offset + kv_length]
-        if kv.shape[-1] < kv_length:
-            kv = F.pad(kv, (0, kv_length - kv.shape[-1]))
-        mask = kv.reshape(batch_size, 1, 1, kv_length)
+        mask = _padding(pad, kv_offset, kv_length, batch_size, device).reshape(batch_size, 1, 1, kv_length)
     mask._attention_ext = {"padding": pad, "end": end, "causal": spec["causal"], "window": spec["window"]}
     return mask

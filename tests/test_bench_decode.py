@@ -1,0 +1,34 @@
+"""The decode benchmark runs end to end at smoke size (--quick, RESULTS.md untouched), every
+contender runs, and they compute the same function as ours."""
+
+import pytest
+
+pytest.importorskip("transformers", reason="the end-to-end part generates with transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny sizes (conftest.py)
+
+
+def test_decode_quick(capsys):
+    from benchmarks import bench_decode
+    from benchmarks.__main__ import main, suites
+
+    assert "decode" in suites()
+    before = bench_decode.U.RESULTS.read_text()
+    main(["decode", "--quick", "--no-write"])
+    out = capsys.readouterr().out
+    assert bench_decode.U.RESULTS.read_text() == before
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| dtype"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+            for line in lines if line.startswith("| float32") or line.startswith("| bfloat16")]
+    assert len(rows) == 4, out  # 2 dtypes x (one token, one chunk)
+    for row in rows:
+        for name in ("ours", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static"):
+            assert row[f"{name} ms"] != "–", row  # every contender ran
+        # every contender's output as ours: fp32 to accumulation-order rounding, bf16 to its 8-bit mantissa
+        assert float(row["max diff vs ours"]) <= (1e-4 if row["dtype"] == "float32" else 5e-2), row
+    e2e_header = next(line for line in lines if line.startswith("| cache"))
+    e2e_cols = [c.strip() for c in e2e_header.strip("|").split("|")]
+    e2e = [dict(zip(e2e_cols, (c.strip() for c in line.strip("|").split("|"))))
+           for line in lines if line.startswith("| dynamic") or line.startswith("| static")]
+    assert len(e2e) == 2 and all(r["same tokens"] == "yes" and r["sdpa/ours"] != "–" for r in e2e), e2e
