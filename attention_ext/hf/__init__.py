@@ -23,7 +23,14 @@ Importing this module registers two functions under the name ``"attention_ext"``
   ``N x N`` mask is ever built; with padding it returns the *key padding* as a bool
   ``(B, 1, 1, kv_length)`` tensor (O(B * N) memory), which :func:`attention_forward`
   passes to the kernels as ``key_mask`` next to the layer's own causal/window spec;
-  anything else (packed sequences, or-/and-mask overlays such as Gemma 3's image tokens,
+  for packed sequences (position ids that restart, no padding mask and no cache, as
+  ``DataCollatorWithFlattening`` produces them; transformers detects them the same way
+  for eager and SDPA) it returns the documents' boundaries, int32 ``(B, 1, 1, S+1)``,
+  which :func:`attention_forward` passes as the kernels' ``cu_seqlens`` (the layer's
+  causal/window pattern then applies inside each document); with no mask at all,
+  FlashAttention's ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs (one flattened row) are
+  read as the FlashAttention-2 path reads them;
+  anything else (or-/and-mask overlays such as Gemma 3's image tokens,
   chunked attention, a static cache's full layers and its sliding layers while shorter
   than the window) gets transformers' exact dense boolean mask, which for one query
   (decoding) is a ``(B, 1, 1, kv_length)`` row that the kernels take as ``key_mask``.
@@ -36,7 +43,8 @@ warns once):
 
 =================================  =================================================
 ``"kernel"``                       our ops (flash_attention / sliding_window_attention),
-                                   padded batches included (``key_mask``), and every
+                                   padded batches included (``key_mask``), packed
+                                   sequences (``cu_seqlens``), and every
                                    one-query (decoding) step whose mask is a bool row
 ``"dense_mask"``                   a mask only transformers can describe (see above)
                                    for more than one query: exact SDPA with that mask
