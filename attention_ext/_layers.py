@@ -52,10 +52,23 @@ def cu_seqlens(starts):
     return torch.nn.functional.pad(lengths.cumsum(1, dtype=torch.int32), (1, 0))
 
 
+def _documents(cu_seqlens, n):
+    """``(cu (B, S+1), doc (B, n))``: the document of each of ``n`` tokens (``B`` is 1 for
+    ``(S+1,)`` boundaries)."""
+    cu = cu_seqlens.view(-1, cu_seqlens.shape[-1])
+    tokens = torch.arange(n, device=cu.device, dtype=cu.dtype).expand(cu.shape[0], n).contiguous()
+    return cu, torch.searchsorted(cu[:, 1:].contiguous(), tokens, right=True)
+
+
+def document_positions(cu_seqlens, n):
+    """Long ``(B, n)``: each token's position inside its document of ``cu_seqlens``
+    (``(S+1,)`` gives ``B = 1``), 0 at every document start."""
+    cu, doc = _documents(cu_seqlens, n)
+    return torch.arange(n, device=cu.device) - cu.gather(1, doc).long()
+
+
 def document_mask(cu_seqlens, n):
     """Bool ``(B, 1, n, n)``: query and key in the same document of ``cu_seqlens``
-    (``(S+1,)`` or ``(B, S+1)``)."""
-    cu = cu_seqlens.view(-1, cu_seqlens.shape[-1])
-    doc = torch.searchsorted(cu[:, 1:].contiguous(), torch.arange(n, device=cu.device, dtype=cu.dtype)
-                             .expand(cu.shape[0], n).contiguous(), right=True)
+    (``(S+1,)`` gives ``B = 1``)."""
+    _, doc = _documents(cu_seqlens, n)
     return (doc.unsqueeze(-1) == doc.unsqueeze(-2)).unsqueeze(1)
