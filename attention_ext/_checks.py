@@ -158,6 +158,53 @@ def key_mask(value, batch, nk, device, fn):
     return None if value is None else key_bools(value, "key_mask", batch, nk, device, fn)
 
 
+def cu_seqlens(value, name, batch, n, device, fn):
+    """FlashAttention's cumulative document boundaries along the sequence: int32
+    ``(S + 1,)`` (shared by every batch row) or ``(B, S + 1)``, with
+    ``0 = c[0] <= c[1] <= ... <= c[S] = n`` in every row -> ``(B, S + 1)``. The values are
+    checked here in eager mode; under torch.compile (where reading them would break the
+    graph) the op checks them."""
+    tensor(value, name)
+    if value.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name} must be an int32 tensor, got dtype {value.dtype}")
+    if not (value.dim() == 1 or value.dim() == 2 and value.shape[0] == batch) or value.shape[-1] < 2:
+        raise ValueError(f"{fn}: {name} must have shape (S + 1,) or (batch={batch}, S + 1) with S >= 1, "
+                         f"got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
+    if not torch.compiler.is_compiling():
+        c = value.detach().reshape(-1, value.shape[-1]).cpu()
+        if (c[:, 0] != 0).any() or (c[:, -1] != n).any():
+            raise ValueError(f"{fn}: {name} must start at 0 and end at the sequence length {n}, "
+                             f"got {c[:, 0].tolist()} ... {c[:, -1].tolist()}")
+        if (c[:, 1:] < c[:, :-1]).any():
+            raise ValueError(f"{fn}: {name} must be non-decreasing, got {value.tolist()}")
+    return value.expand(batch, -1) if value.dim() == 1 else value
+
+
+def documents(cu, cu_q, cu_k, batch, nq, nk, device, fn):
+    """``cu_seqlens`` (queries and keys packed alike) or the pair ``cu_seqlens_q`` /
+    ``cu_seqlens_k`` -> the spec's ``{"cu_seqlens_q": ..., "cu_seqlens_k": ...}``."""
+    if cu is not None:
+        if cu_q is not None or cu_k is not None:
+            raise ValueError(f"{fn}: pass either cu_seqlens or the pair cu_seqlens_q / cu_seqlens_k, not both")
+        if nq != nk:
+            raise ValueError(f"{fn}: cu_seqlens needs Nq == Nk (got {nq} and {nk}); pass cu_seqlens_q and "
+                             "cu_seqlens_k for queries and keys packed differently")
+        c = cu_seqlens(cu, "cu_seqlens", batch, nq, device, fn)
+        return {"cu_seqlens_q": c, "cu_seqlens_k": c}
+    if (cu_q is None) != (cu_k is None):
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k go together (pass both, or neither)")
+    if cu_q is None:
+        return {}
+    cq = cu_seqlens(cu_q, "cu_seqlens_q", batch, nq, device, fn)
+    ck = cu_seqlens(cu_k, "cu_seqlens_k", batch, nk, device, fn)
+    if cq.shape != ck.shape:
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must hold the same number of documents, got "
+                         f"{cq.shape[-1] - 1} and {ck.shape[-1] - 1}")
+    return {"cu_seqlens_q": cq, "cu_seqlens_k": ck}
+
+
 # ---- linear attention --------------------------------------------------------------
 
 

@@ -39,6 +39,10 @@ class AttentionSpec:
     num_global, global_mask: Longformer global positions (a leading count, a bool (B, Nk)).
     block_layout, block_size: the block-layout kind (bool (1 or Hq, nqb, nkb)).
     key_mask: bool (B, Nk), False for keys no query may attend (padding).
+    cu_seqlens_q, cu_seqlens_k: packed documents, int32 (B, S + 1) cumulative boundaries
+        of the queries and keys (FlashAttention's cu_seqlens, one row per batch row);
+        every position above counts from its document's start, and no query sees a key
+        of another document.
     """
 
     scale: float
@@ -54,11 +58,13 @@ class AttentionSpec:
     block_layout: Optional[torch.Tensor] = None
     block_size: int = 1
     key_mask: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
 
     # fields that hold tensors (saved for backward through save_for_backward), and those of
     # them whose dim 0 is the batch (torch.vmap folds its dim into that batch)
-    TENSORS = ("global_mask", "block_layout", "key_mask")
-    BATCH_TENSORS = ("global_mask", "key_mask")
+    TENSORS = ("global_mask", "block_layout", "key_mask", "cu_seqlens_q", "cu_seqlens_k")
+    BATCH_TENSORS = ("global_mask", "key_mask", "cu_seqlens_q", "cu_seqlens_k")
 
     def op_kwargs(self):
         """The ops' keyword-only arguments."""

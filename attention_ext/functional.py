@@ -18,12 +18,14 @@ from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and auto
 from ._spec import MASK_KINDS, AttentionSpec
 
 
-def _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse):
+def _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens=None, cu_seqlens_q=None,
+            cu_seqlens_k=None):
     """The checks every exact-attention function shares -> (shape, spec fields)."""
-    shape = _checks.qkv(q, k, v, fn)
+    shape = B, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
     fields = dict(causal=_checks.boolean(causal, "causal", fn), scale=_checks.scale(scale, q.shape[-1], fn),
                   softcap=_checks.softcap(softcap, fn),
-                  key_mask=_checks.key_mask(key_mask, q.shape[0], k.shape[2], q.device, fn))
+                  key_mask=_checks.key_mask(key_mask, B, Nk, q.device, fn),
+                  **_checks.documents(cu_seqlens, cu_seqlens_q, cu_seqlens_k, B, Nq, Nk, q.device, fn))
     _checks.boolean(return_lse, "return_lse", fn)
     return shape, fields
 
@@ -33,7 +35,8 @@ def _run(q, k, v, spec, return_lse):
     return (out, lse) if return_lse else out
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask=None, return_lse=False):
+def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask=None, cu_seqlens=None,
+                    cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, without an Nq x Nk buffer.
 
     Args:
@@ -51,18 +54,32 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
             masked keys are skipped; a query left with no key gets zeros. NaN/inf in
             masked keys or values never reach the result on the CPU; the CUDA
             tensor-core kernels do not guard them (keep padding finite there).
+        cu_seqlens: packed sequences (documents) along the sequence axis, FlashAttention's
+            ``cu_seqlens``: int32 ``(S + 1,)`` cumulative boundaries ``0 = c[0] <= ... <=
+            c[S] = N``, shared by every batch row, or ``(B, S + 1)`` for a packing per row
+            (rows with fewer documents repeat their last value). Document ``s`` holds
+            positions ``c[s] .. c[s + 1] - 1``. Every position (causality, windows,
+            globals, blocks, the bottom-right alignment) counts from its document's
+            start, no query sees another document's key, and the cost is the sum over
+            documents. Needs ``Nq == Nk``.
+        cu_seqlens_q, cu_seqlens_k: instead of ``cu_seqlens``, for queries and keys packed
+            differently (cross-attention, a query chunk per document): the same number of
+            documents, ending at Nq and Nk; each document's queries are aligned
+            bottom-right against its keys.
         return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped) scaled
             scores (float32; float64 for float64 inputs). It is differentiable.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
     """
-    _, fields = _common(q, k, v, "flash_attention", causal, scale, softcap, key_mask, return_lse)
+    _, fields = _common(q, k, v, "flash_attention", causal, scale, softcap, key_mask, return_lse, cu_seqlens,
+                        cu_seqlens_q, cu_seqlens_k)
     return _run(q, k, v, AttentionSpec(mask_kind=MASK_KINDS["dense"], **fields), return_lse)
 
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
-                             softcap=None, key_mask=None, return_lse=False):
+                             softcap=None, key_mask=None, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                             return_lse=False):
     """Local attention: each query sees the keys of a window around its position.
 
     Query ``i`` (at key position ``p = i + Nk - Nq``) sees key ``j`` iff
@@ -80,11 +97,14 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
             positions global; a bool ``(B, Nk)`` (or ``(Nk,)``) mask flags any positions.
             A global position attends to every key and every query attends to it
             (causality, when on, still applies). Queries are global when their aligned
-            position is.
-        scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
+            position is. With packed documents, ``g`` counts from each document's start,
+            and a mask flags positions of the row.
+        scale, softcap, key_mask, cu_seqlens, cu_seqlens_q, cu_seqlens_k, return_lse: as
+            in :func:`flash_attention`.
     """
     fn = "sliding_window_attention"
-    (B, _, _, _, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
+    (B, _, _, _, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
+                                       cu_seqlens_q, cu_seqlens_k)
     left, right = _checks.window(window, fields["causal"], fn)
     dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
@@ -94,7 +114,7 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
 
 
 def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
-                           key_mask=None, return_lse=False):
+                           key_mask=None, cu_seqlens=None, return_lse=False):
     """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
 
     Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
@@ -105,10 +125,13 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
     Args:
         kernel_size: odd int >= 1 with ``kernel_size * dilation <= N``.
         dilation: int >= 1.
+        cu_seqlens: packed documents, as in :func:`flash_attention`: each document is a
+            sequence of its own, with its own edges. A document shorter than
+            ``kernel_size * dilation`` has queries that see their whole dilation group.
         scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
-    (_, _, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
+    (_, _, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens)
     if Nq != Nk:
         raise ValueError(f"{fn}: q and k must have the same sequence length, got Nq={Nq}, Nk={Nk}")
     kernel_size = _checks.integer(kernel_size, "kernel_size", fn, minimum=1)
@@ -122,7 +145,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
 
 
 def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, softcap=None,
-                           key_mask=None, return_lse=False):
+                           key_mask=None, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     """Attention restricted to the (query block, key block) pairs set in ``layout``.
 
     Args:
@@ -133,10 +156,15 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
         block_size: tokens per layout block (>= 1).
         causal: additionally mask keys after the query (needed inside diagonal blocks of
             autoregressive patterns).
+        cu_seqlens, cu_seqlens_q, cu_seqlens_k: packed documents, as in
+            :func:`flash_attention`; blocks are counted from each document's start, so
+            every document reads the top-left corner of the layout (which keeps the
+            shape of the whole row).
         scale, softcap, key_mask, return_lse: as in :func:`flash_attention`.
     """
     fn = "block_sparse_attention"
-    (_, Hq, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse)
+    (_, Hq, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
+                                         cu_seqlens_q, cu_seqlens_k)
     block_size = _checks.integer(block_size, "block_size", fn, minimum=1)
     _checks.tensor(layout, "layout")
     if layout.dtype != torch.bool:

@@ -22,6 +22,29 @@ at::Tensor prefix_counts(const char* op, const char* name, const at::Tensor& g, 
   return pre;
 }
 
+// cu_seqlens (S + 1,) or (B, S + 1) int32 on q's device: 0 = c[0] <= c[1] <= ... <= c[S] = n
+// in every row. Returns the boundaries as a host (rows, S + 1) tensor (the kernels walk
+// documents on the host; on CUDA this copy is a sync).
+at::Tensor check_cu_seqlens(const char* op, const char* name, const at::Tensor& c, int64_t B, int64_t n,
+                            const at::Tensor& q) {
+  TORCH_CHECK_TYPE(c.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", c.scalar_type());
+  check_device(op, name, c, q);
+  TORCH_CHECK_VALUE(c.dim() == 1 || (c.dim() == 2 && c.size(0) == B), op, ": ", name,
+                    " must have shape (S + 1,) or (batch=", B, ", S + 1), got ", c.sizes());
+  TORCH_CHECK_VALUE(c.size(-1) >= 2, op, ": ", name, " must hold at least 2 boundaries, got ", c.size(-1));
+  at::Tensor h = c.to(at::kCPU).contiguous().view({c.dim() == 1 ? 1 : B, c.size(-1)});
+  const int32_t* p = h.data_ptr<int32_t>();
+  const int64_t S = c.size(-1) - 1;
+  for (int64_t r = 0; r < h.size(0); ++r, p += S + 1) {
+    TORCH_CHECK_VALUE(p[0] == 0 && p[S] == n, op, ": ", name, " must start at 0 and end at the sequence length ", n,
+                      ", got ", p[0], " ... ", p[S], (h.size(0) > 1 ? " in row " + std::to_string(r) : ""));
+    for (int64_t i = 0; i < S; ++i)
+      TORCH_CHECK_VALUE(p[i] <= p[i + 1], op, ": ", name, " must be non-decreasing, got ", p[i], " then ",
+                        p[i + 1], " at index ", i);
+  }
+  return h;
+}
+
 void check_numbers(const char* op, const AttentionSpecArgs& a) {
   TORCH_CHECK(std::isfinite(a.scale) && a.scale > 0, op, ": scale must be positive and finite, got ", a.scale);
   TORCH_CHECK(a.softcap == 0 || (a.softcap >= kMinSoftcap && a.softcap <= kMaxSoftcap), op,
@@ -55,6 +78,7 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
   m.nq = s.Nq;
   m.nk = s.Nk;
   m.offset = s.Nk - s.Nq;
+  m.prefix_stride = s.Nk + 1;
   if (a.mask_kind == kNeighborhood) {
     TORCH_CHECK(s.Nq == s.Nk, op, ": neighborhood attention needs Nq == Nk, got ", s.Nq, " and ", s.Nk);
     TORCH_CHECK(a.kernel_size % 2 == 1, op, ": kernel_size must be odd, got ", a.kernel_size);
@@ -86,10 +110,30 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
     m.nkb = nkb;
     m.block_size = a.block_size;
   }
+  if (a.cu_seqlens_q.has_value() || a.cu_seqlens_k.has_value()) {
+    TORCH_CHECK_VALUE(a.cu_seqlens_q.has_value() && a.cu_seqlens_k.has_value(), op,
+                      ": cu_seqlens_q and cu_seqlens_k go together (pass both, or neither)");
+    in.cu_q = check_cu_seqlens(op, "cu_seqlens_q", *a.cu_seqlens_q, s.B, s.Nq, q);
+    in.cu_k = check_cu_seqlens(op, "cu_seqlens_k", *a.cu_seqlens_k, s.B, s.Nk, q);
+    TORCH_CHECK_VALUE(in.cu_q.sizes() == in.cu_k.sizes(), op,
+                      ": cu_seqlens_q and cu_seqlens_k must have the same shape, got ", a.cu_seqlens_q->sizes(),
+                      " and ", a.cu_seqlens_k->sizes());
+    TORCH_CHECK_VALUE(a.mask_kind != kNeighborhood || at::equal(in.cu_q, in.cu_k), op,
+                      ": neighborhood attention needs the same documents for queries and keys "
+                      "(cu_seqlens_q == cu_seqlens_k)");
+  }
   return in;
 }
 
 }  // namespace
+
+Documents AttentionInputs::documents() const {
+  Documents d;
+  if (!cu_q.defined()) return d;
+  d.cu_q = cu_q.data_ptr<int32_t>(), d.cu_k = cu_k.data_ptr<int32_t>();
+  d.rows = cu_q.size(0), d.count = cu_q.size(1) - 1;
+  return d;
+}
 
 AttentionInputs check_attention_fwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const AttentionSpecArgs& spec) {

@@ -14,6 +14,7 @@
 
 #include <optional>
 
+#include "documents.h"
 #include "mask.h"
 #include "tensor_checks.h"
 
@@ -34,16 +35,19 @@ namespace attention_ext {
   "Tensor? global_mask=None, "        \
   "Tensor? block_layout=None, "       \
   "int block_size=1, "                \
-  "Tensor? key_mask=None"
+  "Tensor? key_mask=None, "           \
+  "Tensor? cu_seqlens_q=None, "       \
+  "Tensor? cu_seqlens_k=None"
 
 #define AE_ATTENTION_SPEC_PARAMS                                                                                 \
   double scale, double softcap, int64_t mask_kind, bool causal, int64_t window_left, int64_t window_right,     \
       int64_t dilation, int64_t kernel_size, int64_t num_global, const std::optional<at::Tensor>& global_mask,  \
-      const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask
+      const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask, \
+      const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k
 
 #define AE_ATTENTION_SPEC_ARGS                                                                                   \
   scale, softcap, mask_kind, causal, window_left, window_right, dilation, kernel_size, num_global, global_mask, \
-      block_layout, block_size, key_mask
+      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k
 
 struct AttentionSpecArgs {
   double scale, softcap;
@@ -54,6 +58,8 @@ struct AttentionSpecArgs {
   const std::optional<at::Tensor>& block_layout;
   int64_t block_size;
   const std::optional<at::Tensor>& key_mask;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
 };
 
 // A checked call: shapes, dtype, the mask spec and the tensors its pointers read.
@@ -63,6 +69,9 @@ struct AttentionInputs {
   MaskSpec mask;
   double scale, softcap;
   at::Tensor global_prefix, key_prefix, block_layout;  // keep mask's pointers alive
+  // packed documents: host int32 (rows, S + 1) boundaries; undefined when unpacked
+  at::Tensor cu_q, cu_k;
+  Documents documents() const;
 };
 
 // attention_fwd(q, k, v, *spec): every tensor's device, dtype and shape, and every number.

@@ -7,16 +7,87 @@
 //                     q, k, v, out, lse (contiguous), at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 //   };
 //   m.impl("attention_fwd", &attention_fwd_op<Backend>);   // cpu/attention_ops.cpp, cuda/attention_ops.cu
+//
+// Packed documents (cu_seqlens): a backend whose kernels walk documents themselves says
+// so with `static constexpr bool kDocuments = true` (the CPU). The others (CUDA, for now)
+// get one kernel call per document here, on views of its rows: correct, but one launch
+// per document.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "attention_args.h"
 
 namespace attention_ext {
+
+template <class Backend, class = void>
+struct walks_documents : std::false_type {};
+template <class Backend>
+struct walks_documents<Backend, std::void_t<decltype(Backend::kDocuments)>>
+    : std::bool_constant<Backend::kDocuments> {};
+
+// One document's call: a batch of one, its rows, document_mask() (mask.h) with the
+// prefix arrays moved to row b.
+inline AttentionInputs document_inputs(const AttentionInputs& in, int64_t b, const DocSpan& d) {
+  AttentionInputs sub = in;
+  sub.shape.B = 1, sub.shape.Nq = d.nq, sub.shape.Nk = d.nk;
+  sub.mask = document_mask(in.mask, d.k0, d.nq, d.nk);
+  if (sub.mask.global_prefix) sub.mask.global_prefix += b * in.mask.prefix_stride;
+  if (sub.mask.key_prefix) sub.mask.key_prefix += b * in.mask.prefix_stride;
+  sub.cu_q = sub.cu_k = at::Tensor();
+  return sub;
+}
+
+// Rows [r0, r0 + n) (dim 2) of batch row b of a (B, H, N, ...) tensor.
+inline at::Tensor rows(const at::Tensor& t, int64_t b, int64_t r0, int64_t n) {
+  return t.narrow(0, b, 1).narrow(2, r0, n);
+}
+
+template <class Backend>
+void fwd_by_document(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     at::Tensor& out, at::Tensor& lse) {
+  const Documents docs = in.documents();
+  for (int64_t b = 0; b < in.shape.B; ++b)
+    for (int64_t i = 0; i < doc_count(docs); ++i) {
+      const DocSpan d = doc_span(docs, b, i, in.shape.Nq, in.shape.Nk);
+      if (d.nq == 0) continue;
+      at::Tensor o = rows(out, b, d.q0, d.nq), l = rows(lse, b, d.q0, d.nq);
+      if (d.nk == 0) {
+        o.zero_();
+        l.fill_(-std::numeric_limits<double>::infinity());
+        continue;
+      }
+      at::Tensor oc = at::empty_like(o, at::MemoryFormat::Contiguous), lc = at::empty_like(l, at::MemoryFormat::Contiguous);
+      Backend::fwd(document_inputs(in, b, d), rows(q, b, d.q0, d.nq), rows(k, b, d.k0, d.nk), rows(v, b, d.k0, d.nk),
+                   oc, lc);
+      o.copy_(oc), l.copy_(lc);
+    }
+}
+
+template <class Backend>
+void bwd_by_document(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                     const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const Documents docs = in.documents();
+  dq.zero_(), dk.zero_(), dv.zero_();  // rows of documents without keys or queries
+  for (int64_t b = 0; b < in.shape.B; ++b)
+    for (int64_t i = 0; i < doc_count(docs); ++i) {
+      const DocSpan d = doc_span(docs, b, i, in.shape.Nq, in.shape.Nk);
+      if (d.nq == 0 || d.nk == 0) continue;
+      at::Tensor dqc = at::empty({1, in.shape.Hq, d.nq, in.shape.D}, dq.options());
+      at::Tensor dkc = at::empty({1, in.shape.Hkv, d.nk, in.shape.D}, dk.options());
+      at::Tensor dvc = at::empty({1, in.shape.Hkv, d.nk, in.shape.Dv}, dv.options());
+      const at::Tensor gl = grad_lse.defined() ? rows(grad_lse, b, d.q0, d.nq).contiguous() : at::Tensor();
+      Backend::bwd(document_inputs(in, b, d), rows(grad_out, b, d.q0, d.nq), gl, rows(q, b, d.q0, d.nq),
+                   rows(k, b, d.k0, d.nk), rows(v, b, d.k0, d.nk), rows(out, b, d.q0, d.nq),
+                   rows(lse, b, d.q0, d.nq).contiguous(), dqc, dkc, dvc);
+      rows(dq, b, d.q0, d.nq).copy_(dqc), rows(dk, b, d.k0, d.nk).copy_(dkc), rows(dv, b, d.k0, d.nk).copy_(dvc);
+    }
+}
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -31,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  Backend::fwd(in, q, k, v, out, lse);
+  if (in.cu_q.defined() && !walks_documents<Backend>::value) fwd_by_document<Backend>(in, q, k, v, out, lse);
+  else Backend::fwd(in, q, k, v, out, lse);
   return {out, lse};
 }
 
@@ -53,7 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor
   const auto ld = acc_dtype(q.scalar_type());
   at::Tensor glse;
   if (grad_lse.has_value() && grad_lse->defined()) glse = grad_lse->to(ld).contiguous();
-  Backend::bwd(in, grad_out, glse, q, k, v, out, lse.contiguous(), dq, dk, dv);
+  if (in.cu_q.defined() && !walks_documents<Backend>::value)
+    bwd_by_document<Backend>(in, grad_out, glse, q, k, v, out, lse.contiguous(), dq, dk, dv);
+  else Backend::bwd(in, grad_out, glse, q, k, v, out, lse.contiguous(), dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -8,6 +8,10 @@
 //   allowed(i, j) = (base(i, j) || global_query(p) || global_key(j)) && (!causal || j <= p)
 //                   && key_ok(b, j)
 //
+// Packed documents (cu_seqlens) are separate problems: document_mask() gives the spec of
+// one document, whose rows and keys are counted from the document's start. The kernels
+// map a document's rows onto the tensors' rows; the predicates below never see packing.
+//
 // key_ok is an optional per-batch key mask (padding): false keys are never attended.
 //
 // base(i, j) by kind:
@@ -44,16 +48,19 @@ struct MaskSpec {
   int64_t kernel_size = 1;       // Neighborhood
   int64_t dilation = 1;          // Window, Neighborhood
   int64_t num_global = 0;        // leading global positions
-  // Optional per-batch global positions: prefix counts (B, nk + 1) int32, so that
+  // Optional per-batch global positions: prefix counts (B, prefix_stride) int32, so that
   // "any global in [a, b)" and "is global" are O(1) on host and device alike.
   const int32_t* global_prefix = nullptr;
-  // Optional per-batch key mask (padding) as prefix counts (B, nk + 1) int32 of the keys
+  // Optional per-batch key mask (padding) as prefix counts (B, prefix_stride) int32 of the keys
   // that may be attended, so that "how many in [a, b)" is O(1).
   const int32_t* key_prefix = nullptr;
   // BlockLayout: bool (layout_heads, nqb, nkb); layout_heads is 1 (shared) or Hq.
   const bool* layout = nullptr;
   int64_t layout_heads = 1, nqb = 0, nkb = 0, block_size = 1;
   int64_t nq = 0, nk = 0, offset = 0;
+  // Rows of the prefix arrays are prefix_stride long (the tensors' Nk + 1); key 0 of this
+  // spec is key key_base of the row (a packed document's first key).
+  int64_t prefix_stride = 1, key_base = 0;
 };
 
 AE_HD int64_t ae_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -69,7 +76,7 @@ AE_HD int64_t global_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t 
   b = ae_min(b, s.nk);
   if (a >= b) return 0;
   if (s.global_prefix) {
-    const int32_t* pre = s.global_prefix + b_idx * (s.nk + 1);
+    const int32_t* pre = s.global_prefix + b_idx * s.prefix_stride + s.key_base;
     int64_t lead = ae_max(ae_min(b, s.num_global) - a, 0);
     // positions below num_global are counted once even if also set in the mask
     int64_t a2 = ae_max(a, s.num_global);
@@ -77,6 +84,16 @@ AE_HD int64_t global_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t 
     return lead + rest;
   }
   return ae_max(ae_min(b, s.num_global) - a, 0);
+}
+
+// The spec of one packed document: nq queries and nk keys, the first key at key k0 of
+// the row. Positions, causality, windows, globals and blocks all restart at the
+// document's start; queries are bottom-right aligned inside it.
+AE_HD MaskSpec document_mask(const MaskSpec& s, int64_t k0, int64_t nq, int64_t nk) {
+  MaskSpec m = s;
+  m.nq = nq, m.nk = nk, m.offset = nk - nq;
+  m.key_base = s.key_base + k0;
+  return m;
 }
 
 AE_HD bool is_global(const MaskSpec& s, int64_t b_idx, int64_t pos) {
@@ -89,7 +106,7 @@ AE_HD int64_t key_count(const MaskSpec& s, int64_t b_idx, int64_t a, int64_t b) 
   b = ae_min(b, s.nk);
   if (a >= b) return 0;
   if (!s.key_prefix) return b - a;
-  const int32_t* pre = s.key_prefix + b_idx * (s.nk + 1);
+  const int32_t* pre = s.key_prefix + b_idx * s.prefix_stride + s.key_base;
   return pre[b] - pre[a];
 }
 

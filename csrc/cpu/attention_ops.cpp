@@ -18,11 +18,14 @@ Args kernel_args(const AttentionInputs& in, const at::Tensor& q, const at::Tenso
   a.B = s.B, a.Hq = s.Hq, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.Dqk = s.D, a.Dv = s.Dv;
   a.q = operand(q), a.k = operand(k), a.v = operand(v);
   a.mask = in.mask;
+  a.docs = in.documents();
   a.scale = in.scale, a.softcap = in.softcap;
   return a;
 }
 
 struct CpuBackend {
+  static constexpr bool kDocuments = true;  // the kernels walk packed documents (segments.h)
+
   static void fwd(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& out, at::Tensor& lse) {
     auto a = kernel_args<AttentionFwdArgs>(in, q, k, v);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../common/documents.h"
 #include "../common/limits.h"
 #include "../common/mask.h"
 
@@ -27,6 +28,7 @@ struct AttentionFwdArgs {
   void* out;  // contiguous (B, Hq, Nq, Dv), dtype
   void* lse;  // contiguous (B, Hq, Nq), float32 (float64 for float64 inputs)
   MaskSpec mask;
+  Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
 };
@@ -39,6 +41,7 @@ struct AttentionBwdArgs {
   const void* grad_lse;  // same layout as lse, or nullptr
   void *dq, *dk, *dv;    // contiguous, dtype
   MaskSpec mask;
+  Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
 };
@@ -101,6 +104,6 @@ struct KernelTable {
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 };
 
-constexpr int kKernelAbiVersion = 5;
+constexpr int kKernelAbiVersion = 6;
 
 }  // namespace attention_ext::cpu

@@ -1,8 +1,8 @@
 // FlashAttention-2 backward on CPU for the whole mask family.
 //
 // One task = (batch, KV head, key chunk): it owns dK and dV of its key tiles (summed
-// over the query heads of its GQA group) and walks the query tiles that classify()
-// keeps, recomputing P from the saved logsumexp. dQ is accumulated per key chunk in a
+// over the query heads of its GQA group) and walks the query tiles of the same
+// document (segments.h) that classify() keeps, recomputing P from the saved logsumexp. dQ is accumulated per key chunk in a
 // private partial buffer and the partials are summed in a fixed order afterwards: no
 // atomics, and the chunking depends on the problem size only, so the result is bitwise
 // the same for any thread count.
@@ -22,6 +22,7 @@
 #include "gemm.h"
 #include "kernels.h"
 #include "pairwise_sum.h"
+#include "segments.h"
 #include "softmax_tile.h"
 #include "tile_util.h"
 
@@ -50,63 +51,64 @@ template <typename scalar_t, typename acc_t>
 void bwd_impl(const AttentionBwdArgs& a) {
   using V = Vec<acc_t>;
   constexpr int64_t VL = V::size();
-  const MaskSpec& mask = a.mask;
-  const auto [BQ, BK] = bwd_tiles<acc_t>(mask, a.Nq, a.Nk);
+  const auto [BQ, BK] = bwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
+  const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
   const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
-  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK), Nqp = nqt * BQ;
+  const int64_t nqt = int64_t(segs.qtiles.size()), nkt = int64_t(segs.ktiles.size());
   const int64_t group = a.Hq / a.Hkv;
   // the forward's constants: scores in base 2, the softcap in base-2 units
   const acc_t qmult = acc_t(a.scale * kLog2e);
   const bool softcap = a.softcap > 0;
   const acc_t cap2 = acc_t(a.softcap * kLog2e), inv_cap2 = softcap ? acc_t(1) / cap2 : acc_t(0);
 
-  // Query side, per (b, hq): Q and dO as rows and as transposed tiles, lse in base 2
-  // and delta_i = dO_i . O_i (- dlse_i).
-  const int64_t q_side = Nqp * (Dp + Dvp + D + Dv + 2);
-  Buffer<acc_t> qbuf(a.B * a.Hq * q_side);
-  auto q_rows = [&](int64_t bh) { return qbuf.get() + bh * q_side; };
-  auto do_rows = [&](int64_t bh) { return q_rows(bh) + Nqp * Dp; };
-  auto q_t = [&](int64_t bh) { return do_rows(bh) + Nqp * Dvp; };
-  auto do_t = [&](int64_t bh) { return q_t(bh) + Nqp * D; };
-  auto lse2 = [&](int64_t bh) { return do_t(bh) + Nqp * Dv; };
-  auto delta = [&](int64_t bh) { return lse2(bh) + Nqp; };
-  // rows of Q and dO holding NaN/inf, per (b, hq)
-  Buffer<uint8_t> q_bad(a.B * a.Hq * Nqp), do_bad(a.B * a.Hq * Nqp);
+  // Query side, per (query tile, hq) = qh: Q and dO as rows and as transposed tiles, lse
+  // in base 2 and delta_i = dO_i . O_i (- dlse_i).
+  const int64_t q_side = BQ * (Dp + Dvp + D + Dv + 2);
+  Buffer<acc_t> qbuf(nqt * a.Hq * q_side);
+  auto q_rows = [&](int64_t qh) { return qbuf.get() + qh * q_side; };
+  auto do_rows = [&](int64_t qh) { return q_rows(qh) + BQ * Dp; };
+  auto q_t = [&](int64_t qh) { return do_rows(qh) + BQ * Dvp; };
+  auto do_t = [&](int64_t qh) { return q_t(qh) + BQ * D; };
+  auto lse2 = [&](int64_t qh) { return do_t(qh) + BQ * Dv; };
+  auto delta = [&](int64_t qh) { return lse2(qh) + BQ; };
+  // rows of Q and dO holding NaN/inf, per (query tile, hq)
+  Buffer<uint8_t> q_bad(nqt * a.Hq * BQ), do_bad(nqt * a.Hq * BQ);
   const auto* lse_in = static_cast<const acc_t*>(a.lse);
   const auto* glse = static_cast<const acc_t*>(a.grad_lse);
   auto at4 = [](const Operand& op, int64_t b, int64_t h, int64_t n) {
     return static_cast<const scalar_t*>(op.data) + b * op.stride[0] + h * op.stride[1] + n * op.stride[2];
   };
-  parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
-    const int64_t qt = t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
-    const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
-    const scalar_t* qs = at4(a.q, b, h, q0);
-    const scalar_t* dos = at4(a.grad_out, b, h, q0);
-    const scalar_t* os = at4(a.out, b, h, q0);
-    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(bh) + q0 * Dp, Dp, BQ, acc_t(1),
-              q_bad.get() + bh * Nqp + q0);
-    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(bh) + q0 * Dvp, Dvp, BQ, acc_t(1),
-              do_bad.get() + bh * Nqp + q0);
-    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(bh) + q0 * D, BQ, qmult);
-    load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(bh) + q0 * Dv, BQ);
-    acc_t* l2 = lse2(bh) + q0;
-    acc_t* dl = delta(bh) + q0;
+  parallel_tasks(nqt * a.Hq, [&](int64_t qh) {
+    const TileRef& tile = segs.qtiles[qh / a.Hq];
+    const Segment& sg = segs.seg[tile.seg];
+    const int64_t h = qh % a.Hq, b = sg.b, bh = b * a.Hq + h;
+    const int64_t mq = std::min(BQ, sg.span.nq - tile.start), row0 = sg.span.q0 + tile.start;
+    const scalar_t* qs = at4(a.q, b, h, row0);
+    const scalar_t* dos = at4(a.grad_out, b, h, row0);
+    const scalar_t* os = at4(a.out, b, h, row0);
+    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(qh), Dp, BQ, acc_t(1), q_bad.get() + qh * BQ);
+    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(qh), Dvp, BQ, acc_t(1),
+              do_bad.get() + qh * BQ);
+    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(qh), BQ, qmult);
+    load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(qh), BQ);
+    acc_t* l2 = lse2(qh);
+    acc_t* dl = delta(qh);
     for (int64_t r = 0; r < BQ; ++r) {
       if (r >= mq) {  // padding columns: P = exp2(-inf) = 0
         l2[r] = std::numeric_limits<acc_t>::infinity();
         dl[r] = acc_t(0);
         continue;
       }
-      const acc_t lv = lse_in[bh * a.Nq + q0 + r];
+      const acc_t lv = lse_in[bh * a.Nq + row0 + r];
       // a row that saw no key has lse = -inf; +inf makes all its P exactly 0
       l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lse_to_log2(lv);
-      const acc_t* dor = do_rows(bh) + (q0 + r) * Dvp;
+      const acc_t* dor = do_rows(qh) + r * Dvp;
       // fused, in the order of the dP product: where O_i = V_j (one visible key) delta_i
       // equals dP_ij exactly and dS is exactly 0
       acc_t d = 0;
       for (int64_t c = 0; c < Dv; ++c)
         d = std::fma(dor[c], acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
-      dl[r] = glse ? d - glse[bh * a.Nq + q0 + r] : d;
+      dl[r] = glse ? d - glse[bh * a.Nq + row0 + r] : d;
     }
   });
 
@@ -114,9 +116,11 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const int64_t k_side = a.Nk * (Dp + Dv);
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
   Buffer<uint8_t> k_bad(a.B * a.Hkv * a.Nk);
-  parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
-    const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
-    const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
+  parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
+    const TileRef& tile = segs.ktiles[t / a.Hkv];
+    const Segment& sg = segs.seg[tile.seg];
+    const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
+    const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
     acc_t* base = kbuf.get() + bh * k_side;
     load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n, acc_t(1),
               k_bad.get() + bh * a.Nk + k0);
@@ -127,7 +131,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
   // memory their dQ partials take. Depends on shapes only (determinism).
   const int64_t bhk = a.B * a.Hkv;
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
-  int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(nkt, 1));
+  int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(segs.max_row_ktiles, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
   Buffer<acc_t> dq_part(chunks * part);
   dq_part.zero(chunks * part);
@@ -147,20 +151,25 @@ void bwd_impl(const AttentionBwdArgs& a) {
     acc_t* dpt = st + BK * BQ;
     acc_t* dkv_sum = dpt + BK * BQ;
     // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
-    PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * nqt);
-    const acc_t* k_rows = kbuf.get() + bh * k_side;
-    const acc_t* v_rows = k_rows + a.Nk * Dp;
+    PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
 
-    for (int64_t kt = c; kt < nkt; kt += chunks) {
-      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0), used = nk * (Dp + Dvp);
+    for (int64_t kti = segs.row_kt[b] + c; kti < segs.row_kt[b + 1]; kti += chunks) {
+      const TileRef& tile = segs.ktiles[kti];
+      const Segment& sg = segs.seg[tile.seg];
+      const MaskSpec& mask = sg.mask;
+      // the document's K and V rows; k0 counts from the document's start
+      const acc_t* k_rows = kbuf.get() + bh * k_side + sg.span.k0 * Dp;
+      const acc_t* v_rows = kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
+      const uint8_t* k_bad_doc = k_bad.get() + bh * a.Nk + sg.span.k0;
+      const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
       dkv.reset();
       int64_t qt_begin, qt_end;
       query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
-        acc_t* dq_acc = dq_part.get() + c * part + bhq * a.Nq * Dp;
+        acc_t* dq_acc = dq_part.get() + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
         for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
-          const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
+          const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
           const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
           if (cls == kEmpty) continue;
           // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
@@ -172,10 +181,10 @@ void bwd_impl(const AttentionBwdArgs& a) {
           const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
           acc_t* st0 = st + j0 * BQ + i0;
           acc_t* dpt0 = dpt + j0 * BQ + i0;
-          gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(bhq) + q0 * D + i0, BQ, st0, BQ, false);
-          gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(bhq) + q0 * Dv + i0, BQ, dpt0, BQ, false);
-          const acc_t* l2 = lse2(bhq) + q0 + i0;
-          const acc_t* dl = delta(bhq) + q0 + i0;
+          gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(qh) + i0, BQ, st0, BQ, false);
+          gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+          const acc_t* l2 = lse2(qh) + i0;
+          const acc_t* dl = delta(qh) + i0;
           if (softcap) {
             // P = exp2(cap2 * t - lse2) with t = tanh(s2 / cap2) as in softcap_row; the
             // cap's derivative 1 - t^2 enters dS
@@ -207,21 +216,20 @@ void bwd_impl(const AttentionBwdArgs& a) {
           // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
           acc_t* dk_part = dkv.leaf(used);
           acc_t* dv_part = dk_part + nk * Dp;
-          const uint8_t* qb = q_bad.get() + bhq * Nqp + q0 + i0;
-          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(bhq) + (q0 + i0) * Dvp, Dvp, dv_part + j0 * Dvp, Dvp,
-                              true, do_bad.get() + bhq * Nqp + q0 + i0);
-          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(bhq) + (q0 + i0) * Dp, Dp, dk_part + j0 * Dp, Dp,
-                              true, qb);
+          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(qh) + i0 * Dvp, Dvp, dv_part + j0 * Dvp, Dvp, true,
+                              do_bad.get() + qh * BQ + i0);
+          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(qh) + i0 * Dp, Dp, dk_part + j0 * Dp, Dp, true,
+                              q_bad.get() + qh * BQ + i0);
           dkv.added(used);
           gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
-                              true, k_bad.get() + bh * a.Nk + k0 + j0);
+                              true, k_bad_doc + k0 + j0);
         }
       }
       dkv.total(dkv_sum, used);
       const acc_t* dk_acc = dkv_sum;
       const acc_t* dv_acc = dkv_sum + nk * Dp;
-      scalar_t* dk_out = dk + ((b * a.Hkv + hk) * a.Nk + k0) * D;
-      scalar_t* dv_out = dv + ((b * a.Hkv + hk) * a.Nk + k0) * Dv;
+      scalar_t* dk_out = dk + (bh * a.Nk + sg.span.k0 + k0) * D;
+      scalar_t* dv_out = dv + (bh * a.Nk + sg.span.k0 + k0) * Dv;
       const acc_t sc = acc_t(a.scale);
       for (int64_t r = 0; r < nk; ++r) {
         for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);

@@ -1,13 +1,15 @@
 // FlashAttention-2 forward on CPU for the whole mask family.
 //
-// One task = (batch, query head, query tile). It walks the key tiles that classify()
-// does not rule out, keeping the running row max / sum and the output accumulator of
-// its query tile in a private buffer, so nothing of size Nq x Nk ever exists.
+// One task = (query head, query tile of one document; segments.h). It walks the key
+// tiles of that document that classify() does not rule out, keeping the running row
+// max / sum and the output accumulator of its query tile in a private buffer, so
+// nothing of size Nq x Nk ever exists.
 // K tiles are packed transposed (and converted to acc_t) once per call, shared by every
 // query tile and every query head of a GQA group.
 #include "../../common/mask.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "segments.h"
 #include "softmax_tile.h"
 #include "tile_util.h"
 
@@ -18,10 +20,9 @@ namespace {
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttentionFwdArgs& a) {
   constexpr int64_t VL = Vec<acc_t>::size();
-  const MaskSpec& mask = a.mask;
-  const auto [BQ, BK] = fwd_tiles<acc_t>(mask, a.Nq, a.Nk);
+  const auto [BQ, BK] = fwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
+  const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
   const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
-  const int64_t nqt = ae_cdiv(a.Nq, BQ), nkt = ae_cdiv(a.Nk, BK);
   const int64_t group = a.Hq / a.Hkv;
   const auto* q = static_cast<const scalar_t*>(a.q.data);
   const auto* k = static_cast<const scalar_t*>(a.k.data);
@@ -29,14 +30,17 @@ void fwd_impl(const AttentionFwdArgs& a) {
   auto* out = static_cast<scalar_t*>(a.out);
   auto* lse = static_cast<acc_t*>(a.lse);
 
-  // Packed operands: K^T tiles [B][Hkv][nkt][D][BK], V rows [B][Hkv][Nk][Dvp].
+  // Packed operands: K^T tiles [key tile][Hkv][D][BK], V rows [B][Hkv][Nk][Dvp].
   const int64_t kt_tile = D * BK;
-  Buffer<acc_t> kT(a.B * a.Hkv * nkt * kt_tile);
+  const int64_t nkt = int64_t(segs.ktiles.size());
+  Buffer<acc_t> kT(nkt * a.Hkv * kt_tile);
   Buffer<acc_t> vP(a.B * a.Hkv * a.Nk * Dvp);
   Buffer<uint8_t> v_bad(a.B * a.Hkv * a.Nk);  // rows of V holding NaN/inf
-  parallel_tasks(a.B * a.Hkv * nkt, [&](int64_t t) {
-    const int64_t kt = t % nkt, bh = t / nkt, b = bh / a.Hkv, h = bh % a.Hkv;
-    const int64_t k0 = kt * BK, n = std::min(BK, a.Nk - k0);
+  parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
+    const TileRef& tile = segs.ktiles[t / a.Hkv];
+    const Segment& sg = segs.seg[tile.seg];
+    const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
+    const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
     const scalar_t* ks = k + b * a.k.stride[0] + h * a.k.stride[1] + k0 * a.k.stride[2];
     load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
     const scalar_t* vs = v + b * a.v.stride[0] + h * a.v.stride[1] + k0 * a.v.stride[2];
@@ -47,11 +51,15 @@ void fwd_impl(const AttentionFwdArgs& a) {
   // log2(e) is folded into the query so that the softmax runs on exp2.
   const acc_t qmult = acc_t(a.scale * kLog2e);
   const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
-  parallel_tasks(a.B * a.Hq * nqt, [&](int64_t t) {
+  const int64_t nqt = int64_t(segs.qtiles.size());
+  parallel_tasks(nqt * a.Hq, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
-    const int64_t qt = nqt - 1 - t % nqt, bh = t / nqt, b = bh / a.Hq, h = bh % a.Hq;
-    const int64_t hk = h / group;
-    const int64_t q0 = qt * BQ, mq = std::min(BQ, a.Nq - q0);
+    const TileRef& tile = segs.qtiles[nqt - 1 - t / a.Hq];
+    const Segment& sg = segs.seg[tile.seg];
+    const MaskSpec& mask = sg.mask;
+    const int64_t h = t % a.Hq, b = sg.b, bh = b * a.Hq + h, hk = h / group;
+    // q0: the tile's first row in the document; row0: in the tensors
+    const int64_t q0 = tile.start, mq = std::min(BQ, sg.span.nq - q0), row0 = sg.span.q0 + q0;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
     const int64_t need = BQ * D + BQ * BK + BQ * Dvp + 2 * BQ;
@@ -65,7 +73,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
     acc_t* row_max = o + BQ * Dvp;
     acc_t* row_sum = row_max + BQ;
 
-    load_rows(q + b * a.q.stride[0] + h * a.q.stride[1] + q0 * a.q.stride[2], a.q.stride[2], a.q.stride[3], mq,
+    load_rows(q + b * a.q.stride[0] + h * a.q.stride[1] + row0 * a.q.stride[2], a.q.stride[2], a.q.stride[3], mq,
               D, qs, D, mq, qmult);
     std::fill(o, o + mq * Dvp, acc_t(0));
     std::fill(row_max, row_max + mq, kNegInf<acc_t>);
@@ -73,11 +81,12 @@ void fwd_impl(const AttentionFwdArgs& a) {
 
     int64_t kt_begin, kt_end;
     key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
-    const acc_t* kT_head = kT.get() + (b * a.Hkv + hk) * nkt * kt_tile;
-    const acc_t* v_head = vP.get() + (b * a.Hkv + hk) * a.Nk * Dvp;
-    const uint8_t* v_bad_head = v_bad.get() + (b * a.Hkv + hk) * a.Nk;
+    // the document's keys: K^T tiles and V rows
+    const acc_t* kT_doc = kT.get() + sg.kt0 * a.Hkv * kt_tile + hk * kt_tile;
+    const acc_t* v_doc = vP.get() + ((b * a.Hkv + hk) * a.Nk + sg.span.k0) * Dvp;
+    const uint8_t* v_bad_doc = v_bad.get() + (b * a.Hkv + hk) * a.Nk + sg.span.k0;
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
-      const int64_t k0 = kt * BK, nk = std::min(BK, a.Nk - k0);
+      const int64_t k0 = kt * BK, nk = std::min(BK, mask.nk - k0);
       const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
       if (cls == kEmpty) continue;
       // rows [r0, r1) x columns [c0, c1) of the tile hold everything allowed
@@ -88,8 +97,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
       }
       const int64_t nc = c1 - c0;
       acc_t* s0 = s + c0;
-      gemm<acc_t>(r1 - r0, round_up(nc, VL), D, qs + r0 * D, D, 1, kT_head + kt * kt_tile + c0, BK, s0 + r0 * BK,
-                  BK, false);
+      gemm<acc_t>(r1 - r0, round_up(nc, VL), D, qs + r0 * D, D, 1, kT_doc + kt * a.Hkv * kt_tile + c0, BK,
+                  s0 + r0 * BK, BK, false);
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
@@ -97,12 +106,12 @@ void fwd_impl(const AttentionFwdArgs& a) {
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
-      gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_head + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
-                          true, v_bad_head + k0 + c0);
+      gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
+                          true, v_bad_doc + k0 + c0);
     }
 
-    scalar_t* out_t = out + ((b * a.Hq + h) * a.Nq + q0) * a.Dv;
-    acc_t* lse_t = lse + (b * a.Hq + h) * a.Nq + q0;
+    scalar_t* out_t = out + (bh * a.Nq + row0) * a.Dv;
+    acc_t* lse_t = lse + bh * a.Nq + row0;
     for (int64_t r = 0; r < mq; ++r) {
       // l == 0: the row saw no key. A NaN l (NaN input) falls through and stays NaN.
       const acc_t l = row_sum[r];
