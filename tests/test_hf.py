@@ -366,11 +366,12 @@ def refuse_dense_masks(monkeypatch):
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "flash_kwargs"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma2", "gemma3"])
 def test_packed_sequences_match_eager(name, flash_kwargs, device, monkeypatch):
-    """A DataCollatorWithFlattening batch (Qwen2: sliding and full layers; Mistral: all
-    sliding, W = 8 keys inside each document) runs on the kernels with the documents'
-    cu_seqlens, no dense mask anywhere: logits and parameter gradients as eager on the same
+    """A DataCollatorWithFlattening batch (Qwen2, Gemma 2 and 3: sliding and full layers;
+    Mistral: all sliding, W = 8 keys inside each document; Gemma 2 with its softcap) runs on
+    the kernels with the documents' cu_seqlens, no dense mask anywhere: logits and parameter
+    gradients as eager on the same
     batch (which builds its block-diagonal mask from the position ids), and each document's
     logits as running it alone (so eager's mask is the one meant)."""
     _, layers, _ = family_config(name)
