@@ -187,9 +187,7 @@ class Attention(nn.Module):
 
     def _softmax(self, q, k, v, cu_seqlens=None):
         if self.backend == "attention_ext":
-            kw = dict(causal=self.causal)
-            if cu_seqlens is not None:
-                kw["cu_seqlens"] = cu_seqlens
+            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens)
             if self.kind == "global":
                 return _fn.flash_attention(q, k, v, **kw)
             return _fn.sliding_window_attention(q, k, v, (self.left, self.right), **kw)
