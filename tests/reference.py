@@ -71,6 +71,27 @@ def block_mask(layout, block_size, nq, nk):
     return m[:, :nq, :nk]
 
 
+def packed_mask(cu_q, cu_k, doc_mask):
+    """(B, 1, Nq, Nk) mask of packed documents: doc_mask(nq, nk) ((nq, nk) or (H, nq, nk),
+    document-local) on each document's block, False between documents. cu_q / cu_k are
+    (B, S + 1) lists or tensors of cumulative boundaries."""
+    cu_q, cu_k = (torch.as_tensor(c).view(-1, torch.as_tensor(c).shape[-1]).tolist() for c in (cu_q, cu_k))
+    blocks = []
+    for rq, rk in zip(cu_q, cu_k):
+        parts = [(a, b, c, d) for a, b, c, d in zip(rq[:-1], rq[1:], rk[:-1], rk[1:])]
+        blocks.append(parts)
+    heads = 1
+    probe = [doc_mask(b - a, d - c) for a, b, c, d in blocks[0] if b > a and d > c]
+    if probe and probe[0].dim() == 3:
+        heads = probe[0].shape[0]
+    m = torch.zeros(len(blocks), heads, cu_q[0][-1], cu_k[0][-1], dtype=torch.bool)
+    for row, parts in enumerate(blocks):
+        for a, b, c, d in parts:
+            if b > a and d > c:
+                m[row, :, a:b, c:d] = doc_mask(b - a, d - c)
+    return m
+
+
 def _scores(q, k, v, scale, softcap):
     """Scaled (and capped) scores with K/V repeated over each GQA group; returns (s, v)."""
     group = q.shape[1] // k.shape[1]
