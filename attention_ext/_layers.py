@@ -33,10 +33,11 @@ def band_mask(nq, nk, *, causal, left=None, right=None, device=None):
     allowed = torch.ones(nq, nk, dtype=torch.bool, device=device)
     if causal:
         allowed &= j <= pos
+    # bounds as (nq, 1) columns: the comparisons broadcast straight to bool, with no int64 nq x nk temporary
     if left is not None:
-        allowed &= pos - j <= left
+        allowed &= j >= pos - left
     if right is not None:
-        allowed &= j - pos <= right
+        allowed &= j <= pos + right
     return allowed
 
 
