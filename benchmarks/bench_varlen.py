@@ -102,8 +102,8 @@ def run_case(n, d, dtype, docs, window, rounds, sdpa_budget):
 
         fwd["sdpa"] = sdpa
     else:
-        errors["sdpa"] = (f"skipped: its dense mask needs ~{sdpa_bytes(n, dtype) / 2**30:.0f} GiB, over the "
-                          f"{sdpa_budget / 2**30:.0f} GiB budget (--sdpa-budget-gib)")
+        errors["sdpa"] = (f"skipped: its dense mask needs ~{sdpa_bytes(n, dtype) / 2**30:.1f} GiB, over the "
+                          f"{sdpa_budget / 2**30:.1f} GiB budget (--sdpa-budget-gib)")
     try:
         fx = flex_fn(cu, n, window)
         qd, kd, vd = q.detach(), k.detach(), v.detach()  # forward only: no autograd graph to trace
@@ -160,7 +160,9 @@ def main(args, rest):
              ("Ratios are peer time / our time (> 1: ours faster). 'docs': the range of the log-uniform document "
               f"lengths (fixed seed) and how many documents fill N; 'window': {WINDOW} keys back inside each "
               "document (sliding_window_attention; Flex with a document-and-window mask_mod). SDPA's dense "
-              "mask is built inside the timed call, as a model builds it per forward; Flex's block mask once, "
+              "mask is built inside the timed call, as a model builds it per forward, and runs where its "
+              f"estimated peak (sdpa_bytes: ~9 bytes per (query, key) pair in fp32, 6 in bf16) stays under "
+              f"{opts.sdpa_budget_gib:g} GiB (rows without it say so in 'notes'); Flex's block mask once, "
               "outside it (a model reuses it across layers). FlexAttention runs forward only (no CPU backward). "
               "'loop' calls our function once per document. GFLOP/s count 4·D flops per allowed (query, key) "
               "pair. Peak memory: forward+backward (and forward alone for ours and Flex), process peak RSS "
