@@ -14,6 +14,7 @@ with Hugging Face transformers.
 
 from . import _isa, nn, patterns
 from ._explain import explain
+from .decode import attention_with_kvcache
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
 from .linear import FavorFeatures, linear_attention, linear_attention_step
@@ -25,6 +26,7 @@ __all__ = [
     "sliding_window_attention",
     "neighborhood_attention",
     "block_sparse_attention",
+    "attention_with_kvcache",
     "linear_attention",
     "linear_attention_step",
     "FavorFeatures",

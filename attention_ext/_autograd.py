@@ -110,11 +110,12 @@ def register_op_autograd(qualname, backward, setup_context, *, functions):
     return call
 
 
-def register_batch_vmap(qualname, batch_leading):
+def register_batch_vmap(qualname, batch_leading, per_index_with=()):
     """torch.vmap rule of op ``qualname``: the vmapped dim of every argument named in
     ``batch_leading`` (tensors whose dim 0 is the batch) folds into that batch dim, so one
     op call serves the whole vmap (unbatched ones are expanded). A vmapped argument of
-    another kind (a block layout) runs the op once per vmap index."""
+    another kind (a block layout), or any argument named in ``per_index_with`` that is not
+    None, runs the op once per vmap index."""
     op = getattr(torch.ops.attention_ext, qualname.split("::")[1]).default
     names = [a.name for a in op._schema.arguments]
 
@@ -122,7 +123,8 @@ def register_batch_vmap(qualname, batch_leading):
         V = info.batch_size
         if V == 0:
             raise ValueError(f"attention_ext: torch.vmap over a dimension of size 0 is not supported ({qualname})")
-        if any(d is not None and n not in batch_leading for n, d in zip(names, in_dims)):
+        if any(d is not None and n not in batch_leading for n, d in zip(names, in_dims)) or any(
+                a is not None and n in per_index_with for n, a in zip(names, args)):
             outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(V)]
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
         folded = []

@@ -162,8 +162,8 @@ def cu_seqlens(value, name, batch, n, device, fn):
     """FlashAttention's cumulative document boundaries along the sequence: int32
     ``(S + 1,)`` (shared by every batch row) or ``(B, S + 1)``, with
     ``0 = c[0] <= c[1] <= ... <= c[S] = n`` in every row -> ``(B, S + 1)``. The values are
-    checked here in eager mode; under torch.compile (where reading them would break the
-    graph) the op checks them."""
+    checked here in eager mode; under torch.compile or a torch.func transform (where
+    reading them would break the graph or the transform) the op checks them."""
     tensor(value, name)
     if value.dtype != torch.int32:
         raise TypeError(f"{fn}: {name} must be an int32 tensor, got dtype {value.dtype}")
@@ -172,7 +172,7 @@ def cu_seqlens(value, name, batch, n, device, fn):
                          f"got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(value):
         c = value.detach().reshape(-1, value.shape[-1]).cpu()
         if (c[:, 0] != 0).any() or (c[:, -1] != n).any():
             raise ValueError(f"{fn}: {name} must start at 0 and end at the sequence length {n}, "

@@ -97,26 +97,44 @@ register_batch_vmap(f"{_lib}::attention_bwd", {"grad_out", "grad_lse", "q", "k",
 
 # ---- linear_fwd / linear_bwd / linear_step: linear attention -----------------------
 
-def _linear_state_like(q, k, v):
-    B, Hkv, D, Dv = q.shape[0], k.shape[1], q.shape[-1], v.shape[-1]
+def linear_segments(q, cu_seqlens):
+    """Rows of the linear state: one per batch row, or per document of cu_seqlens."""
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _linear_state_like(q, k, v, cu_seqlens=None):
+    G, Hkv, D, Dv = linear_segments(q, cu_seqlens), k.shape[1], q.shape[-1], v.shape[-1]
     sd = _acc_dtype(q.dtype)
-    return q.new_empty((B, Hkv, D, Dv), dtype=sd), q.new_empty((B, Hkv, D), dtype=sd)
+    return q.new_empty((G, Hkv, D, Dv), dtype=sd), q.new_empty((G, Hkv, D), dtype=sd)
+
+
+def _check_cu_seqlens(q, k, cu_seqlens):
+    # the values (0 first, N last, non-decreasing) only the kernel can read
+    if cu_seqlens is not None:
+        torch._check(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32,
+                     lambda: "cu_seqlens must be a 1-D int32 tensor")
+        torch._check(q.shape[0] == 1 and q.shape[2] == k.shape[2],
+                     lambda: "cu_seqlens needs batch size 1 and as many queries as keys")
 
 
 @torch.library.register_fake(f"{_lib}::linear_fwd")
-def _linear_fwd_fake(q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size):
-    _one_device("linear_fwd", q, k=k, v=v, S0=S0, z0=z0)
+def _linear_fwd_fake(q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size, cu_seqlens=None):
+    _one_device("linear_fwd", q, k=k, v=v, S0=S0, z0=z0, cu_seqlens=cu_seqlens)
     _check_qkv(q, k, v)
+    _check_cu_seqlens(q, k, cu_seqlens)
     out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]))
-    return (out,) + _linear_state_like(q, k, v)
+    return (out,) + _linear_state_like(q, k, v, cu_seqlens)
 
 
 @torch.library.register_fake(f"{_lib}::linear_bwd")
 def _linear_bwd_fake(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, feature_map, causal, normalize, eps, scale,
-                     chunk_size):
-    _one_device("linear_bwd", q, grad_out=grad_out, grad_S=grad_S, grad_z=grad_z, k=k, v=v, out=out, S0=S0, z0=z0)
+                     chunk_size, cu_seqlens=None):
+    _one_device("linear_bwd", q, grad_out=grad_out, grad_S=grad_S, grad_z=grad_z, k=k, v=v, out=out, S0=S0, z0=z0,
+                cu_seqlens=cu_seqlens)
     _check_qkv(q, k, v)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)) + _linear_state_like(q, k, v)
+    _check_cu_seqlens(q, k, cu_seqlens)
+    return ((q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+            + _linear_state_like(q, k, v, cu_seqlens))
 
 
 @torch.library.register_fake(f"{_lib}::linear_step")
@@ -127,21 +145,21 @@ def _linear_step_fake(q, k, v, S, z, feature_map, normalize, eps, scale):
     return (out,) + _linear_state_like(q, k, v)
 
 
-# The backward saves q, k, v and out (plus the initial state); linear_bwd recomputes the
-# per-chunk states instead of keeping them from the forward.
+# The backward saves q, k, v and out (plus the initial state and cu_seqlens); linear_bwd
+# recomputes the per-chunk states instead of keeping them from the forward.
 def _linear_setup_context(ctx, inputs, output):
-    q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size = inputs
-    ctx.save_for_backward(q, k, v, output[0], S0, z0)
+    q, k, v, S0, z0, feature_map, causal, normalize, eps, scale, chunk_size, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, output[0], S0, z0, cu_seqlens)
     ctx.params = (feature_map, causal, normalize, eps, scale, chunk_size)
 
 
 def _linear_backward(ctx, grad_out, grad_S, grad_z):
-    q, k, v, out, S0, z0 = ctx.saved_tensors
+    q, k, v, out, S0, z0, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dS0, dz0 = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, *ctx.params)
+    dq, dk, dv, dS0, dz0 = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S0, z0, *ctx.params, cu_seqlens)
     has_state = S0 is not None
-    return (dq, dk, dv, dS0 if has_state else None, dz0 if has_state else None) + (None,) * 6
+    return (dq, dk, dv, dS0 if has_state else None, dz0 if has_state else None) + (None,) * 7
 
 
 # linear_step is the causal recurrence over its T tokens from the state (S, z), so its
@@ -156,7 +174,7 @@ def _linear_step_backward(ctx, grad_out, grad_S, grad_z):
     q, k, v, out, S, z = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dS, dz = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S, z, *ctx.params)
+    dq, dk, dv, dS, dz = LINEAR_BWD(grad_out, grad_S, grad_z, q, k, v, out, S, z, *ctx.params, None)
     return (dq, dk, dv, dS, dz) + (None,) * 4
 
 
@@ -165,6 +183,36 @@ LINEAR_FWD = register_op_autograd(f"{_lib}::linear_fwd", _linear_backward, _line
 LINEAR_STEP = register_op_autograd(f"{_lib}::linear_step", _linear_step_backward, _linear_step_setup_context,
                                 functions=_LINEAR)
 LINEAR_BWD = register_op_autograd(f"{_lib}::linear_bwd", None, None, functions=_LINEAR)
-register_batch_vmap(f"{_lib}::linear_fwd", {"q", "k", "v", "S0", "z0"})
-register_batch_vmap(f"{_lib}::linear_bwd", {"grad_out", "grad_S", "grad_z", "q", "k", "v", "out", "S0", "z0"})
+# cu_seqlens needs batch 1 (its states are per document): a call with it runs per vmap index
+register_batch_vmap(f"{_lib}::linear_fwd", {"q", "k", "v", "S0", "z0"}, per_index_with=("cu_seqlens",))
+register_batch_vmap(f"{_lib}::linear_bwd", {"grad_out", "grad_S", "grad_z", "q", "k", "v", "out", "S0", "z0"},
+                    per_index_with=("cu_seqlens",))
 register_batch_vmap(f"{_lib}::linear_step", {"q", "k", "v", "S", "z"})
+
+
+# ---- attention_decode: a few queries over a KV cache (forward only) ----------------
+
+@torch.library.register_fake(f"{_lib}::attention_decode")
+def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, scale, k=None, v=None, block_table=None,
+                           rolling=False, softcap=0.0, causal=True, window_left=-1, window_right=-1, key_mask=None):
+    _one_device("attention_decode", q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
+                block_table=block_table, key_mask=key_mask)
+    torch._check(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, lambda: "q and the caches must be 4-D")
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, Nq, v_cache.shape[-1])), q.new_empty((B, Hq, Nq), dtype=_acc_dtype(q.dtype))
+
+
+
+class DecodeForwardOnly(torch.autograd.Function):
+    """Ties attention_decode's outputs to its differentiable inputs so that a backward
+    through them raises (the op is forward only; a mutating op cannot carry an autograd
+    formula) instead of silently giving no gradient."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out.view_as(out), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        raise RuntimeError("attention_ext.attention_with_kvcache (op attention_ext::attention_decode) is forward "
+                           "only: it has no backward; train with flash_attention / sliding_window_attention")

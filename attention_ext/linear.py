@@ -15,7 +15,9 @@ backward keeps only q, k, v and out alive) and ``linear_step`` (the recurrence, 
 token at a time, for decoding). The state (S, z) is ``(B, Hkv, D, Dv)`` and
 ``(B, Hkv, D)``, float32 for float32/bfloat16/float16 inputs and float64 for float64;
 all products accumulate in that type. GQA (``Hq % Hkv == 0``) shares one state per
-key/value head; K/V are never repeated.
+key/value head; K/V are never repeated. Packed documents (``cu_seqlens``, as
+flash-linear-attention's varlen mode) give every document a state of its own: the kernels
+treat a document like a batch row, its chunks counted from its first token.
 
 ``eps`` is added to the normaliser ``f . z``. It keeps the division finite where the
 normaliser vanishes: relu features that are all zero, a causal prefix whose keys are
@@ -49,8 +51,9 @@ def _params(fn, feature_map, eps, normalize, scale):
     return fmap, eps, normalize, sc
 
 
-def _state(state, name, q, k, v, fn):
-    """Checks a (S, z) pair against q/k/v; returns it or (None, None)."""
+def _state(state, name, q, k, v, fn, cu_seqlens=None):
+    """Checks a (S, z) pair against q/k/v (one state per document with cu_seqlens); returns
+    it or (None, None)."""
     if state is None:
         return None, None
     if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -58,11 +61,12 @@ def _state(state, name, q, k, v, fn):
     S, z = state
     _checks.tensor(S, f"{name}[0] (S)")
     _checks.tensor(z, f"{name}[1] (z)")
-    B, Hkv, D, Dv = q.shape[0], k.shape[1], q.shape[-1], v.shape[-1]
+    G, Hkv, D, Dv = _ops.linear_segments(q, cu_seqlens), k.shape[1], q.shape[-1], v.shape[-1]
+    rows = "batch" if cu_seqlens is None else "documents"
     sd = _ops._acc_dtype(q.dtype)
-    for label, t, shape in ((f"{name}[0] (S)", S, (B, Hkv, D, Dv)), (f"{name}[1] (z)", z, (B, Hkv, D))):
+    for label, t, shape in ((f"{name}[0] (S)", S, (G, Hkv, D, Dv)), (f"{name}[1] (z)", z, (G, Hkv, D))):
         if tuple(t.shape) != shape:
-            raise ValueError(f"{fn}: {label} must have shape (batch, kv heads, D{', Dv' if len(shape) == 4 else ''})"
+            raise ValueError(f"{fn}: {label} must have shape ({rows}, kv heads, D{', Dv' if len(shape) == 4 else ''})"
                              f" = {shape}, got {tuple(t.shape)}")
         if t.dtype != sd:
             raise TypeError(f"{fn}: {label}.dtype must be {sd} for {q.dtype} inputs, got {t.dtype}")
@@ -71,8 +75,29 @@ def _state(state, name, q, k, v, fn):
     return S, z
 
 
+def _cu_seqlens(cu_seqlens, q, k, fn):
+    """What can be checked without reading the values (which would stop torch.compile and
+    sync a GPU); the op checks those: 0 first, the sequence length last, non-decreasing."""
+    if cu_seqlens is None:
+        return None
+    _checks.tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{fn}: cu_seqlens.dtype must be torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{fn}: cu_seqlens must be 1-D (documents + 1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{fn}: cu_seqlens.device ({cu_seqlens.device}) must equal q.device ({q.device})")
+    if q.shape[0] != 1:
+        raise ValueError(f"{fn}: cu_seqlens needs batch size 1 (documents packed along the sequence), got "
+                         f"q.shape[0] = {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{fn}: cu_seqlens needs as many queries as keys, got q.shape[2] = {q.shape[2]} and "
+                         f"k.shape[2] = {k.shape[2]}")
+    return cu_seqlens
+
+
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, normalize=True, chunk_size=64,
-                     scale=None, return_state=False, initial_state=None):
+                     scale=None, return_state=False, initial_state=None, cu_seqlens=None):
     """Linear attention ``phi(q) S / (phi(q) z + eps)``, linear in the sequence length.
 
     Args:
@@ -92,10 +117,21 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, norm
             :func:`linear_attention_step` can continue the sequence.
         initial_state: ``(S, z)`` carried in from earlier tokens (e.g. a previous call
             with ``return_state=True``); default zeros. Differentiable.
+        cu_seqlens: packed documents, as flash-linear-attention's varlen mode: an int32
+            tensor ``(S + 1,)`` on q's device, ``0 = cu[0] <= ... <= cu[S] = N``, with
+            ``B == 1`` and ``Nq == Nk == N``. Document s is rows ``cu[s]:cu[s+1]``; its
+            state starts from its own initial state (zeros by default) and its queries
+            see only its keys (causal: the earlier ones). ``initial_state`` and the
+            returned state are then one per document, ``(S, Hkv, D, Dv)`` and
+            ``(S, Hkv, D)``; an empty document returns its initial state. The values are
+            checked by the op (ValueError), so a new set of boundaries, or (with a dynamic
+            shape) a new number of documents, does not recompile under torch.compile.
+            CUDA reads them on the host (one sync) and runs the documents one by one.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, and ``(S, z)`` when ``return_state``:
-        ``S (B, Hkv, D, Dv)``, ``z (B, Hkv, D)`` in float32 (float64 for float64 inputs).
+        ``S (B, Hkv, D, Dv)``, ``z (B, Hkv, D)`` in float32 (float64 for float64 inputs);
+        with cu_seqlens, ``(S, Hkv, D, Dv)`` and ``(S, Hkv, D)``.
     """
     fn = "linear_attention"
     _, _, _, Nq, Nk, _, _ = _checks.linear_qkv(q, k, v, fn)
@@ -108,8 +144,9 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, eps=1e-6, norm
     if chunk_size > MAX_CHUNK_SIZE:
         raise ValueError(f"{fn}: chunk_size must be <= {MAX_CHUNK_SIZE}, got {chunk_size}")
     _checks.boolean(return_state, "return_state", fn)
-    S0, z0 = _state(initial_state, "initial_state", q, k, v, fn)
-    out, S, z = _ops.LINEAR_FWD(q, k, v, S0, z0, fmap, causal, normalize, eps, sc, chunk_size)
+    cu_seqlens = _cu_seqlens(cu_seqlens, q, k, fn)
+    S0, z0 = _state(initial_state, "initial_state", q, k, v, fn, cu_seqlens)
+    out, S, z = _ops.LINEAR_FWD(q, k, v, S0, z0, fmap, causal, normalize, eps, sc, chunk_size, cu_seqlens)
     return (out, (S, z)) if return_state else out
 
 

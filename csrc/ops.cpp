@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "common/attention_args.h"
+#include "common/decode_args.h"
 
 TORCH_LIBRARY(attention_ext, m) {
   m.def("attention_fwd("
@@ -32,19 +33,24 @@ TORCH_LIBRARY(attention_ext, m) {
         AE_ATTENTION_SPEC_SCHEMA
         ") -> (Tensor dq, Tensor dk, Tensor dv)",
         {at::Tag::pt2_compliant_tag});
+  // Decoding over a KV cache (common/decode_args.h), forward only; k/v are written into
+  // the cache in place, hence the (a!) / (b!) annotations.
+  m.def(AE_DECODE_SCHEMA, {at::Tag::pt2_compliant_tag});
 }
 
 // Linear attention (common/linear.h): feature_map 0 identity, 1 elu + 1, 2 relu; the
-// state (S, z) is (B, Hkv, D, Dv) + (B, Hkv, D), float32 (float64 for float64).
+// state (S, z) is (B, Hkv, D, Dv) + (B, Hkv, D), float32 (float64 for float64). cu_seqlens
+// (int32, documents + 1; B == 1): packed documents, each with its own state (documents, Hkv, ...).
 TORCH_LIBRARY_FRAGMENT(attention_ext, m) {
   m.def(
       "linear_fwd(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, int feature_map, bool causal, "
-      "bool normalize, float eps, float scale, int chunk_size) -> (Tensor out, Tensor S, Tensor z)",
+      "bool normalize, float eps, float scale, int chunk_size, Tensor? cu_seqlens=None) "
+      "-> (Tensor out, Tensor S, Tensor z)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "linear_bwd(Tensor grad_out, Tensor? grad_S, Tensor? grad_z, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor? S0, Tensor? z0, int feature_map, bool causal, bool normalize, float eps, float scale, "
-      "int chunk_size) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)",
+      "int chunk_size, Tensor? cu_seqlens=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dS0, Tensor dz0)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "linear_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, int feature_map, bool normalize, "

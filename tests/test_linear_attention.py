@@ -432,6 +432,264 @@ def test_op_level_checks(device):
                         torch.zeros(1, 1, 4, device=device, dtype=torch.float64), 1, True, 1e-6, 1.0)
 
 
+# ---- packed documents (cu_seqlens) ----------------------------------------------------------
+# The reference runs every document on its own (tests/reference.py on the slice, from that
+# document's initial state), so it knows nothing of packing.
+
+# lengths 0, 1, shorter than a chunk, a whole chunk, many chunks (chunk_size 8 below), 0 at the end
+DOC_LENGTHS = [0, 1, 5, 8, 0, 37, 3, 0]
+
+
+def packed(lengths, device="cpu"):
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return cu.to(device), int(cu[-1])
+
+
+def per_document(q, k, v, cu, state=None, **kw):
+    """The float64 reference document by document: (out, (S, z)) with per-document states;
+    differentiable in float64 CPU inputs."""
+    q, k, v = (t.cpu().double() for t in (q, k, v))
+    bounds = cu.tolist()
+    outs, Ss, zs = [], [], []
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        st = None if state is None else tuple(t.cpu()[s:s + 1] for t in state)
+        o, (S, z) = reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state=st, **kw)
+        outs.append(o)
+        Ss.append(S)
+        zs.append(z)
+    return torch.cat(outs, 2), (torch.cat(Ss), torch.cat(zs))
+
+
+def doc_state(n_docs, Hkv, D, Dv, device, requires_grad=False):
+    S0 = torch.randn(n_docs, Hkv, D, Dv, dtype=torch.float64, device=device)
+    z0 = torch.rand(n_docs, Hkv, D, dtype=torch.float64, device=device) + 1
+    return S0.requires_grad_(requires_grad), z0.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("fmap", FMAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_cu_seqlens_matches_per_document(device, fmap, causal, normalize, with_state):
+    cu, N = packed(DOC_LENGTHS, device)
+    q, k, v = make(B=1, Hq=4, Hkv=2, Nq=N, D=12, Dv=10, fmap=fmap, device=device)
+    state = doc_state(len(DOC_LENGTHS), 2, 12, 10, device) if with_state else None
+    out, (S, z) = linear_attention(q, k, v, feature_map=fmap, causal=causal, normalize=normalize, chunk_size=8,
+                                   initial_state=state, return_state=True, cu_seqlens=cu)
+    ref, (rS, rz) = per_document(q, k, v, cu, state, fmap=fmap, causal=causal, normalize=normalize)
+    assert S.shape == (len(DOC_LENGTHS), 2, 12, 10) and z.shape == (len(DOC_LENGTHS), 2, 12)
+    assert_close(out, ref, torch.float64)
+    assert_close(S, rS, torch.float64, "S")
+    assert_close(z, rz, torch.float64, "z")
+    if with_state:  # an empty document hands its initial state back unchanged
+        assert torch.equal(S[0], state[0][0]) and torch.equal(z[4], state[1][4])
+    else:
+        assert S[0].abs().max().item() == 0 and z[7].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cu_seqlens_low_precision(device, dtype):
+    cu, N = packed([70, 0, 130, 1, 55], device)
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=32, Dv=16, dtype=dtype, device=device)
+    for causal in (False, True):
+        out, (S, z) = linear_attention(q, k, v, causal=causal, return_state=True, cu_seqlens=cu)
+        ref, (rS, rz) = per_document(q, k, v, cu, causal=causal)
+        assert_close(out, ref, dtype)
+        assert_close(S, rS, torch.float32, "S")
+        assert_close(z, rz, torch.float32, "z")
+
+
+def test_cu_seqlens_one_document_is_the_plain_call(device):
+    # one document covering the row runs the very same arithmetic as no cu_seqlens
+    q, k, v = make(B=1, Hq=2, Hkv=2, Nq=45, D=8, Dv=8, device=device, dtype=torch.float32)
+    cu, _ = packed([45], device)
+    for causal in (False, True):
+        a = linear_attention(q, k, v, causal=causal, chunk_size=16, return_state=True)
+        b = linear_attention(q, k, v, causal=causal, chunk_size=16, return_state=True, cu_seqlens=cu)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0]) and torch.equal(a[1][1], b[1][1])
+
+
+def test_cu_seqlens_no_documents(device):
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=0, D=4, Dv=6, device=device)
+    out, (S, z) = linear_attention(q, k, v, causal=True, return_state=True,
+                                   cu_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
+    assert out.shape == (1, 2, 0, 6) and S.shape == (0, 1, 4, 6) and z.shape == (0, 1, 4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cu_seqlens_gradcheck(device, causal):
+    cu, N = packed([3, 0, 1, 7, 2], device)
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=4, Dv=3, device=device, requires_grad=True)
+    S0, z0 = doc_state(5, 1, 4, 3, device, requires_grad=True)
+
+    def f(q, k, v, S0, z0):
+        out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=2, eps=1e-3, initial_state=(S0, z0),
+                                       return_state=True, cu_seqlens=cu)
+        return out, S, z
+
+    assert torch.autograd.gradcheck(f, (q, k, v, S0, z0), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cu_seqlens_grads_match_per_document(device, causal):
+    cu, N = packed(DOC_LENGTHS, device)
+    q, k, v = make(B=1, Hq=4, Hkv=2, Nq=N, D=8, Dv=6, device=device, requires_grad=True)
+    S0, z0 = doc_state(len(DOC_LENGTHS), 2, 8, 6, device, requires_grad=True)
+    out, (S, z) = linear_attention(q, k, v, causal=causal, chunk_size=8, initial_state=(S0, z0), return_state=True,
+                                   cu_seqlens=cu)
+    gs = [torch.randn_like(t) for t in (out, S, z)]
+    torch.autograd.backward((out, S, z), gs)
+    leaves = [t.detach().cpu().requires_grad_() for t in (q, k, v, S0, z0)]
+    ref, (rS, rz) = per_document(*leaves[:3], cu, leaves[3:], causal=causal)
+    torch.autograd.backward((ref, rS, rz), [g.cpu() for g in gs])
+    for name, ours, r in zip(("dq", "dk", "dv", "dS0", "dz0"), (q, k, v, S0, z0), leaves):
+        assert_close(ours.grad, r.grad, torch.float64, name)
+
+
+def test_cu_seqlens_opcheck(device):
+    ops = torch.ops.attention_ext
+    cu, N = packed([3, 0, 6, 1], device)
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=8, Dv=8, device=device, dtype=torch.float32, requires_grad=True)
+    S0 = torch.randn(4, 1, 8, 8, device=device, requires_grad=True)
+    z0 = (torch.rand(4, 1, 8, device=device) + 1).requires_grad_()
+    for causal in (False, True):
+        torch.library.opcheck(ops.linear_fwd.default, (q, k, v, None, None, 1, causal, True, 1e-6, 1.0, 4, cu))
+        torch.library.opcheck(ops.linear_fwd.default, (q, k, v, S0, z0, 2, causal, False, 1e-6, 0.5, 3, cu))
+        out = ops.linear_fwd(q, k, v, S0, z0, 1, causal, True, 1e-6, 1.0, 4, cu)[0].detach()
+        go = torch.randn_like(out)
+        torch.library.opcheck(ops.linear_bwd.default, (go, None, None, q.detach(), k.detach(), v.detach(), out,
+                                                       S0.detach(), z0.detach(), 1, causal, True, 1e-6, 1.0, 4, cu))
+
+
+def test_cu_seqlens_compile_does_not_recompile(device):
+    import torch._dynamo
+
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=24, D=8, Dv=8, device=device, dtype=torch.float32, requires_grad=True)
+
+    def f(q, k, v, cu):
+        out, (S, z) = linear_attention(q, k, v, causal=True, chunk_size=8, return_state=True, cu_seqlens=cu)
+        return out.sum() + S.sum() + z.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    first, _ = packed([5, 0, 19], device)
+    torch._dynamo.mark_dynamic(first, 0)
+    compiled(q, k, v, first).backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([24, 0], [1, 2, 3, 4, 14], [10, 10, 4]):  # new boundaries, new numbers of documents
+            cu, _ = packed(lengths, device)
+            for t in (q, k, v):
+                t.grad = None
+            loss = compiled(q, k, v, cu)
+            loss.backward()
+            grads = [t.grad.clone() for t in (q, k, v)]
+            for t in (q, k, v):
+                t.grad = None
+            eager = f(q, k, v, cu)
+            eager.backward()
+            torch.testing.assert_close(loss, eager)
+            for a, b in zip(grads, (q.grad, k.grad, v.grad)):
+                torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cu_seqlens_bitwise_repeatable_across_threads(causal):
+    # 5 documents x 1 kv head: one thread walks each document, two threads split them into
+    # chunk tasks (linear_common.h, one_task_per_head); forward and backward agree to the bit
+    cu, N = packed([40, 0, 17, 43, 9])
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=12, Dv=20, dtype=torch.float32)
+    S0, z0 = (t.float() for t in doc_state(5, 1, 12, 20, "cpu"))
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, S0, z0)]
+        out, (S, z) = linear_attention(*leaves[:3], causal=causal, chunk_size=16, initial_state=tuple(leaves[3:]),
+                                       return_state=True, cu_seqlens=cu)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        ((out * g).sum() + S.sum() + z.sum()).backward()
+        return [out, S, z] + [t.grad for t in leaves]
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_cu_seqlens_vmap_matches_a_loop(device):
+    cu, N = packed([4, 0, 9], device)
+    qs, ks, vs = (torch.randn(3, 1, 2, N, 8, dtype=torch.float64, device=device) for _ in range(3))
+    fn = lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=4, cu_seqlens=cu)  # noqa: E731
+    out = torch.func.vmap(fn)(qs, ks, vs)
+    for i in range(3):
+        assert torch.equal(out[i], fn(qs[i], ks[i], vs[i]))
+
+
+def test_cu_seqlens_bad_inputs(device):
+    cu, N = packed([3, 5], device)
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=4, Dv=4, device=device, dtype=torch.float32)
+    cases = [
+        (cu.long(), TypeError, r"cu_seqlens.dtype must be torch.int32"),
+        (cu.float(), TypeError, r"cu_seqlens.dtype"),
+        (cu.tolist(), TypeError, r"cu_seqlens must be a torch.Tensor"),
+        (cu.view(1, 3), ValueError, r"cu_seqlens must be 1-D"),
+        (cu[:0], ValueError, r"cu_seqlens must be 1-D"),
+        (cu.to("meta"), ValueError, r"cu_seqlens.device"),
+        # the values: checked by the op
+        (torch.tensor([1, 3, 8], dtype=torch.int32, device=device), ValueError, r"cu_seqlens must start at 0"),
+        (torch.tensor([0, 3, 7], dtype=torch.int32, device=device), ValueError, r"cu_seqlens must end at .* 8"),
+        (torch.tensor([0, 3, 9], dtype=torch.int32, device=device), ValueError, r"cu_seqlens must end at"),
+        (torch.tensor([0, 5, 3, 8], dtype=torch.int32, device=device), ValueError, r"cu_seqlens must be non-decr"),
+        (torch.tensor([0, -2, 8], dtype=torch.int32, device=device), ValueError, r"cu_seqlens must be non-decr"),
+    ]
+    for bad, exc, msg in cases:
+        for causal in (False, True):
+            with pytest.raises(exc, match=msg):
+                linear_attention(q, k, v, causal=causal, cu_seqlens=bad)
+    with pytest.raises(ValueError, match=r"cu_seqlens needs batch size 1"):
+        linear_attention(q.expand(2, 2, N, 4), k.expand(2, 1, N, 4), v.expand(2, 1, N, 4), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens needs as many queries as keys"):
+        linear_attention(q[:, :, :5], k, v, cu_seqlens=cu)
+    S = torch.zeros(1, 1, 4, 4, device=device)  # one per batch row, not per document
+    with pytest.raises(ValueError, match=r"initial_state\[0\] \(S\) must have shape \(documents"):
+        linear_attention(q, k, v, cu_seqlens=cu, initial_state=(S, torch.zeros(1, 1, 4, device=device)))
+
+
+def test_cu_seqlens_op_level_checks(device):
+    # direct op calls skip the Python checks: the op refuses every bad cu_seqlens itself
+    # (nothing is read out of bounds), with the Python exception types
+    ops = torch.ops.attention_ext
+    cu, N = packed([3, 5], device)
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=N, D=4, Dv=4, device=device, dtype=torch.float32)
+    go = torch.randn(1, 2, N, 4, device=device)
+    bad = [
+        (cu.long(), TypeError, "cu_seqlens must be int32"),
+        (cu.view(1, 3), ValueError, "cu_seqlens must be 1-D"),
+        (cu[:0], ValueError, "cu_seqlens must be 1-D"),
+        (torch.tensor([2, 3, 8], dtype=torch.int32, device=device), ValueError, "start at 0"),
+        (torch.tensor([0, 3, 1000], dtype=torch.int32, device=device), ValueError, "end at the sequence length 8"),
+        (torch.tensor([0, 3, 2**31 - 1, 8], dtype=torch.int32, device=device), ValueError, "non-decreasing"),
+    ]
+    for t, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            ops.linear_fwd(q, k, v, None, None, 1, True, True, 1e-6, 1.0, 4, t)
+        with pytest.raises(exc, match=msg):
+            ops.linear_bwd(go, None, None, q, k, v, go, None, None, 1, False, True, 1e-6, 1.0, 4, t)
+    with pytest.raises(ValueError, match="cu_seqlens needs batch size 1"):
+        ops.linear_fwd(q.expand(2, 2, N, 4), k.expand(2, 1, N, 4), v.expand(2, 1, N, 4), None, None, 1, True, True,
+                       1e-6, 1.0, 4, cu)
+    with pytest.raises(RuntimeError, match="initial state S must have shape"):
+        ops.linear_fwd(q, k, v, torch.zeros(1, 1, 4, 4, device=device), torch.zeros(1, 1, 4, device=device), 1,
+                       False, True, 1e-6, 1.0, 64, cu)
+    if device != "cpu":
+        with pytest.raises(ValueError, match="cu_seqlens must be on q's device"):
+            ops.linear_fwd(q, k, v, None, None, 1, True, True, 1e-6, 1.0, 4, cu.cpu())
+
+
 # ---- FAVOR+ -------------------------------------------------------------------------------------
 
 def _softmax_attention(q, k, v, mask=None):

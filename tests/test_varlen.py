@@ -265,3 +265,21 @@ def test_neighborhood_needs_one_packing():
         torch.ops.attention_ext.attention_fwd(q, q, q, 0.5, mask_kind=MASK_KINDS["neighborhood"], kernel_size=3,
                                               cu_seqlens_q=c, cu_seqlens_k=torch.tensor([0, 5, 9],
                                                                                         dtype=torch.int32))
+
+
+def test_vmap_folds_into_the_batch():
+    # a (B, S + 1) packing is a batch tensor: vmap over q, k, v (and the packing) folds
+    q, k, v = make_qkv(3, 2, 1, 40, 40, 8)
+    c = torch.tensor([[0, 10, 40], [0, 39, 40]], dtype=torch.int32)
+    qs, ks, vs = (t.detach().view(3, 1, *t.shape[1:]).expand(3, 2, *t.shape[1:]) for t in (q, k, v))
+
+    def f(q, k, v, c):
+        return ae.flash_attention(q, k, v, causal=True, cu_seqlens=c)
+
+    got = torch.vmap(f, in_dims=(0, 0, 0, None))(qs, ks, vs, c)
+    for i in range(3):
+        torch.testing.assert_close(got[i], f(qs[i], ks[i], vs[i], c), rtol=0, atol=0)
+    cs = torch.stack([c, c.flip(0)])[[0, 1, 0]]
+    got = torch.vmap(f)(qs, ks, vs, cs)
+    for i in range(3):
+        torch.testing.assert_close(got[i], f(qs[i], ks[i], vs[i], cs[i]), rtol=0, atol=0)

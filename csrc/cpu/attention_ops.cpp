@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "../common/attention_op.h"
+#include "../common/decode_op.h"
 #include "isa.h"
 #include "operand.h"
 
@@ -49,6 +50,7 @@ struct CpuBackend {
 TORCH_LIBRARY_IMPL(attention_ext, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_op<CpuBackend>);
   m.impl("attention_bwd", &attention_bwd_op<CpuBackend>);
+  m.impl("attention_decode", &attention_decode_op<CpuBackend>);
 }
 
 }  // namespace attention_ext::cpu

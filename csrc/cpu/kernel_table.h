@@ -47,12 +47,16 @@ struct AttentionBwdArgs {
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
-// (B, Hkv, D, Dv) and (B, Hkv, D) in the accumulation type: float32, float64 for
-// float64 inputs. A null initial state means zeros.
+// (G, Hkv, D, Dv) and (G, Hkv, D) in the accumulation type: float32, float64 for
+// float64 inputs, one per segment: G = B batch rows, or with cu_seqlens (B == 1) G
+// documents along the sequence (checked: 0 = cu[0] <= ... <= cu[G] = Nq = Nk). A null
+// initial state means zeros.
 struct LinearFwdArgs {
   DType dtype;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;  // causal: Nq == Nk
   Operand q, k, v;
+  const int32_t* cu_seqlens;  // (segments + 1) or nullptr
+  int64_t segments;
   const void *S0, *z0;  // initial state or nullptr
   void* out;            // contiguous (B, Hq, Nq, Dv), dtype
   void *S, *z;          // final state
@@ -65,6 +69,8 @@ struct LinearBwdArgs {
   DType dtype;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
   Operand q, k, v, out, grad_out;
+  const int32_t* cu_seqlens;    // (segments + 1) or nullptr
+  int64_t segments;
   const void *S0, *z0;          // initial state or nullptr
   const void *grad_S, *grad_z;  // gradient of the final state or nullptr
   void *dq, *dk, *dv;           // contiguous, dtype

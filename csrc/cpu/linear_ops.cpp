@@ -21,6 +21,8 @@ Args kernel_args(const LinearInputs& in, const at::Tensor& q, const at::Tensor& 
   a.dtype = dtype_of(q.scalar_type());
   a.B = s.B, a.Hq = s.Hq, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
   a.q = operand(q), a.k = operand(k), a.v = operand(v);
+  a.cu_seqlens = in.cu_seqlens.defined() ? in.cu_seqlens.data_ptr<int32_t>() : nullptr;
+  a.segments = in.segments;
   a.S0 = ptr_or_null(in.S0), a.z0 = ptr_or_null(in.z0);
   a.feature_map = o.feature_map, a.chunk = o.chunk;
   a.causal = o.causal, a.normalize = o.normalize;

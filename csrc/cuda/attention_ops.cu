@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "../common/attention_op.h"
+#include "../common/decode_op.h"
 #include "attention_path.h"
 #include "attention_params.h"
 
@@ -236,6 +237,7 @@ CudaPath attention_path(at::ScalarType dtype, int64_t head_dim, int64_t value_di
 TORCH_LIBRARY_IMPL(attention_ext, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_op<CudaBackend>);
   m.impl("attention_bwd", &attention_bwd_op<CudaBackend>);
+  m.impl("attention_decode", &attention_decode_op<CudaBackend>);
 }
 
 }  // namespace attention_ext::cuda

@@ -21,6 +21,29 @@ const acc_t* opt_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
+// Packed documents (cu_seqlens): document g as a call of its own, rows [cu[g], cu[g + 1]) of
+// the single batch row with state row g.
+LinearInputs document_inputs(const LinearInputs& in, int64_t g, int64_t len) {
+  LinearInputs doc = in;
+  doc.cu_seqlens = at::Tensor();
+  doc.segments = 1;
+  doc.shape.Nq = doc.shape.Nk = len;
+  const auto row = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, g, 1) : t; };
+  doc.S0 = row(in.S0), doc.z0 = row(in.z0), doc.grad_S = row(in.grad_S), doc.grad_z = row(in.grad_z);
+  return doc;
+}
+
+// fn(document inputs, g, first row, length) for every document, in order. The CUDA passes
+// run once per document from the host (the checks already copied cu_seqlens there): far
+// simpler than segment-aware kernels and plainly the per-document definition, at the cost
+// of a few launches per document. A length-0 document still runs: its scan copies the
+// initial state (or zeros) to its final state. Compiled here, never run: no GPU.
+template <class Fn>
+void for_each_document(const LinearInputs& in, const Fn& fn) {
+  const int32_t* cu = in.cu_seqlens.data_ptr<int32_t>();
+  for (int64_t g = 0; g < in.segments; ++g) fn(document_inputs(in, g, cu[g + 1] - cu[g]), g, cu[g], cu[g + 1] - cu[g]);
+}
+
 LinParams lin_params(const LinearInputs& in) {
   const QkvShape& s = in.shape;
   const LinearOptions& o = in.options;
@@ -30,6 +53,35 @@ LinParams lin_params(const LinearInputs& in) {
 struct CudaBackend {
   static void fwd(const LinearInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& out, at::Tensor& S, at::Tensor& z) {
+    if (!in.cu_seqlens.defined()) return fwd_rows(in, q, k, v, out, S, z);
+    for_each_document(in, [&](const LinearInputs& doc, int64_t g, int64_t r0, int64_t len) {
+      auto out_d = at::empty({1, in.shape.Hq, len, in.shape.Dv}, out.options());
+      auto S_d = S.narrow(0, g, 1), z_d = z.narrow(0, g, 1);
+      fwd_rows(doc, q.narrow(2, r0, len), k.narrow(2, r0, len), v.narrow(2, r0, len), out_d, S_d, z_d);
+      out.narrow(2, r0, len).copy_(out_d);
+    });
+  }
+
+  static void bwd(const LinearInputs& in, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& out, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                  at::Tensor& dS0, at::Tensor& dz0) {
+    if (!in.cu_seqlens.defined()) return bwd_rows(in, grad_out, q, k, v, out, dq, dk, dv, dS0, dz0);
+    for_each_document(in, [&](const LinearInputs& doc, int64_t g, int64_t r0, int64_t len) {
+      const auto rows = [&](const at::Tensor& t) { return t.narrow(2, r0, len); };
+      auto dq_d = at::empty_like(rows(dq), at::MemoryFormat::Contiguous);
+      auto dk_d = at::empty_like(rows(dk), at::MemoryFormat::Contiguous);
+      auto dv_d = at::empty_like(rows(dv), at::MemoryFormat::Contiguous);
+      auto dS0_d = dS0.narrow(0, g, 1), dz0_d = dz0.narrow(0, g, 1);
+      bwd_rows(doc, rows(grad_out), rows(q), rows(k), rows(v), rows(out), dq_d, dk_d, dv_d, dS0_d, dz0_d);
+      rows(dq).copy_(dq_d);
+      rows(dk).copy_(dk_d);
+      rows(dv).copy_(dv_d);
+    });
+  }
+
+  // One segment per batch row (no cu_seqlens): the kernels' layout.
+  static void fwd_rows(const LinearInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out, at::Tensor& S, at::Tensor& z) {
     const QkvShape& s = in.shape;
     const bool causal = in.options.causal;
     check_grid(s.B * s.Hq, "linear_fwd");
@@ -62,9 +114,9 @@ struct CudaBackend {
 
   // Chunk states recomputed, per-row normalisers, gradient deltas per chunk, their
   // reverse scan, then dq and dk/dv tiles.
-  static void bwd(const LinearInputs& in, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& out, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                  at::Tensor& dS0, at::Tensor& dz0) {
+  static void bwd_rows(const LinearInputs& in, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                       at::Tensor& dS0, at::Tensor& dz0) {
     const QkvShape& s = in.shape;
     const bool causal = in.options.causal, normalize = in.options.normalize;
     check_grid(s.B * s.Hq, "linear_bwd");

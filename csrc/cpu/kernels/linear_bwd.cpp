@@ -13,7 +13,8 @@
 // and the initial state's gradient is G before chunk 0. GQA: dk, dv and G sum over the
 // query heads of the kv head; nothing is repeated.
 //
-// Parallelism as in linear_fwd.cpp: one task per (batch, kv head) walking the chunks
+// Segments (batch rows, or cu_seqlens documents) and parallelism as in linear_fwd.cpp: one
+// task per (segment, kv head) walking the chunks
 // (forward scan, then backwards), or chunk tasks in five passes (deltas, scan, gradient
 // deltas, reverse scan, gradients) when batch x kv heads cannot fill the machine. Same
 // operations in the same order either way: bitwise identical for any thread count.
@@ -39,13 +40,13 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
 
   int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
 
-  // Query chunk qc of head (b, h). st: state before the chunk (causal) or final state;
+  // Query chunk qc of segment sg, head h. st: state before the chunk (causal) or final state;
   // stT: S of st transposed [Dv][Dp] (full only). Accumulates fq^T g, fq^T dd into
   // gdelta (when not null); full: writes dq and (causal) accumulates the intra-chunk
   // dfk [C][Dp] and dv [C][Dvp].
-  void query_chunk(int64_t b, int64_t h, int64_t qc, const acc_t* st, const acc_t* stT, const KV& kv, acc_t* gdelta,
-                   acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
-    const int64_t q0 = qc * d.C;
+  void query_chunk(const Segment& sg, int64_t h, int64_t qc, const acc_t* st, const acc_t* stT, const KV& kv,
+                   acc_t* gdelta, acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
+    const int64_t b = sg.b, q0 = this->q_begin(sg, qc);
     acc_t* fq = scratch;
     acc_t* g = fq + d.C * d.Dp;
     acc_t* A = g + d.C * d.Dvp;
@@ -54,7 +55,7 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     acc_t* rowsum = dfq + d.C * d.Dp;
     acc_t* dd = rowsum + d.C;
     acc_t* dphi = dd + d.C;
-    const int64_t m = load_queries(b, h, qc, fq, full ? dphi : nullptr);
+    const int64_t m = load_queries(sg, h, qc, fq, full ? dphi : nullptr);
     load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
               m);
     const bool need_A = a.causal && (a.normalize || full);
@@ -114,11 +115,11 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
         dq[r * d.D + x] = from_acc<scalar_t>(dfq[r * d.Dp + x] * scale * dphi[r * d.Dp + x]);
   }
 
-  // dk, dv of key chunk kc: dfk / dvacc hold the intra-chunk part (zero if none); G is the
+  // dk, dv of key chunk kc of segment sg: dfk / dvacc hold the intra-chunk part (zero if none); G is the
   // gradient of the state after the chunk, GT its S part transposed [Dv][Dp].
-  void key_finish(int64_t b, int64_t hk, int64_t kc, const KV& kv, const acc_t* G, const acc_t* GT, acc_t* dfk,
-                  acc_t* dvacc) const {
-    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
+  void key_finish(const Segment& sg, int64_t hk, int64_t kc, const KV& kv, const acc_t* G, const acc_t* GT,
+                  acc_t* dfk, acc_t* dvacc) const {
+    const int64_t b = sg.b, k0 = this->k_begin(sg, kc), n = this->k_len(sg, kc);
     gemm<acc_t>(n, d.Dp, d.Dv, kv.v, d.Dvp, 1, GT, d.Dp, dfk, d.Dp, true);
     gemm<acc_t>(n, d.Dvp, d.D, kv.fk, d.Dp, 1, G, d.Dvp, dvacc, d.Dvp, true);
     const acc_t* gz = G + d.D * d.Dvp;
@@ -134,10 +135,11 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
   void store_grad_state(int64_t bh, const acc_t* G) const { store_state(a.dS0, a.dz0, bh, G); }
   void transpose_state(const acc_t* st, acc_t* stT) const { transpose_block(st, d.Dvp, d.D, d.Dv, stT, d.Dp); }
 
-  // ---- one task per (batch, kv head) ------------------------------------------------
+  // ---- one task per state row (segment, kv head) -------------------------------------
   void run_per_head() const {
-    parallel_tasks(d.B * d.Hkv, [&](int64_t bh) {
-      const int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+    parallel_tasks(this->state_rows(), [&](int64_t bh) {
+      const Segment& sg = this->seg_of_row(bh);
+      const int64_t hk = bh % d.Hkv;
       const int64_t TT = d.Dv * d.Dp;
       acc_t* st = task_scratch<acc_t>(3 * d.state + 2 * TT + kv_size() + d.C * (d.Dp + d.Dvp) + query_scratch());
       acc_t* G = st + d.state;
@@ -149,41 +151,41 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       acc_t* dvacc = dfk + d.C * d.Dp;
       acc_t* scratch = dvacc + d.C * d.Dvp;
       // forward scan; causal keeps the state before every chunk
-      Buffer<acc_t> before(a.causal ? std::max<int64_t>(d.nck, 1) * d.state : 1);
+      Buffer<acc_t> before(a.causal ? std::max<int64_t>(sg.nck, 1) * d.state : 1);
       load_state(a.S0, a.z0, bh, st);
-      for (int64_t kc = 0; kc < d.nck; ++kc) {
-        const int64_t n = load_kv(b, hk, kc, kv, false, false);
+      for (int64_t kc = 0; kc < sg.nck; ++kc) {
+        const int64_t n = load_kv(sg, hk, kc, kv, false, false);
         if (a.causal) std::copy(st, st + d.state, before.get() + kc * d.state);
         chunk_state(d, n, kv.fk, kv.v, gdelta);
         state_add(st, gdelta, d.state);
       }
       load_state(a.grad_S, a.grad_z, bh, G);
       if (a.causal) {
-        for (int64_t kc = d.nck - 1; kc >= 0; --kc) {
+        for (int64_t kc = sg.nck - 1; kc >= 0; --kc) {
           const acc_t* sb = before.get() + kc * d.state;
-          load_kv(b, hk, kc, kv, true, true);
+          load_kv(sg, hk, kc, kv, true, true);
           transpose_state(sb, stT);
           transpose_state(G, GT);
           std::fill(gdelta, gdelta + d.state, acc_t(0));
           std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            query_chunk(b, h, kc, sb, stT, kv, gdelta, dfk, dvacc, true, scratch);
-          key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+            query_chunk(sg, h, kc, sb, stT, kv, gdelta, dfk, dvacc, true, scratch);
+          key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
           state_add(G, gdelta, d.state);
         }
       } else {
         transpose_state(st, stT);
-        for (int64_t qc = 0; qc < d.ncq; ++qc) {
+        for (int64_t qc = 0; qc < sg.ncq; ++qc) {
           std::fill(gdelta, gdelta + d.state, acc_t(0));
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            query_chunk(b, h, qc, st, stT, kv, gdelta, nullptr, nullptr, true, scratch);
+            query_chunk(sg, h, qc, st, stT, kv, gdelta, nullptr, nullptr, true, scratch);
           state_add(G, gdelta, d.state);
         }
         transpose_state(G, GT);
-        for (int64_t kc = 0; kc < d.nck; ++kc) {
-          load_kv(b, hk, kc, kv, false, true);
+        for (int64_t kc = 0; kc < sg.nck; ++kc) {
+          load_kv(sg, hk, kc, kv, false, true);
           std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
-          key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+          key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
         }
       }
       store_grad_state(bh, G);
@@ -192,23 +194,28 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
 
   // ---- chunk tasks ------------------------------------------------------------------
   void run_chunked() const {
-    const int64_t bhk = d.B * d.Hkv, nck = d.nck, ncq = d.ncq;
+    const int64_t rows = this->state_rows();
     const int64_t TT = d.Dv * d.Dp;
-    // 1. chunk deltas; 2. scan: states[bh][kc] = state before kc (causal), finals = last
-    Buffer<acc_t> states(bhk * std::max<int64_t>(nck, 1) * d.state);
-    Buffer<acc_t> finals(bhk * d.state);
-    parallel_tasks(bhk * nck, [&](int64_t t) {
-      const int64_t bh = t / nck, kc = t % nck;
+    // 1. chunk deltas; 2. scan: states[cell of (row, kc)] = state before kc (causal), finals = last
+    const ChunkIndex kcells = this->key_cells();
+    Buffer<acc_t> states(std::max<int64_t>(kcells.total(), 1) * d.state);
+    Buffer<acc_t> finals(rows * d.state);
+    parallel_tasks(kcells.total(), [&](int64_t t) {
+      const auto [bh, kc] = kcells.locate(t);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false, false);
+      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false);
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
-    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
-    scan_chunks(bhk, nck, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
-    // 3. gradient deltas per query chunk (non-causal: with dq as well)
-    Buffer<acc_t> gstates(bhk * std::max<int64_t>(ncq, 1) * d.state);
-    parallel_tasks(bhk * ncq, [&](int64_t t) {
-      const int64_t bh = t / ncq, qc = t % ncq, b = bh / d.Hkv, hk = bh % d.Hkv;
+    parallel_tasks(rows, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
+    scan_chunks(kcells, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
+    // 3. gradient deltas per query chunk (non-causal: with dq as well). Causal has Nq == Nk,
+    //    so qcells == kcells: cell t is chunk t of both.
+    const ChunkIndex qcells = this->query_cells();
+    Buffer<acc_t> gstates(std::max<int64_t>(qcells.total(), 1) * d.state);
+    parallel_tasks(qcells.total(), [&](int64_t t) {
+      const auto [bh, qc] = qcells.locate(t);
+      const Segment& sg = this->seg_of_row(bh);
+      const int64_t hk = bh % d.Hkv;
       acc_t* stT = task_scratch<acc_t>(TT + kv_size() + query_scratch());
       const KV kv = kv_at(stT + TT);
       acc_t* scratch = kv_end(kv);
@@ -216,23 +223,25 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       std::fill(gdelta, gdelta + d.state, acc_t(0));
       const acc_t* st;
       if (a.causal) {
-        load_kv(b, hk, qc, kv, true, false);
-        st = states.get() + (bh * nck + qc) * d.state;
+        load_kv(sg, hk, qc, kv, true, false);
+        st = states.get() + t * d.state;
       } else {
         st = finals.get() + bh * d.state;
         transpose_state(st, stT);
       }
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-        query_chunk(b, h, qc, st, stT, kv, gdelta, nullptr, nullptr, !a.causal, scratch);
+        query_chunk(sg, h, qc, st, stT, kv, gdelta, nullptr, nullptr, !a.causal, scratch);
     });
-    // 4. scan of the gradient deltas: causal backwards and exclusive (gstates[bh][c] =
+    // 4. scan of the gradient deltas: causal backwards and exclusive (gstates[cell of c] =
     //    gradient of the state after chunk c), non-causal a plain sum in chunk order
-    Buffer<acc_t> gfinal(bhk * d.state);
-    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.grad_S, a.grad_z, bh, gfinal.get() + bh * d.state); });
-    scan_chunks(bhk, ncq, d.state, gstates.get(), gfinal.get(), /*exclusive=*/a.causal, /*reverse=*/a.causal);
+    Buffer<acc_t> gfinal(rows * d.state);
+    parallel_tasks(rows, [&](int64_t bh) { load_state(a.grad_S, a.grad_z, bh, gfinal.get() + bh * d.state); });
+    scan_chunks(qcells, d.state, gstates.get(), gfinal.get(), /*exclusive=*/a.causal, /*reverse=*/a.causal);
     // 5. gradients per key chunk (causal: with dq and the intra-chunk terms)
-    parallel_tasks(bhk * nck, [&](int64_t t) {
-      const int64_t bh = t / nck, kc = t % nck, b = bh / d.Hkv, hk = bh % d.Hkv;
+    parallel_tasks(kcells.total(), [&](int64_t t) {
+      const auto [bh, kc] = kcells.locate(t);
+      const Segment& sg = this->seg_of_row(bh);
+      const int64_t hk = bh % d.Hkv;
       acc_t* stT = task_scratch<acc_t>(2 * TT + kv_size() + d.C * (d.Dp + d.Dvp) + query_scratch());
       acc_t* GT = stT + TT;
       const KV kv = kv_at(GT + TT);
@@ -244,22 +253,22 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       if (a.causal) {
         const acc_t* sb = states.get() + t * d.state;
         G = gstates.get() + t * d.state;
-        load_kv(b, hk, kc, kv, true, true);
+        load_kv(sg, hk, kc, kv, true, true);
         transpose_state(sb, stT);
         for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-          query_chunk(b, h, kc, sb, stT, kv, nullptr, dfk, dvacc, true, scratch);
+          query_chunk(sg, h, kc, sb, stT, kv, nullptr, dfk, dvacc, true, scratch);
       } else {
         G = gfinal.get() + bh * d.state;
-        load_kv(b, hk, kc, kv, false, true);
+        load_kv(sg, hk, kc, kv, false, true);
       }
       transpose_state(G, GT);
-      key_finish(b, hk, kc, kv, G, GT, dfk, dvacc);
+      key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
     });
-    parallel_tasks(bhk, [&](int64_t bh) { store_grad_state(bh, gfinal.get() + bh * d.state); });
+    parallel_tasks(rows, [&](int64_t bh) { store_grad_state(bh, gfinal.get() + bh * d.state); });
   }
 
   void run() const {
-    if (one_task_per_head(d.B * d.Hkv))
+    if (one_task_per_head(this->state_rows()))
       run_per_head();
     else
       run_chunked();

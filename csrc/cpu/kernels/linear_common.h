@@ -14,6 +14,10 @@
 // same numbers whichever thread runs it and however the chunks are split into passes.
 #pragma once
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "../../common/linear.h"
 #include "gemm.h"
 #include "kernels.h"
@@ -27,7 +31,7 @@ template <typename acc_t>
 struct Dims {
   static constexpr int64_t VL = Vec<acc_t>::size();
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, C;
-  int64_t Cp, Dp, Dvp, group, ncq, nck, state;
+  int64_t Cp, Dp, Dvp, group, state;
 
   Dims(int64_t B_, int64_t Hq_, int64_t Hkv_, int64_t Nq_, int64_t Nk_, int64_t D_, int64_t Dv_, int64_t chunk)
       : B(B_), Hq(Hq_), Hkv(Hkv_), Nq(Nq_), Nk(Nk_), D(D_), Dv(Dv_) {
@@ -36,9 +40,52 @@ struct Dims {
     Dp = round_up(D, VL);
     Dvp = round_up(Dv, VL);
     group = Hq / Hkv;
-    ncq = (Nq + C - 1) / C;
-    nck = (Nk + C - 1) / C;
     state = D * Dvp + Dp;
+  }
+};
+
+// A run of rows with a state of its own: the queries [q0, q0 + nq) and keys [k0, k0 + nk)
+// of batch row b, which is the whole row or (cu_seqlens) one document of it. Its chunks
+// count from its start, ncq and nck of them. Segment g and kv head hk own state row
+// g * Hkv + hk: the caller's states are (segments, Hkv, ...).
+struct Segment {
+  int64_t b, q0, nq, k0, nk, ncq, nck;
+};
+
+template <class Args>
+std::vector<Segment> segments_of(const Args& a, int64_t C) {
+  std::vector<Segment> segs(size_t(a.segments));
+  for (int64_t g = 0; g < a.segments; ++g) {
+    Segment& sg = segs[size_t(g)];
+    if (a.cu_seqlens) {
+      sg.b = 0, sg.q0 = sg.k0 = a.cu_seqlens[g];
+      sg.nq = sg.nk = a.cu_seqlens[g + 1] - a.cu_seqlens[g];
+    } else {
+      sg.b = g, sg.q0 = sg.k0 = 0, sg.nq = a.Nq, sg.nk = a.Nk;
+    }
+    sg.ncq = (sg.nq + C - 1) / C;
+    sg.nck = (sg.nk + C - 1) / C;
+  }
+  return segs;
+}
+
+// Per-chunk cells of rows 0..R-1 (a row: a segment and a head), row after row; row r has
+// off[r + 1] - off[r] of them. Uniform counts (no cu_seqlens) give the [row][chunk] layout.
+struct ChunkIndex {
+  std::vector<int64_t> off;
+
+  template <class Count>
+  ChunkIndex(int64_t rows, const Count& count) : off(size_t(rows) + 1, 0) {
+    for (int64_t r = 0; r < rows; ++r) off[size_t(r) + 1] = off[size_t(r)] + count(r);
+  }
+  int64_t rows() const { return int64_t(off.size()) - 1; }
+  int64_t total() const { return off.back(); }
+  int64_t count(int64_t r) const { return off[size_t(r) + 1] - off[size_t(r)]; }
+  int64_t cell(int64_t r, int64_t c) const { return off[size_t(r)] + c; }
+  // (row, chunk) of cell t < total()
+  std::pair<int64_t, int64_t> locate(int64_t t) const {
+    const int64_t r = int64_t(std::upper_bound(off.begin(), off.end(), t) - off.begin()) - 1;
+    return {r, t - off[size_t(r)]};
   }
 };
 
@@ -201,20 +248,21 @@ void state_out(const Dims<acc_t>& d, const acc_t* st, acc_t* S, acc_t* z) {
   std::copy(st + d.D * d.Dvp, st + d.D * d.Dvp + d.D, z);
 }
 
-// Scan of per-chunk states cells[bh][nc] (Dims::state elements each) over the chunks, split
-// across tasks by slices of the state. run[bh] starts as the caller set it and ends as the
-// sum of every delta; with `exclusive` each cell becomes the running value before it;
-// `reverse` walks the chunks backwards.
+// Scan of per-chunk states (Dims::state elements each, laid out by `index`) over each row's
+// chunks, split across tasks by slices of the state. run[r] starts as the caller set it and
+// ends as the sum of every delta of row r; with `exclusive` each cell becomes the running
+// value before it; `reverse` walks the chunks backwards.
 template <typename acc_t>
-void scan_chunks(int64_t bhk, int64_t nc, int64_t state, acc_t* cells, acc_t* run_all, bool exclusive,
+void scan_chunks(const ChunkIndex& index, int64_t state, acc_t* cells, acc_t* run_all, bool exclusive,
                  bool reverse) {
   const int64_t slice = 512, nslices = (state + slice - 1) / slice;
-  parallel_tasks(bhk * nslices, [&](int64_t t) {
-    const int64_t bh = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, state - s0);
-    acc_t* run = run_all + bh * state + s0;
+  parallel_tasks(index.rows() * nslices, [&](int64_t t) {
+    const int64_t r = t / nslices, s0 = (t % nslices) * slice, len = std::min(slice, state - s0);
+    const int64_t nc = index.count(r);
+    acc_t* run = run_all + r * state + s0;
     for (int64_t i = 0; i < nc; ++i) {
       const int64_t c = reverse ? nc - 1 - i : i;
-      acc_t* cell = cells + (bh * nc + c) * state + s0;
+      acc_t* cell = cells + index.cell(r, c) * state + s0;
       if (exclusive)
         for (int64_t e = 0; e < len; ++e) {
           const acc_t delta = cell[e];
@@ -234,12 +282,33 @@ struct ChunkKernel {
   const Args& a;
   Dims<acc_t> d;
   acc_t scale, eps;
+  std::vector<Segment> segs;
 
   explicit ChunkKernel(const Args& args)
       : a(args),
         d(args.B, args.Hq, args.Hkv, args.Nq, args.Nk, args.D, args.Dv, args.chunk),
         scale(acc_t(args.scale)),
-        eps(acc_t(args.eps)) {}
+        eps(acc_t(args.eps)),
+        segs(segments_of(args, d.C)) {}
+
+  // State rows: (segment, kv head) pairs.
+  int64_t state_rows() const { return a.segments * d.Hkv; }
+  const Segment& seg_of_row(int64_t r) const { return segs[size_t(r / d.Hkv)]; }
+  // Cells of the key chunks (kv rows), of the query chunks per kv row, and per query head row.
+  ChunkIndex key_cells() const {
+    return ChunkIndex(state_rows(), [&](int64_t r) { return seg_of_row(r).nck; });
+  }
+  ChunkIndex query_cells() const {
+    return ChunkIndex(state_rows(), [&](int64_t r) { return seg_of_row(r).ncq; });
+  }
+  ChunkIndex head_query_cells() const {
+    return ChunkIndex(a.segments * d.Hq, [&](int64_t r) { return segs[size_t(r / d.Hq)].ncq; });
+  }
+  // First row and row count of chunk c of a segment's queries / keys.
+  int64_t q_begin(const Segment& sg, int64_t c) const { return sg.q0 + c * d.C; }
+  int64_t q_len(const Segment& sg, int64_t c) const { return std::min(d.C, sg.nq - c * d.C); }
+  int64_t k_begin(const Segment& sg, int64_t c) const { return sg.k0 + c * d.C; }
+  int64_t k_len(const Segment& sg, int64_t c) const { return std::min(d.C, sg.nk - c * d.C); }
 
   // Key chunk of a kv head: phi(k) rows fk [C][Dp] and transposed fkT [D][Cp], v rows
   // [C][Dvp]; with_grad layouts (the backward) add phi'(k) dphi [C][Dp] and vT [Dv][Cp].
@@ -258,13 +327,13 @@ struct ChunkKernel {
     kv.vT = with_grad ? kv.dphi + d.C * d.Dp : nullptr;
     return kv;
   }
-  // Key chunk kc of kv head (b, hk): rows always; the transposed forms when `transposed`
-  // (vT where the layout has it), phi'(k) when `dphi`. Returns the chunk's key count.
-  int64_t load_kv(int64_t b, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool dphi) const {
-    const int64_t k0 = kc * d.C, n = std::min(d.C, d.Nk - k0);
-    load_features(row_ptr<scalar_t>(a.k, b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map, acc_t(1),
-                  kv.fk, d.Dp, d.C, dphi ? kv.dphi : nullptr);
-    load_rows(row_ptr<scalar_t>(a.v, b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
+  // Key chunk kc of segment sg, kv head hk: rows always; the transposed forms when
+  // `transposed` (vT where the layout has it), phi'(k) when `dphi`. Returns the chunk's key count.
+  int64_t load_kv(const Segment& sg, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool dphi) const {
+    const int64_t k0 = k_begin(sg, kc), n = k_len(sg, kc);
+    load_features(row_ptr<scalar_t>(a.k, sg.b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map,
+                  acc_t(1), kv.fk, d.Dp, d.C, dphi ? kv.dphi : nullptr);
+    load_rows(row_ptr<scalar_t>(a.v, sg.b, hk, k0), a.v.stride[2], a.v.stride[3], n, d.Dv, kv.v, d.Dvp, d.C);
     if (transposed) {
       transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
       if (kv.vT) transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
@@ -272,17 +341,17 @@ struct ChunkKernel {
     return n;
   }
 
-  // fq [C][Dp] = scale * phi(q) of query chunk qc of head (b, h); dphi (optional) gets
-  // phi'(q). Returns the chunk's query count.
-  int64_t load_queries(int64_t b, int64_t h, int64_t qc, acc_t* fq, acc_t* dphi) const {
-    const int64_t q0 = qc * d.C, m = std::min(d.C, d.Nq - q0);
-    load_features(row_ptr<scalar_t>(a.q, b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale, fq,
-                  d.Dp, m, dphi);
+  // fq [C][Dp] = scale * phi(q) of query chunk qc of segment sg, head h; dphi (optional)
+  // gets phi'(q). Returns the chunk's query count.
+  int64_t load_queries(const Segment& sg, int64_t h, int64_t qc, acc_t* fq, acc_t* dphi) const {
+    const int64_t q0 = q_begin(sg, qc), m = q_len(sg, qc);
+    load_features(row_ptr<scalar_t>(a.q, sg.b, h, q0), a.q.stride[2], a.q.stride[3], m, d.D, a.feature_map, scale,
+                  fq, d.Dp, m, dphi);
     return m;
   }
 
-  // The padded state of kv head bh from the caller's contiguous (B, Hkv, D, Dv) + (B, Hkv, D)
-  // arrays (null: zeros), and back.
+  // The padded state of state row bh from the caller's contiguous (segments, Hkv, D, Dv) +
+  // (segments, Hkv, D) arrays (null: zeros), and back.
   void load_state(const void* S, const void* z, int64_t bh, acc_t* st) const {
     const auto* Sp = static_cast<const acc_t*>(S);
     const auto* zp = static_cast<const acc_t*>(z);
@@ -293,7 +362,7 @@ struct ChunkKernel {
   }
 };
 
-// Whether one task per (batch, kv head) keeps every thread busy; otherwise the kernels
+// Whether one task per state row (segment, kv head) keeps every thread busy; otherwise the kernels
 // split the sequence into chunk tasks and scan the chunk states in a separate pass.
 // Both ways run the same arithmetic in the same order, so the choice (which depends
 // on the thread count) never changes a bit of the result.

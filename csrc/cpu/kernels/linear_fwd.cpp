@@ -8,7 +8,10 @@
 // so nothing of size N x N exists and the cost is linear in N. Non-causal: every query
 // chunk uses the final state and no intra-chunk product.
 //
-// Parallelism: one task per (batch, kv head) walking its chunks in order when that fills
+// Segments (linear_common.h): each batch row, or with cu_seqlens each document, runs the
+// above from its own initial state, its chunks counted from its first row.
+//
+// Parallelism: one task per (segment, kv head) walking its chunks in order when that fills
 // the machine; otherwise three passes — chunk state deltas (one task per chunk), an
 // exclusive scan of the deltas over chunks, then outputs (one task per query head and
 // chunk). Both run the same operations in the same order (state = state + delta, chunk
@@ -34,16 +37,16 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
 
   int64_t out_scratch() const { return d.C * d.Dp + d.C * d.Cp + d.C * d.Dvp + d.C; }
 
-  // Output rows of query chunk qc of head (b, h), with `st` the state before the chunk
-  // (causal) or the final state (non-causal); fkT / v the same chunk's keys (causal).
-  void out_chunk(int64_t b, int64_t h, int64_t qc, const acc_t* st, const acc_t* fkT, const acc_t* v,
+  // Output rows of query chunk qc of segment sg, head h, with `st` the state before the chunk
+  // (causal) or the segment's final state (non-causal); fkT / v the same chunk's keys (causal).
+  void out_chunk(const Segment& sg, int64_t h, int64_t qc, const acc_t* st, const acc_t* fkT, const acc_t* v,
                  acc_t* scratch) const {
-    const int64_t q0 = qc * d.C;
+    const int64_t q0 = this->q_begin(sg, qc);
     acc_t* fq = scratch;
     acc_t* A = fq + d.C * d.Dp;
     acc_t* num = A + d.C * d.Cp;
     acc_t* rowsum = num + d.C * d.Dvp;
-    const int64_t m = load_queries(b, h, qc, fq, nullptr);
+    const int64_t m = load_queries(sg, h, qc, fq, nullptr);
     gemm<acc_t>(m, d.Dvp, d.D, fq, d.Dp, 1, st, d.Dvp, num, d.Dvp, false);
     if (a.causal) {
       gemm_lower_cols<acc_t>(m, m, d.D, fq, d.Dp, fkT, d.Cp, A, d.Cp);
@@ -51,7 +54,7 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
       gemm_lower_a<acc_t>(m, d.Dvp, A, d.Cp, v, d.Dvp, num, d.Dvp, true);
     }
     const acc_t* z = st + d.D * d.Dvp;
-    scalar_t* out = static_cast<scalar_t*>(a.out) + ((b * d.Hq + h) * d.Nq + q0) * d.Dv;
+    scalar_t* out = static_cast<scalar_t*>(a.out) + ((sg.b * d.Hq + h) * d.Nq + q0) * d.Dv;
     for (int64_t r = 0; r < m; ++r) {
       const acc_t* nr = num + r * d.Dvp;
       scalar_t* o = out + r * d.Dv;
@@ -69,65 +72,68 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
     }
   }
 
-  // One task per (batch, kv head), chunks in order.
+  // One task per state row (segment, kv head), chunks in order.
   void run_per_head() const {
-    parallel_tasks(d.B * d.Hkv, [&](int64_t bh) {
-      const int64_t b = bh / d.Hkv, hk = bh % d.Hkv;
+    parallel_tasks(this->state_rows(), [&](int64_t bh) {
+      const Segment& sg = this->seg_of_row(bh);
+      const int64_t hk = bh % d.Hkv;
       acc_t* st = task_scratch<acc_t>(2 * d.state + kv_size() + out_scratch());
       acc_t* delta = st + d.state;
       const KV kv = kv_at(delta + d.state);
       acc_t* scratch = kv.v + d.C * d.Dvp;
       load_state(a.S0, a.z0, bh, st);
-      for (int64_t kc = 0; kc < d.nck; ++kc) {
-        const int64_t n = load_kv(b, hk, kc, kv, a.causal, false);
+      for (int64_t kc = 0; kc < sg.nck; ++kc) {
+        const int64_t n = load_kv(sg, hk, kc, kv, a.causal, false);
         if (a.causal)
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            out_chunk(b, h, kc, st, kv.fkT, kv.v, scratch);
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) out_chunk(sg, h, kc, st, kv.fkT, kv.v, scratch);
         chunk_state(d, n, kv.fk, kv.v, delta);
         state_add(st, delta, d.state);
       }
       if (!a.causal)
-        for (int64_t qc = 0; qc < d.ncq; ++qc)
+        for (int64_t qc = 0; qc < sg.ncq; ++qc)
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            out_chunk(b, h, qc, st, nullptr, nullptr, scratch);
+            out_chunk(sg, h, qc, st, nullptr, nullptr, scratch);
       store_state(a.S, a.z, bh, st);
     });
   }
 
   // Chunk tasks: deltas, scan, outputs.
   void run_chunked() const {
-    const int64_t bhk = d.B * d.Hkv, nck = d.nck;
-    // states[bh][kc]: the delta of key chunk kc, then (causal) the state before kc
-    Buffer<acc_t> states(bhk * std::max<int64_t>(nck, 1) * d.state);
-    parallel_tasks(bhk * nck, [&](int64_t t) {
-      const int64_t bh = t / nck, kc = t % nck;
+    const int64_t rows = this->state_rows();
+    // states[cell of (row, kc)]: the delta of key chunk kc, then (causal) the state before kc
+    const ChunkIndex kcells = this->key_cells();
+    Buffer<acc_t> states(std::max<int64_t>(kcells.total(), 1) * d.state);
+    parallel_tasks(kcells.total(), [&](int64_t t) {
+      const auto [bh, kc] = kcells.locate(t);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(bh / d.Hkv, bh % d.Hkv, kc, kv, false, false);
+      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false);
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     // exclusive scan over chunks (causal), the total into finals
-    Buffer<acc_t> finals(bhk * d.state);
-    parallel_tasks(bhk, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
-    scan_chunks(bhk, nck, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
-    parallel_tasks(d.B * d.Hq * d.ncq, [&](int64_t t) {
-      const int64_t qc = t % d.ncq, bh = t / d.ncq, b = bh / d.Hq, h = bh % d.Hq, hk = h / d.group;
-      const int64_t bhk_i = b * d.Hkv + hk;
+    Buffer<acc_t> finals(rows * d.state);
+    parallel_tasks(rows, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
+    scan_chunks(kcells, d.state, states.get(), finals.get(), /*exclusive=*/a.causal, /*reverse=*/false);
+    const ChunkIndex qcells = this->head_query_cells();
+    parallel_tasks(qcells.total(), [&](int64_t t) {
+      const auto [gh, qc] = qcells.locate(t);
+      const int64_t h = gh % d.Hq, hk = h / d.group, bh = gh / d.Hq * d.Hkv + hk;
+      const Segment& sg = this->seg_of_row(bh);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size() + out_scratch()));
       acc_t* scratch = kv.v + d.C * d.Dvp;
       const acc_t* st;
-      if (a.causal) {
-        load_kv(b, hk, qc, kv, true, false);
-        st = states.get() + (bhk_i * nck + qc) * d.state;
+      if (a.causal) {  // Nq == Nk: query chunk qc is key chunk qc
+        load_kv(sg, hk, qc, kv, true, false);
+        st = states.get() + kcells.cell(bh, qc) * d.state;
       } else {
-        st = finals.get() + bhk_i * d.state;
+        st = finals.get() + bh * d.state;
       }
-      out_chunk(b, h, qc, st, kv.fkT, kv.v, scratch);
+      out_chunk(sg, h, qc, st, kv.fkT, kv.v, scratch);
     });
-    parallel_tasks(bhk, [&](int64_t bh) { store_state(a.S, a.z, bh, finals.get() + bh * d.state); });
+    parallel_tasks(rows, [&](int64_t bh) { store_state(a.S, a.z, bh, finals.get() + bh * d.state); });
   }
 
   void run() const {
-    if (one_task_per_head(d.B * d.Hkv))
+    if (one_task_per_head(this->state_rows()))
       run_per_head();
     else
       run_chunked();

@@ -1,0 +1,215 @@
+"""attention_with_kvcache: decoding over contiguous, rolling and paged caches against a
+float64 reference that gathers each row's keys in logical order and applies the
+window; the in-place append checked bitwise; the argument checks."""
+
+import pytest
+import torch
+
+import attention_ext as ae
+import reference as R
+
+LOWP = (torch.float16, torch.bfloat16)
+
+
+def reference_rows(q, keys, values, *, window=None, causal=True, key_mask=None, softcap=None):
+    """Per row b: q[b] (Hq, Nq, D) over the logical keys[b] (Hkv, L_b, D), bottom-right
+    aligned. Returns a list of float64 (out, lse) per row and the same-dtype outputs."""
+    refs, lowps = [], []
+    for b, (kb, vb) in enumerate(zip(keys, values)):
+        nq, L = q.shape[2], kb.shape[1]
+        if window is None:
+            m = R.causal_mask(nq, L) if causal else torch.ones(nq, L, dtype=torch.bool)
+        else:
+            left, right = (window, 0 if causal else window) if isinstance(window, int) else window
+            m = R.window_mask(nq, L, left, 0 if causal else right, causal=causal)
+        if key_mask is not None:
+            M = key_mask.shape[1]
+            ok = torch.ones(L, dtype=torch.bool)
+            ok[: min(M, L)] = key_mask[b, : min(M, L)].cpu()
+            m = m & ok
+        args = (q[b:b + 1], kb.unsqueeze(0), vb.unsqueeze(0), m)
+        refs.append(R.attention(*args, softcap=softcap))
+        lowps.append(R.attention_lowp(*args, softcap=softcap) if q.dtype in LOWP else None)
+    return refs, lowps
+
+
+def check_rows(out, lse, refs, lowps):
+    for b, ((ro, rl), lp) in enumerate(zip(refs, lowps)):
+        R.check_close(out[b:b + 1], ro, lowp=lp, what=f"out row {b}")
+        tol = 1e-9 if out.dtype == torch.float64 else 1e-4
+        assert (lse[b:b + 1].double().cpu() - rl).abs().max().item() <= tol * max(1.0, rl.abs().max().item())
+
+
+def make(B, Hq, Hkv, Nq, ncache, D, dtype, device, lens):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64).to(device, dtype)
+    kc = torch.randn(B, Hkv, ncache, D, generator=g, dtype=torch.float64).to(device, dtype)
+    vc = torch.randn(B, Hkv, ncache, D, generator=g, dtype=torch.float64).to(device, dtype)
+    k = torch.randn(B, Hkv, Nq, D, generator=g, dtype=torch.float64).to(device, dtype)
+    v = torch.randn(B, Hkv, Nq, D, generator=g, dtype=torch.float64).to(device, dtype)
+    return q, kc, vc, k, v, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("nq", [1, 7, 128])
+@pytest.mark.parametrize("window", [None, 20, (9, 3)], ids=["full", "w20", "w9_3"])
+def test_contiguous_matches_reference(device, dtype, nq, window):
+    lens = [0, 37, 150, 3]
+    causal = window != (9, 3)
+    q, kc, vc, k, v, cs = make(4, 8, 2, nq, 300, 32, dtype, device, lens)
+    history_k = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(4)]
+    history_v = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(4)]
+    out, lse = ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, window=window, causal=causal, return_lse=True)
+    refs, lowps = reference_rows(q, history_k, history_v, window=window, causal=causal)
+    check_rows(out, lse, refs, lowps)
+
+
+def test_append_writes_only_its_slots(device):
+    lens = [5, 0, 90]
+    q, kc, vc, k, v, cs = make(3, 4, 4, 7, 100, 16, torch.float32, device, lens)
+    before_k, before_v = kc.clone(), vc.clone()
+    ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v)
+    for b, s in enumerate(lens):
+        assert torch.equal(kc[b, :, s:s + 7], k[b]) and torch.equal(vc[b, :, s:s + 7], v[b])
+        for c, c0 in ((kc, before_k), (vc, before_v)):
+            assert torch.equal(c[b, :, :s], c0[b, :, :s]) and torch.equal(c[b, :, s + 7:], c0[b, :, s + 7:])
+
+
+def test_without_new_keys_reads_the_cache(device):
+    q, kc, vc, _, _, cs = make(2, 4, 2, 3, 50, 16, torch.float64, device, [3, 41])
+    out = ae.attention_with_kvcache(q, kc, vc, cs, window=8)
+    refs, _ = reference_rows(q, [kc[0, :, :3], kc[1, :, :41]], [vc[0, :, :3], vc[1, :, :41]], window=8)
+    for b in range(2):
+        R.check_close(out[b:b + 1], refs[b][0])
+
+
+def test_key_mask_and_softcap(device):
+    lens = [20, 33]
+    q, kc, vc, k, v, cs = make(2, 4, 2, 2, 64, 16, torch.float32, device, lens)
+    km = torch.ones(2, 30, dtype=torch.bool)
+    km[0, :12] = False  # left padding
+    km[1, :3] = False
+    out, lse = ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, key_mask=km.to(device), softcap=2.0,
+                                         return_lse=True)
+    hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(2)]
+    hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(2)]
+    check_rows(out, lse, *reference_rows(q, hk, hv, key_mask=km, softcap=2.0))
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_rolling_equals_sliding_window_over_the_history(device, chunk):
+    # generate 3 x Ncache tokens into a ring of Ncache slots, one at a time and in chunks
+    ncache, left, B, Hkv, D = 24, 16, 2, 2, 16
+    total = 3 * ncache
+    g = torch.Generator().manual_seed(3)
+    qs, ks, vs = (torch.randn(B, h, total, D, generator=g, dtype=torch.float64) for h in (4, Hkv, Hkv))
+    kc = torch.zeros(B, Hkv, ncache, D, dtype=torch.float64, device=device)
+    vc = torch.zeros_like(kc)
+    cs = torch.zeros(B, dtype=torch.int32, device=device)
+    outs = []
+    for t in range(0, total, chunk):
+        sl = slice(t, t + chunk)
+        outs.append(ae.attention_with_kvcache(qs[:, :, sl].to(device), kc, vc, cs, k=ks[:, :, sl].to(device),
+                                              v=vs[:, :, sl].to(device), rolling=True, window=left))
+        cs += chunk
+    got = torch.cat(outs, 2)
+    ref, _ = R.attention(qs, ks, vs, R.window_mask(total, total, left, 0, causal=True))
+    R.check_close(got, ref)
+    assert kc.shape[2] == ncache  # memory bounded by the ring
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 7])
+def test_paged_equals_contiguous(device, page_size):
+    lens = [40, 5, 70]
+    B, Hkv, D, nq, ncache = 3, 2, 16, 4, 80
+    q, kc, vc, k, v, cs = make(B, 4, Hkv, nq, ncache, D, torch.float32, device, lens)
+    # rows 0 and 2 share their first 16 tokens (a common prefix), read-only
+    kc[2, :, :16], vc[2, :, :16] = kc[0, :, :16], vc[0, :, :16]
+    want = ae.attention_with_kvcache(q, kc.clone(), vc.clone(), cs, k=k, v=v, window=30)
+    pages_per_row = -(-ncache // page_size)
+    perm = torch.randperm(B * pages_per_row, generator=torch.Generator().manual_seed(1))
+    table = perm.view(B, pages_per_row).to(torch.int32)
+    shared = 16 // page_size
+    table[2, :shared] = table[0, :shared]
+    pool_k = torch.zeros(B * pages_per_row, Hkv, page_size, D, device=device)
+    pool_v = torch.zeros_like(pool_k)
+    for b in range(B):
+        for p in range(pages_per_row):
+            if b == 2 and p < shared:
+                continue
+            n = min(page_size, ncache - p * page_size)
+            pool_k[table[b, p], :, :n] = kc[b, :, p * page_size:p * page_size + n]
+            pool_v[table[b, p], :, :n] = vc[b, :, p * page_size:p * page_size + n]
+    got = ae.attention_with_kvcache(q, pool_k, pool_v, cs, k=k, v=v, block_table=table.to(device), window=30)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the appended tokens landed in the right pages
+    for b in range(B):
+        for i in range(nq):
+            t = lens[b] + i
+            assert torch.equal(pool_k[table[b, t // page_size], :, t % page_size], k[b, :, i])
+
+
+def test_opcheck_and_compile_with_mutation(device):
+    q, kc, vc, k, v, cs = make(2, 4, 2, 1, 32, 16, torch.float32, device, [3, 10])
+    torch.library.opcheck(torch.ops.attention_ext.attention_decode.default, (q, kc.clone(), vc.clone(), cs, 0.25),
+                          dict(k=k, v=v, window_left=4, window_right=0))
+
+    def step(q, kc, vc, cs, k, v):
+        return ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, window=8)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc2, vc2 = kc.clone(), vc.clone()
+    torch.testing.assert_close(compiled(q, kc, vc, cs, k, v), step(q, kc2, vc2, cs, k, v))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the compiled step appended in place too
+
+
+def test_no_backward():
+    q, kc, vc, k, v, cs = make(1, 2, 2, 1, 8, 8, torch.float64, "cpu", [2])
+    q.requires_grad_()
+    out = ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v)
+    with pytest.raises(RuntimeError):
+        out.sum().backward()
+
+
+def _args(**over):
+    q, kc, vc, k, v, cs = make(2, 4, 2, 3, 16, 8, torch.float32, "cpu", [2, 5])
+    a = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=cs, k=k, v=v)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over, exc, fragment", [
+    (dict(cache_seqlens=torch.tensor([2, -1], dtype=torch.int32)), ValueError, r"cache_seqlens\[1\] must be >= 0"),
+    (dict(cache_seqlens=torch.tensor([2, 14], dtype=torch.int32)), ValueError, r"exceeds the cache's 16 slots"),
+    (dict(cache_seqlens=torch.tensor([2, 5], dtype=torch.int64)), TypeError, "cache_seqlens must be an int32"),
+    (dict(cache_seqlens=torch.tensor([2], dtype=torch.int32)), ValueError, r"cache_seqlens must have shape"),
+    (dict(k=torch.zeros(2, 2, 4, 8)), ValueError, "k must have shape"),
+    (dict(v=None), ValueError, "k and v go together"),
+    (dict(k_cache=torch.zeros(2, 3, 16, 8)), ValueError, "must match k_cache"),
+    (dict(q=torch.zeros(2, 4, 3, 8, dtype=torch.float64)), TypeError, "must have q's dtype"),
+    (dict(k=None, v=None, cache_seqlens=torch.tensor([2, 5], dtype=torch.int32)), ValueError, "must be >= Nq"),
+])
+def test_bad_input(over, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        ae.attention_with_kvcache(**_args(**over))
+
+
+def test_bad_paged_and_rolling():
+    q, kc, vc, k, v, cs = make(2, 4, 2, 3, 16, 8, torch.float32, "cpu", [2, 5])
+    pool = torch.zeros(4, 2, 4, 8)
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 9 is outside the pool of 4 pages"):
+        ae.attention_with_kvcache(q, pool, pool.clone(), cs, k=k, v=v, block_table=table)
+    with pytest.raises(ValueError, match="needs 3 pages of 4"):
+        ae.attention_with_kvcache(q, pool, pool.clone(), torch.tensor([2, 7], dtype=torch.int32), k=k, v=v,
+                                  block_table=table.clamp(max=3))
+    with pytest.raises(ValueError, match="too small for window left=14"):
+        ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, rolling=True, window=14)
+    with pytest.raises(ValueError, match="needs a window"):
+        ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, rolling=True)
+    # the raw op refuses it too, before touching the cache
+    before = kc.clone()
+    with pytest.raises(ValueError, match="too small"):
+        torch.ops.attention_ext.attention_decode(q, kc, vc, cs, 0.3, k, v, rolling=True, window_left=15,
+                                                 window_right=0)
+    assert torch.equal(kc, before)
