@@ -62,10 +62,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, x, offset=0):
+    def forward(self, x, offset=0, positions=None):
+        """``positions``: ``(B or 1, N)`` token positions (packed documents restart at 0),
+        instead of ``offset, offset + 1, ...``."""
         n = x.shape[-2]
-        pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))
+        if positions is None:
+            freqs = torch.outer(torch.arange(offset, offset + n, device=x.device, dtype=torch.float32),
+                                self.inv_freq.to(x.device))
+        else:  # (B, 1, N, D / 2): the same products as the outer product above
+            freqs = (positions.to(x.device, torch.float32).unsqueeze(-1) * self.inv_freq.to(x.device)).unsqueeze(1)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
@@ -115,13 +120,16 @@ class Attention(nn.Module):
         rope: rotary position embedding on q and k (``rope_base``), default True.
         backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
 
-    ``forward(x, cache=None)``: pass a :class:`~attention_ext.KVCache` to decode
-    incrementally (layer ``layer_idx`` of it; the caller advances it after every layer, as
-    :class:`TransformerLM` does): the new keys/values are appended in place by
+    ``forward(x, cache=None, cu_seqlens=None)``: pass a :class:`~attention_ext.KVCache` to
+    decode incrementally (layer ``layer_idx`` of it; the caller advances it after every
+    layer, as :class:`TransformerLM` does): the new keys/values are appended in place by
     :func:`attention_ext.attention_with_kvcache`, local layers into a ring of their window.
     A dict is the concatenating cache of the ``"sdpa"`` backend (transformers'
     DynamicCache's way): it keeps the keys/values (local layers the last ``left``), a linear
-    layer's state and the RoPE offset.
+    layer's state and the RoPE offset. ``cu_seqlens`` (int32 ``(S+1,)`` or ``(B, S+1)``, as
+    :func:`attention_ext.flash_attention`) packs documents along the sequence: RoPE positions
+    restart at each document, and no query sees another document (softmax layers; not with
+    a cache).
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
@@ -154,15 +162,22 @@ class Attention(nn.Module):
         return (f"kind={self.kind}{w}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, backend={self.backend}")
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, cu_seqlens=None):
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kv = isinstance(cache, KVCache)
         offset = 0 if cache is None else cache.lengths[0] if kv else cache.get("pos", 0)
+        positions = None
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache")
+            if self.kind == "linear":
+                raise NotImplementedError("cu_seqlens (packed documents) is not supported by linear layers")
+            positions = _layers.document_positions(cu_seqlens, N)
         if self.rope is not None:
-            q, k = self.rope(q, offset), self.rope(k, offset)
+            q, k = self.rope(q, offset, positions), self.rope(k, offset, positions)
         if cache is not None and self.causal is False and (kv or cache.get("pos", 0)):
             raise ValueError("incremental decoding needs a causal layer")
         if self.kind == "linear":
@@ -175,22 +190,25 @@ class Attention(nn.Module):
                     k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
                 keep = k.shape[2] if self.kind == "global" else min(k.shape[2], self.left)
                 cache["k"], cache["v"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
-            out = self._softmax(q, k, v)
+            out = self._softmax(q, k, v, cu_seqlens)
         if cache is not None and not kv:
             cache["pos"] = offset + N
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
-    def _softmax(self, q, k, v):
+    def _softmax(self, q, k, v, cu_seqlens=None):
         if self.backend == "attention_ext":
+            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens)
             if self.kind == "global":
-                return _fn.flash_attention(q, k, v, causal=self.causal)
-            return _fn.sliding_window_attention(q, k, v, (self.left, self.right), causal=self.causal)
+                return _fn.flash_attention(q, k, v, **kw)
+            return _fn.sliding_window_attention(q, k, v, (self.left, self.right), **kw)
         gqa = self.num_heads != self.num_kv_heads
         nq, nk = q.shape[2], k.shape[2]
-        if self.kind == "global" and (not self.causal or nq == nk or nq == 1):
+        if self.kind == "global" and cu_seqlens is None and (not self.causal or nq == nk or nq == 1):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa)
         left, right = (self.left, self.right) if self.kind == "local" else (None, None)
         mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
+        if cu_seqlens is not None:  # no cache: nq == nk, and the band on indices is the band inside documents
+            mask = mask & _layers.document_mask(cu_seqlens, nk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _cached(self, q, k, v, cache):
@@ -254,8 +272,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.attn_norm(x), cache=cache)
+    def forward(self, x, cache=None, cu_seqlens=None):
+        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -266,8 +284,13 @@ class TransformerLM(nn.Module):
     from layer 0 to ``num_layers`` (default ``len(pattern)``): ``"LG"`` alternates,
     ``"LLLLLG"`` is Gemma 3's 5:1, ``"LLG"`` ModernBERT's 2:1, ``"G"`` all global.
 
-    ``forward(idx, targets=None, caches=None)`` returns ``(logits, loss)`` (loss is None
-    without targets; cross entropy over all positions, ``ignore_index=-100``).
+    ``forward(idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None)``
+    returns ``(logits, loss)`` (loss is None without targets; cross entropy over all
+    positions, ``ignore_index=-100``: put -100 where a document's last token would predict
+    the next document's first). Packed documents: ``cu_seqlens`` (int32 ``(S+1,)`` or
+    ``(B, S+1)``, see :class:`Attention`) or ``position_ids`` (``(N,)`` or ``(B, N)``, 0 at
+    each document start, as ``DataCollatorWithFlattening`` makes them); each document then
+    gives the logits it gives alone.
     ``generate(idx, max_new_tokens)`` decodes greedily (or samples with
     ``temperature > 0``) with a cache from :meth:`new_caches`: a
     :class:`~attention_ext.KVCache` (``"attention_ext"``: nothing is concatenated, local
@@ -309,13 +332,21 @@ class TransformerLM(nn.Module):
             b.attn.backend = backend
         return self
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None):
+        if position_ids is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass cu_seqlens or position_ids, not both")
+            cu_seqlens = _layers.cu_seqlens(position_ids.view(-1, idx.shape[1]) == 0)
+            if position_ids.dim() == 1:  # one packing for every row
+                cu_seqlens = cu_seqlens[0]
         x = self.embed(idx)
         if isinstance(caches, KVCache):
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache")
             x = self._cached_blocks(x, caches)
         else:
             for i, block in enumerate(self.blocks):
-                x = block(x, None if caches is None else caches[i])
+                x = block(x, None if caches is None else caches[i], cu_seqlens)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

@@ -365,9 +365,9 @@ def test_padding_builds_no_dense_mask(name, device, monkeypatch):
     assert aehf.fallback_counts()["kernel"] == layers
 
 
-def test_mask_function_returns_key_padding_or_dense(device):
+def test_mask_function_returns_key_padding_or_documents(device):
     """With padding: the key padding as a bool (B, 1, 1, N) tensor (O(B*N)); for packed
-    sequences (a pattern only transformers can describe) its exact dense mask."""
+    sequences (position ids that restart) the documents' cu_seqlens, int32 (B, 1, 1, S+1)."""
     cfg, _, _ = family_config("llama")
     model = build("llama", "attention_ext", device)
     ids, mask = inputs("llama", True, device)
@@ -387,18 +387,119 @@ def test_mask_function_returns_key_padding_or_dense(device):
             padding = seen[-1]
             assert padding.shape == (2, 1, 1, 24) and padding.dtype == torch.bool
             assert torch.equal(padding[:, 0, 0], mask.bool())
-            # two packed sequences per row (position ids restart): exact dense mask
+            # two packed sequences per row (position ids restart): their boundaries
             pos = torch.cat([torch.arange(10), torch.arange(14)]).view(1, -1).expand(2, -1).to(device)
             aehf.reset_counts()
             packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            dense = seen[-1]
-            assert dense is not None and dense.shape[-2:] == (24, 24) and dense.stride(2) != 0
-            assert aehf.fallback_counts()["dense_mask"] == 2
+            cu = seen[-1]
+            assert cu.dtype == torch.int32 and cu.tolist() == [[[[0, 10, 24]]]] * 2
+            assert aehf.fallback_counts() == {"kernel": 2, "dense_mask": 0, "dropout": 0}
             # the second sequence of a packed row equals running it alone
             alone = model(input_ids=ids[:, 10:], use_cache=False).logits
             assert_close(packed[:, 10:], alone, "packed vs alone")
     finally:
         AttentionInterface.register("attention_ext", orig)
+
+
+PACKED = [5, 13, 9, 20]  # document lengths, several longer than the window W
+
+
+def packed_batch(flash_kwargs):
+    """One flattened row from DataCollatorWithFlattening: position ids restart at 0 per
+    document; with flash_kwargs also the cu_seq_lens_q/k and max_length_q/k FlashAttention reads."""
+    from transformers import DataCollatorWithFlattening
+
+    g = torch.Generator().manual_seed(4)
+    docs = [{"input_ids": torch.randint(1, 97, (n,), generator=g).tolist()} for n in PACKED]
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(docs, return_tensors="pt")
+
+
+def refuse_dense_masks(monkeypatch):
+    """Every dense mask, transformers' or ours, raises from here on."""
+    from transformers import masking_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense attention mask was built")
+
+    for owner, name in ((masking_utils, "sdpa_mask"), (_layers, "band_mask"), (_layers, "document_mask")):
+        monkeypatch.setattr(owner, name, refuse)
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "flash_kwargs"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma2", "gemma3"])
+def test_packed_sequences_match_eager(name, flash_kwargs, device, monkeypatch):
+    """A DataCollatorWithFlattening batch (Qwen2, Gemma 2 and 3: sliding and full layers;
+    Mistral: all sliding, W = 8 keys inside each document; Gemma 2 with its softcap) runs on
+    the kernels with the documents' cu_seqlens, no dense mask anywhere: logits and parameter
+    gradients as eager on the same
+    batch (which builds its block-diagonal mask from the position ids), and each document's
+    logits as running it alone (so eager's mask is the one meant)."""
+    _, layers, _ = family_config(name)
+    ref, ours = pair(name, "eager", device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed_batch(flash_kwargs).items()}
+    batch.pop("labels")
+    n = sum(PACKED)
+    weights = torch.randn(1, n, 97, generator=torch.Generator().manual_seed(2)).to(device)
+    out = {}
+    for tag, model in (("ref", ref), ("ours", ours)):
+        if tag == "ours":
+            refuse_dense_masks(monkeypatch)
+            aehf.reset_counts()
+        logits = model(**batch, use_cache=False).logits
+        (logits * weights).sum().backward()
+        out[tag] = logits
+    assert aehf.fallback_counts() == {"kernel": layers, "dense_mask": 0, "dropout": 0}
+    monkeypatch.undo()
+    assert_close(out["ours"], out["ref"], f"{name} packed logits")
+    for (pname, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        if p_ref.grad is not None:
+            assert_close(p_ours.grad, p_ref.grad, f"{name} packed grad {pname}")
+    start = 0
+    with torch.no_grad():
+        for length in PACKED:
+            alone = ref(input_ids=batch["input_ids"][:, start:start + length], use_cache=False).logits
+            assert_close(out["ours"][:, start:start + length], alone, f"{name} document at {start} alone")
+            start += length
+
+
+def test_packed_rows_differ(device, monkeypatch):
+    """Two rows packed differently (2 and 3 documents: cu_seqlens (2, 4), the short row
+    repeats its end) match eager on the same batch."""
+    ref, ours = pair("qwen2", "eager", device)
+    pos = torch.stack([torch.cat([torch.arange(11), torch.arange(19)]),
+                       torch.cat([torch.arange(4), torch.arange(16), torch.arange(10)])]).to(device)
+    ids = torch.randint(1, 97, pos.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.no_grad():
+        want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+        refuse_dense_masks(monkeypatch)
+        aehf.reset_counts()
+        got = ours(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert aehf.fallback_counts() == {"kernel": 4, "dense_mask": 0, "dropout": 0}
+    assert_close(got, want, "qwen2 rows packed differently")
+
+
+def test_attention_forward_reads_flash_kwargs(device):
+    """With no mask, cu_seq_lens_q/k (FlashAttention's kwargs) are the documents, as the
+    FlashAttention-2 path reads them: each document attends alone (causal, window w)."""
+    import types
+
+    import torch.nn.functional as F
+
+    module = types.SimpleNamespace(is_causal=True, config=None)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g).to(device) for _ in range(3))
+    cu = torch.tensor([0, 3, 12, 20], dtype=torch.int32, device=device)
+    aehf.reset_counts()
+    out, _ = aehf.attention_forward(module, q, k, v, None, sliding_window=4, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                    max_length_q=9, max_length_k=9)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        band = _layers.band_mask(b - a, b - a, causal=True, left=3, device=device)
+        want = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=band)
+        assert_close(out[:, a:b], want.transpose(1, 2), f"document {a}:{b}")
+    assert aehf.fallback_counts()["kernel"] == 1
+    with pytest.raises(NotImplementedError, match="cu_seq_lens"):
+        aehf.attention_forward(module, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                               None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
 def test_set_attn_implementation_switches_every_layer(device):
@@ -531,3 +632,10 @@ def test_dropout_falls_back_exactly(device):
     aehf.reset_counts()
     model(input_ids=ids)
     assert aehf.fallback_counts()["dropout"] == 2
+    # packed sequences too (the documents' mask joins the band); eager draws the same dropout masks
+    ref = build("llama", "eager", device, cfg).train()
+    batch = {k: v.to(device) for k, v in packed_batch(False).items() if k != "labels"}
+    torch.manual_seed(9)
+    want = ref(**batch, use_cache=False).logits
+    torch.manual_seed(9)
+    assert_close(model(**batch, use_cache=False).logits, want, "packed, dropout")

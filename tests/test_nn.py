@@ -162,3 +162,98 @@ def test_linear_layers(device):
         lm.set_backend("attention_ext")
         ours, _ = lm(idx)
     assert_close(ours, ref, "linear layers on attention_ext.linear_attention")
+
+
+DOCS = [[7, 15, 3, 11], [20, 16]]  # document lengths of two packed rows (36 tokens each)
+
+
+def packed_rows(dtype=torch.float64):
+    """A float64 LM (local layers see 5 keys back, GQA) and two rows packed differently:
+    (idx, cu_seqlens (2, 5), the short row repeating its end)."""
+    torch.manual_seed(0)
+    lm = randomize(aenn.TransformerLM(61, 48, 4, pattern="LG", num_layers=4, num_kv_heads=2, window=5),
+                   std=0.2).to(dtype)
+    idx = torch.randint(0, 61, (2, 36), generator=torch.Generator().manual_seed(7))
+    cu = torch.zeros(2, 5, dtype=torch.int32)
+    for row, lengths in enumerate(DOCS):
+        cu[row, 1:] = torch.tensor(lengths + [0] * (4 - len(lengths))).cumsum(0)
+    return lm, idx, cu
+
+
+def documents(row):
+    start = 0
+    for length in DOCS[row]:
+        yield start, start + length
+        start += length
+
+
+@pytest.mark.parametrize("backend", ["attention_ext", "sdpa"])
+def test_packed_documents_match_separate_runs(backend, device):
+    """Each document of a packed row gives the logits, and the same gradient contribution,
+    as running it alone. float64 throughout except RMSNorm, which normalises in float32:
+    the two runs round the same values there, so they agree to float32 rounding (1e-6)."""
+    lm, idx, cu = packed_rows()
+    lm = lm.to(device).set_backend(backend)
+    idx, cu = idx.to(device), cu.to(device)
+    w = torch.randn(2, 36, 61, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
+    logits, _ = lm(idx, cu_seqlens=cu)
+    (logits * w).sum().backward()
+    packed_grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    for row in range(2):
+        for a, b in documents(row):
+            alone, _ = lm(idx[row:row + 1, a:b])
+            assert_close(logits[row:row + 1, a:b], alone, f"row {row} document {a}:{b}", rel=1e-6)
+            (alone * w[row:row + 1, a:b]).sum().backward()  # the gradients of all documents add up
+    for (name, p), g in zip(lm.named_parameters(), packed_grads):
+        assert_close(g, p.grad, f"grad {name}", rel=1e-6)
+
+
+def test_packed_position_ids_and_shared_boundaries(device):
+    """position_ids that restart at 0 are the same documents as their cu_seqlens; one
+    (S+1,) row of boundaries serves every batch row."""
+    lm, idx, cu = packed_rows()
+    lm, idx, cu = lm.to(device), idx.to(device), cu.to(device)
+    pos = torch.cat([torch.arange(b - a) for a, b in documents(0)]).to(device)
+    with torch.no_grad():
+        by_cu, _ = lm(idx, cu_seqlens=cu[0])
+        by_pos, _ = lm(idx, position_ids=pos)
+        by_rows, _ = lm(idx, position_ids=pos.expand(2, -1))
+        want, _ = lm(idx[:1], cu_seqlens=cu[:1])
+    assert torch.equal(by_pos, by_cu)
+    assert_close(by_rows, by_cu, "per-row boundaries", rel=1e-12)
+    assert_close(by_cu[:1], want, "shared boundaries", rel=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        lm(idx, cu_seqlens=cu, position_ids=pos)
+    with pytest.raises(ValueError, match="cache"):
+        lm(idx, cu_seqlens=cu, caches=lm.new_caches(idx.shape[0], 64))
+    lin = aenn.TransformerLM(61, 32, 4, pattern="R", num_layers=1).to(device)
+    with pytest.raises(NotImplementedError, match="linear"):
+        lin(idx, cu_seqlens=cu)
+
+
+def test_packed_rotary_positions_restart(device, monkeypatch):
+    """RoPE restarts at each document: the rotated queries and keys that reach the kernel are
+    those of the document alone. (The logits cannot show it: scores depend only on position
+    differences, so a missed restart changes them by rounding alone.)"""
+    from attention_ext import functional
+
+    lm, idx, cu = packed_rows()
+    lm, idx, cu = lm.to(device), idx.to(device), cu.to(device)
+    seen = []
+    orig = functional.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q, k))
+        return orig(q, k, v, **kw)
+
+    monkeypatch.setattr(functional, "flash_attention", spy)
+    with torch.no_grad():
+        lm(idx, cu_seqlens=cu)
+        (q, k), = seen[:1]
+        for a, b in documents(1):
+            seen.clear()
+            lm(idx[1:, a:b])
+            qa, ka = seen[0]
+            assert_close(q[1:, :, a:b], qa, f"rotated queries {a}:{b}", rel=1e-6)
+            assert_close(k[1:, :, a:b], ka, f"rotated keys {a}:{b}", rel=1e-6)

@@ -24,10 +24,18 @@ Importing this module registers two functions under the name ``"attention_ext"``
   ``(B, 1, 1, kv_length)`` tensor (O(B * N) memory), which :func:`attention_forward`
   passes to the kernels as ``key_mask`` next to the layer's own causal/window spec;
   a static cache's prefill, whose keys are the whole buffer, gets the key row of the
-  written slots only (``(B, 1, 1, end)``: the keys end there); anything else (packed
-  sequences, or-/and-mask overlays such as Gemma 3's image tokens, chunked attention) gets
-  transformers' exact dense boolean mask, which for one query (decoding, a static cache's
-  steps included) is a ``(B, 1, 1, kv_length)`` row that the kernels take as ``key_mask``.
+  written slots only (``(B, 1, 1, end)``: the keys end there);
+  for packed sequences (position ids that restart, no padding mask and no cache, as
+  ``DataCollatorWithFlattening`` produces them; transformers detects them the same way
+  for eager and SDPA) it returns the documents' boundaries, int32 ``(B, 1, 1, S+1)``,
+  which :func:`attention_forward` passes as the kernels' ``cu_seqlens`` (the layer's
+  causal/window pattern then applies inside each document); with no mask at all,
+  FlashAttention's ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs (one flattened row) are
+  read as the FlashAttention-2 path reads them;
+  anything else (or-/and-mask overlays such as Gemma 3's image tokens, chunked attention)
+  gets transformers' exact dense boolean mask, which for one query (decoding, a static
+  cache's steps included) is a ``(B, 1, 1, kv_length)`` row that the kernels take as
+  ``key_mask``.
   Our masks are recognised by their shape, never by an attribute: ``generate`` copies
   the masks of a static cache (``.contiguous()``), and a copy keeps only shape, dtype
   and values (see :func:`attention_forward` for how each shape is read).
@@ -37,7 +45,8 @@ warns once):
 
 =================================  =================================================
 ``"kernel"``                       our ops (flash_attention / sliding_window_attention),
-                                   padded batches included (``key_mask``), and every
+                                   padded batches included (``key_mask``), packed
+                                   sequences (``cu_seqlens``), and every
                                    one-query (decoding) step whose mask is a bool row
 ``"dense_mask"``                   a mask only transformers can describe (see above)
                                    for more than one query: exact SDPA with that mask

@@ -17,7 +17,7 @@ _counts: collections.Counter = collections.Counter()
 _warned: set = set()
 
 _FALLBACK_WHY = {
-    "dense_mask": "a mask pattern only transformers can describe (packed sequences, mask overlays, chunked "
+    "dense_mask": "a mask pattern only transformers can describe (mask overlays, chunked "
                   "attention): exact SDPA with transformers' dense mask",
     "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
 }
@@ -90,12 +90,11 @@ def _band(nq, nk, causal, window, device):
 # Attention function
 # ---------------------------------------------------------------------------------
 
-def _kernel(query, key, value, causal, window, scaling, softcap, key_mask):
+def _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents):
+    kw = dict(causal=causal, scale=scaling, softcap=softcap, key_mask=key_mask, **documents)
     if window is None:
-        return _fn.flash_attention(query, key, value, causal=causal, scale=scaling, softcap=softcap,
-                                   key_mask=key_mask)
-    return _fn.sliding_window_attention(query, key, value, _reach(window, causal), causal=causal, scale=scaling,
-                                        softcap=softcap, key_mask=key_mask)
+        return _fn.flash_attention(query, key, value, **kw)
+    return _fn.sliding_window_attention(query, key, value, _reach(window, causal), **kw)
 
 
 def _sdpa(query, key, value, mask, scaling):
@@ -181,6 +180,25 @@ def _tagged_padding(info, nk, causal, module):
     return pad[:, start:end]
 
 
+def _is_documents(mask, batch):
+    """An int32 ``(B, 1, 1, S+1)`` mask: packed documents' ``cu_seqlens`` (only
+    :func:`mask_function` returns one)."""
+    return mask.dim() == 4 and mask.dtype == torch.int32 and mask.shape[1:3] == (1, 1) and mask.shape[0] == batch
+
+
+def _flash_kwargs_documents(kwargs, batch, nq, nk):
+    """The ``cu_seq_lens_q`` / ``cu_seq_lens_k`` that transformers' FlashAttention paths
+    take (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``): boundaries along
+    the flattened batch, read as FlashAttention-2 reads them when no mask says otherwise."""
+    cq, ck = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cq is None and ck is None:
+        return {}
+    if cq is None or ck is None or batch != 1 or nq != nk:
+        raise NotImplementedError("attention_ext: cu_seq_lens_q/cu_seq_lens_k need both, one flattened row "
+                                  f"(batch 1) and as many queries as keys; got batch {batch}, {nq} queries, {nk} keys")
+    return dict(cu_seqlens_q=cq.to(torch.int32), cu_seqlens_k=ck.to(torch.int32))
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers attention function ``"attention_ext"``; returns ``(out (B, N, H, Dv), None)``.
@@ -206,6 +224,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     * our mask with its attribute still on (``_attention_ext``, not copied): the same, with
       the padding of every position, so a layer converted to a wider window than the
       model's mask gets its key padding too.
+    * int32 ``(B, 1, 1, S+1)``: packed sequences, the documents' ``cu_seqlens`` (from
+      :func:`mask_function`); the layer's pattern applies inside each document.
+    * ``None`` with ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs: those documents.
     * anything else: an exact dense mask (SDPA, or eager math with a softcap).
     """
     if s_aux is not None:
@@ -218,10 +239,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Nk = key.shape[2]
     dense = None  # the exact boolean/additive mask of a fallback, if one is needed
     key_mask = None  # padding, (B, Nk) bool: our kernels take it as is
+    documents = {}  # packed sequences: the kernels' cu_seqlens (or cu_seqlens_q / cu_seqlens_k)
 
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_ext: unsupported attention_mask type {type(attention_mask).__name__}")
-    if attention_mask is not None and _is_key_row(attention_mask, B):
+    if attention_mask is None:
+        documents = _flash_kwargs_documents(kwargs, B, Nq, Nk)
+    elif _is_documents(attention_mask, B):
+        documents = dict(cu_seqlens=attention_mask[:, 0, 0])
+    elif _is_key_row(attention_mask, B):
         info = getattr(attention_mask, "_attention_ext", None)
         if info is not None:
             key_mask = _tagged_padding(info, Nk, causal, module)
@@ -253,6 +279,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             dense = _band(Nq, Nk, causal, window, query.device)
             if key_mask is not None:
                 dense = key_mask.reshape(B, 1, 1, Nk) & dense
+            if documents:  # Nq == Nk: inside a document the band on indices is the band on its positions
+                cu = documents.get("cu_seqlens", documents.get("cu_seqlens_q"))
+                if "cu_seqlens_k" in documents and not torch.equal(cu, documents["cu_seqlens_k"]):
+                    raise NotImplementedError("attention_ext: attention dropout with cu_seq_lens_q != cu_seq_lens_k")
+                dense = _layers.document_mask(cu, Nk) & dense
         out = _eager(query, key, value, dense, scaling, softcap, dropout)
     elif dense is not None:
         _count("dense_mask")
@@ -264,5 +295,5 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _count("kernel")
         if value.dtype != query.dtype or key.dtype != query.dtype:
             key, value = key.to(query.dtype), value.to(query.dtype)
-        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask)
+        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents)
     return out.transpose(1, 2).contiguous(), None

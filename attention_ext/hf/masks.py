@@ -1,11 +1,14 @@
 """The mask function registered as ``"attention_ext"``: recognises the plain patterns our
-kernels run (causal / bidirectional / sliding window, with padding as key padding) in
-transformers' mask functions, and leaves every other mask to transformers."""
+kernels run (causal / bidirectional / sliding window, with padding as key padding, and
+packed sequences as ``cu_seqlens``) in transformers' mask functions, and leaves every
+other mask to transformers."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import _layers
 
 
 def _closure(fn):
@@ -15,9 +18,17 @@ def _closure(fn):
 
 def _analyse(mask_function):
     """Describe an index-based transformers mask function as ``{"causal": bool|None,
-    "window": ..., "padding": [...]}``, or None when it is anything but an and-combination
-    of causal / bidirectional / sliding-window / padding / unpacked-sequence masks."""
-    out = {"causal": None, "window": None, "padding": []}
+    "window": ..., "padding": [...], "documents": (B, N) ids or None}``, or None when it is
+    anything but an and-combination of causal / bidirectional / sliding-window / padding /
+    packed-sequence masks.
+
+    Packed sequences: transformers and-s its pattern with ``packed_sequence_mask_function``
+    (document ids from position ids that do not step by 1); 5.x also wraps the pattern in
+    ``remap_positions_for_packed_sequence`` (indices -> position ids). Inside a document
+    the position ids step by 1, so either way it is the pattern on document-local
+    positions: the kernels' ``cu_seqlens``."""
+    out = {"causal": None, "window": None, "padding": [], "documents": None}
+    remapped = False
     stack = [mask_function]
     while stack:
         fn = stack.pop()
@@ -35,13 +46,16 @@ def _analyse(mask_function):
             out["causal"] = False if out["causal"] is None else out["causal"]
         elif qn == "padding_mask_function.<locals>.inner_mask":
             out["padding"].append(_closure(fn)["padding_mask"])
+        elif qn == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+            remapped = True
+            stack.append(_closure(fn)["mask_function"])
         elif qn == "packed_sequence_mask_function.<locals>.inner_mask":
             packed = _closure(fn)["packed_sequence_mask"]
-            if not bool((packed[:, -1] == 0).all()):  # several sequences in a row: not ours
-                return None
+            if not bool((packed[:, -1] == 0).all()):  # 4.57 passes it also for one sequence per row
+                out["documents"] = packed
         else:
             return None
-    if out["causal"] is None:
+    if out["causal"] is None or (remapped and out["documents"] is None):
         return None
     return out
 
@@ -57,6 +71,11 @@ def _padding(attention_mask, start, length, batch_size, device):
 
 def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **kwargs):
     """transformers mask function ``"attention_ext"`` (AttentionMaskInterface).
+
+    Packed sequences (position ids that restart, no padding mask and no cache, as
+    ``DataCollatorWithFlattening`` gives them): their document boundaries, int32
+    ``(B, 1, 1, S+1)`` (the kernels' ``cu_seqlens``, a row with fewer documents repeats its
+    last value), computed once per mask, so once per forward and layer type, not per layer.
 
     Returns, for a plain pattern (the queries are the last ``q_length`` of the
     ``kv_length`` keys, no overlay), ``None`` without padding, else the key padding as a
@@ -113,6 +132,13 @@ def mask_function(batch_size, *args, mask_function=None, attention_mask=None, **
                                        attention_mask=attention_mask, **dense_kwargs)
 
     spec = _analyse(mask_function)
+    if spec is not None and spec["documents"] is not None:
+        docs = spec["documents"]
+        if (spec["padding"] or attention_mask is not None or not isinstance(q_offset, int) or q_offset
+                or kv_offset or not q_length == kv_length == docs.shape[-1]):
+            return dense()
+        starts = F.pad(docs.diff(dim=-1) != 0, (1, 0))
+        return _layers.cu_seqlens(starts.expand(batch_size, -1)).view(batch_size, 1, 1, -1)
     if spec is None or not skip_allowed or spec["padding"]:
         return dense()
     if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
