@@ -162,9 +162,9 @@ def cu_seqlens(value, name, batch, n, device, fn, *, per_row=True):
     """FlashAttention's cumulative document boundaries along the sequence: int32
     ``(S + 1,)`` (shared by every batch row) or, with ``per_row``, ``(B, S + 1)``, with
     ``0 = c[0] <= c[1] <= ... <= c[S] = n`` in every row. Returns it as ``(B, S + 1)``
-    (``per_row``) or as given. The values are checked here in eager mode; under
-    torch.compile or a torch.func transform (where reading them would break the graph or
-    the transform) the op checks them."""
+    (``per_row``) or as given. The values are the op's to check (host_boundaries in
+    csrc/common/tensor_checks): it reads them once anyway, and reading them here would
+    break torch.compile graphs and torch.func transforms."""
     tensor(value, name)
     if value.dtype != torch.int32:
         raise TypeError(f"{fn}: {name} must be an int32 tensor, got dtype {value.dtype}")
@@ -174,14 +174,6 @@ def cu_seqlens(value, name, batch, n, device, fn, *, per_row=True):
         raise ValueError(f"{fn}: {name} must {want}, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(value):
-        c = value.detach().reshape(-1, value.shape[-1]).cpu()
-        if (c[:, 0] != 0).any():
-            raise ValueError(f"{fn}: {name} must start at 0, got {c[:, 0].tolist()}")
-        if (c[:, -1] != n).any():
-            raise ValueError(f"{fn}: {name} must end at the sequence length {n}, got {c[:, -1].tolist()}")
-        if (c[:, 1:] < c[:, :-1]).any():
-            raise ValueError(f"{fn}: {name} must be non-decreasing, got {value.tolist()}")
     return value.expand(batch, -1) if per_row and value.dim() == 1 else value
 
 

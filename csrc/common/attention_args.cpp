@@ -100,8 +100,10 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
   if (a.cu_seqlens_q.has_value() || a.cu_seqlens_k.has_value()) {
     TORCH_CHECK_VALUE(a.cu_seqlens_q.has_value() && a.cu_seqlens_k.has_value(), op,
                       ": cu_seqlens_q and cu_seqlens_k go together (pass both, or neither)");
-    in.cu_q = check_cu_seqlens(op, "cu_seqlens_q", *a.cu_seqlens_q, s.B, s.Nq, q);
-    in.cu_k = check_cu_seqlens(op, "cu_seqlens_k", *a.cu_seqlens_k, s.B, s.Nk, q);
+    // one tensor for both is the public cu_seqlens: the messages name it so
+    const bool one = a.cu_seqlens_q->is_same(*a.cu_seqlens_k);
+    in.cu_q = check_cu_seqlens(op, one ? "cu_seqlens" : "cu_seqlens_q", *a.cu_seqlens_q, s.B, s.Nq, q);
+    in.cu_k = one ? in.cu_q : check_cu_seqlens(op, "cu_seqlens_k", *a.cu_seqlens_k, s.B, s.Nk, q);
     TORCH_CHECK_VALUE(in.cu_q.sizes() == in.cu_k.sizes(), op,
                       ": cu_seqlens_q and cu_seqlens_k must have the same shape, got ", a.cu_seqlens_q->sizes(),
                       " and ", a.cu_seqlens_k->sizes());

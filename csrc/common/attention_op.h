@@ -61,7 +61,8 @@ void fwd_by_document(const AttentionInputs& in, const at::Tensor& q, const at::T
         l.fill_(-std::numeric_limits<double>::infinity());
         continue;
       }
-      at::Tensor oc = at::empty_like(o, at::MemoryFormat::Contiguous), lc = at::empty_like(l, at::MemoryFormat::Contiguous);
+      at::Tensor oc = at::empty_like(o, at::MemoryFormat::Contiguous);
+      at::Tensor lc = at::empty_like(l, at::MemoryFormat::Contiguous);
       Backend::fwd(document_inputs(in, b, d), rows(q, b, d.q0, d.nq), rows(k, b, d.k0, d.nk), rows(v, b, d.k0, d.nk),
                    oc, lc);
       o.copy_(oc), l.copy_(lc);
@@ -73,11 +74,13 @@ void bwd_by_document(const AttentionInputs& in, const at::Tensor& grad_out, cons
                      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                      const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const Documents docs = in.documents();
-  dq.zero_(), dk.zero_(), dv.zero_();  // rows of documents without keys or queries
   for (int64_t b = 0; b < in.shape.B; ++b)
     for (int64_t i = 0; i < doc_count(docs); ++i) {
       const DocSpan d = doc_span(docs, b, i, in.shape.Nq, in.shape.Nk);
-      if (d.nq == 0 || d.nk == 0) continue;
+      if (d.nq == 0 || d.nk == 0) {  // queries without keys, keys without queries: zero gradients
+        rows(dq, b, d.q0, d.nq).zero_(), rows(dk, b, d.k0, d.nk).zero_(), rows(dv, b, d.k0, d.nk).zero_();
+        continue;
+      }
       at::Tensor dqc = at::empty({1, in.shape.Hq, d.nq, in.shape.D}, dq.options());
       at::Tensor dkc = at::empty({1, in.shape.Hkv, d.nk, in.shape.D}, dk.options());
       at::Tensor dvc = at::empty({1, in.shape.Hkv, d.nk, in.shape.Dv}, dv.options());
