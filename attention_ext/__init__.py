@@ -14,6 +14,7 @@ with Hugging Face transformers.
 
 from . import _isa, nn, patterns
 from ._explain import explain
+from ._info import info
 from .decode import attention_with_kvcache
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
@@ -38,5 +39,6 @@ __all__ = [
     "cpu_isa",
     "set_cpu_isa",
     "explain",
+    "info",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: interleaved timing, peak memory, RESULTS.md sections."""
+"""Shared benchmark helpers: interleaved timing, peak memory, sizes by mode, what a run prints
+(benchmarks/_console.py), its plots (benchmarks/_plots.py), RESULTS.md sections."""
 
 import os
 import platform
@@ -10,9 +11,40 @@ from pathlib import Path
 
 import torch
 
+from . import _console
+from ._console import progress, say  # noqa: F401  (the suites' progress bar and lines)
 from ._memory import LIBC, Peak
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"  # what `--full` runs write, with their plots in plots/
+OUT = HERE / "out"  # what default and --quick runs write (git-ignored): RESULTS.md, plots/
+MODES = ("quick", "default", "full")
+
+
+def mode(args):
+    """'quick', 'default' or 'full': the sizes a run uses (python -m benchmarks --quick / --full)."""
+    if getattr(args, "quick", False):
+        return "quick"
+    return getattr(args, "mode", None) or "default"
+
+
+def sized(args, sizes):
+    """A suite's sizes for this run: `sizes` maps each of MODES to what the suite reads
+    (a list of N, a dict of knobs...); a mode a suite does not declare falls back to 'full'."""
+    return sizes.get(mode(args), sizes["full"])
+
+
+def results_path(args):
+    return RESULTS if mode(args) == "full" else OUT / "RESULTS.md"
+
+
+def plots_dir(args):
+    """Where this run's plots go: --plots-dir, else next to the results it writes; None with
+    --no-write."""
+    given = getattr(args, "plots_dir", None)
+    if given:
+        return Path(given)
+    return None if getattr(args, "no_write", False) else results_path(args).parent / "plots"
 
 
 def sync(device):
@@ -87,23 +119,54 @@ def memory_columns(mem, names):
 
 
 def print_row(row, errors=None):
-    """One finished row of a suite's table, as it is measured."""
-    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, errors or "", flush=True)
+    """One finished row of a suite's table, as it is measured: an aligned line (ratios
+    coloured on a terminal), then one line per contender in `errors` with its reason."""
+    _console.row_line(row, _fmt)
+    _console.failures(errors)
 
 
-def publish(args, name, body):
-    """Prints a suite's section and, for a full run, writes it to RESULTS.md."""
-    print(body)
-    if not args.no_write and not args.quick:
-        write_section(name, body)
+def publish(args, name, body, rows=None, roofs=None):
+    """Prints a suite's section, writes its plots (from `rows`, see benchmarks/_plots.py;
+    roofs: {dtype: GEMM GFLOP/s}, else measured here) and links them, and writes the section
+    to RESULTS.md (`--full`) or benchmarks/out/RESULTS.md; --no-write writes nothing (plots
+    only where --plots-dir is given)."""
+    target = results_path(args)
+    where = plots_dir(args)
+    if rows and where is not None:
+        from ._plots import plot_suite
+
+        written = plot_suite(name, rows, where, f"{cpu_model()}, CPU path {_isa()}, commit {commit_hash()}",
+                             roofs=roofs or (lambda dt: gemm_gflops(getattr(torch, dt, torch.float32))))
+        if written:
+            body = body.rstrip() + "\n\nPlots: " + " · ".join(
+                f"[{what}]({os.path.relpath(path, target.parent)})" for what, path in written.items()) + "\n"
+    say(body)
+    if not args.no_write:
+        write_section(name, body, target)
+        say(f"(section `{name}` written to {os.path.relpath(target)})")
 
 
-def report(args, name, title, notes, rows, columns=None):
-    """A suite's section (title, command, machine, notes, the table of rows), printed and
-    published."""
+def report(args, name, title, notes, rows, columns=None, roofs=None):
+    """A suite's section (title, command, machine, notes, the table of rows, its plots),
+    printed and published."""
     body = header(title, command_line()) + "\n" + notes + "\n\n"
     body += table(rows, columns or list(rows[0].keys()))
-    publish(args, name, body)
+    publish(args, name, body, rows=rows, roofs=roofs)
+
+
+_gemm = {}
+
+
+def gemm_gflops(dtype, rounds=3):
+    """The machine's GEMM GFLOP/s for `dtype` (square matmul), measured once per run: the roof
+    the suites' GFLOP/s are read against."""
+    if dtype not in _gemm:
+        # bf16 matmul runs a slow fallback on CPUs without bf16 dot products: size it small
+        n = 2048 if dtype == torch.float32 else 512
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best, _ = interleaved({"mm": lambda: a @ b}, rounds=rounds)
+        _gemm[dtype] = 2 * n**3 / best["mm"] / 1e9 if best["mm"] else None
+    return _gemm[dtype]
 
 
 def keep_heap():
@@ -138,18 +201,38 @@ def peak_memory_mb(fn, device="cpu"):
     return peak.read()
 
 
-def machine_line():
-    cpu = platform.processor() or platform.machine()
+def cpu_model():
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def _isa():
     import attention_ext
 
-    isa = attention_ext.cpu_isa()
+    return attention_ext.cpu_isa()
+
+
+def run_header(suite, doc, contenders, args):
+    """What a suite's run prints first: the machine, the ISA path, torch, the contenders."""
+    import attention_ext
+
+    lines = [("suite", f"{suite} ({mode(args)} sizes): {(doc or '').strip().splitlines()[0] if doc else ''}"),
+             ("CPU", f"{cpu_model()}, {os.cpu_count()} cores"),
+             ("ISA path", f"{_isa()} (available: {', '.join(attention_ext.available_cpu_isas())})"),
+             ("torch", f"{torch.__version__}, {torch.get_num_threads()} threads"
+                       + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")),
+             ("contenders", ", ".join(contenders) if contenders else "see the suite's docstring")]
+    _console.header(lines)
+
+
+def machine_line():
+    cpu = cpu_model()
+    isa = _isa()
     line = (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, attention_ext CPU path `{isa}`")
     if torch.cuda.is_available():
@@ -165,16 +248,18 @@ def commit_hash():
         return "unknown"
 
 
-def write_section(name, body):
-    """Replaces (or appends) the section `name` of benchmarks/RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the command it names.\n"
+def write_section(name, body, path=RESULTS):
+    """Replaces (or appends) the section `name` of benchmarks/RESULTS.md (or `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is rewritten by the command it names.\n"
     begin, end = f"<!-- section:{name} -->", f"<!-- end:{name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 def header(title, command):

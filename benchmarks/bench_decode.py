@@ -26,6 +26,11 @@ from . import _util as U
 HQ, HKV, D = 32, 8, 128
 GEN_ROOM = 512  # StaticCache's buffer (and our contiguous cache) hold `context` + this many slots
 WINDOW = 4096
+CONTENDERS = ("ours", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static")
+# per mode: cache lengths, batches, Nq (a decoding step, a prefill chunk), rounds, end-to-end tokens
+SIZES = {"quick": dict(contexts=[512], batches=[1], chunks=(1, 16), rounds=1, new_tokens=16, e2e_rounds=1),
+         "default": dict(contexts=[4096], batches=[1], chunks=(1, 128), rounds=3, new_tokens=64, e2e_rounds=1),
+         "full": dict(contexts=None, batches=None, chunks=(1, 128), rounds=None, new_tokens=256, e2e_rounds=3)}
 
 
 def copy_bandwidth(device, nbytes, rounds):
@@ -148,48 +153,49 @@ def end_to_end(device, new_tokens, rounds):
         if errors:
             row["notes"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
         rows.append(row)
-        U.print_row(row)
+        U.print_row(row, errors)
     return rows
 
 
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks decode")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--contexts", default="4096,32768")
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rounds", type=int, default=5, help="--full (default, quick: fewer)")
+    p.add_argument("--contexts", default="4096,32768", help="--full (default: 4096, quick: 512)")
+    p.add_argument("--batches", default="1,8", help="--full (default, quick: 1)")
     opts = p.parse_args(rest)
     device = args.device
     quick = args.quick
-    contexts = [512] if quick else [int(c) for c in opts.contexts.split(",")]
-    batches = [1] if quick else [int(b) for b in opts.batches.split(",")]
-    chunks = (1, 16) if quick else (1, 128)
-    rounds = 1 if quick else opts.rounds
+    size = U.sized(args, SIZES)
+    contexts = size["contexts"] or [int(c) for c in opts.contexts.split(",")]
+    batches = size["batches"] or [int(b) for b in opts.batches.split(",")]
+    chunks = size["chunks"]
+    rounds = size["rounds"] or opts.rounds
     t_start = time.perf_counter()
     bw = copy_bandwidth(device, (64 if quick else 1024) << 20, rounds=max(rounds, 3))
-    print(f"copy bandwidth {bw:.1f} GB/s (read + write)", flush=True)
+    U.say(f"copy bandwidth {bw:.1f} GB/s (read + write)")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)  # the page shuffles
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for B in batches:
-            for context in contexts:
-                for nq in chunks:
-                    times, diff, errors = run_case(dtype, B, context, nq, rounds, device, gen)
-                    t = times.get("ours")
-                    read = kv_bytes(dtype, B, context + nq)
-                    row = {"dtype": str(dtype).replace("torch.", ""), "B": B, "context": context, "Nq": nq}
-                    row.update({f"{n} ms": (times[n] * 1e3 if times.get(n) else None) for n in times})
-                    row["concat/ours"] = U.ratio(times, "sdpa_concat")
-                    row["static/ours"] = U.ratio(times, "sdpa_static")
-                    row["ours tok/s"] = B * nq / t if t else None
-                    row["ours K/V GB/s"] = read / t / 1e9 if t else None
-                    row["% of copy"] = 100 * read / t / 1e9 / bw if t else None
-                    row["max diff vs ours"] = None if diff is None else f"{diff:.1e}"  # not rounded to 0.00
-                    if errors:
-                        row["notes"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
-                    rows.append(row)
-                    U.print_row(row)
-    e2e = end_to_end(device, 16 if quick else 256, rounds=1 if quick else 3)
+    cases = [(dtype, B, context, nq) for dtype in (torch.bfloat16, torch.float32) for B in batches
+             for context in contexts for nq in chunks]
+    for dtype, B, context, nq in U.progress(cases, lambda c: f"{str(c[0])[6:]} B={c[1]} context={c[2]} Nq={c[3]}",
+                                            cost=lambda c: c[1] * c[2] * (1 + c[3] / 32)):
+        times, diff, errors = run_case(dtype, B, context, nq, rounds, device, gen)
+        t = times.get("ours")
+        read = kv_bytes(dtype, B, context + nq)
+        row = {"dtype": str(dtype).replace("torch.", ""), "B": B, "context": context, "Nq": nq}
+        row.update({f"{n} ms": (times[n] * 1e3 if times.get(n) else None) for n in times})
+        row["concat/ours"] = U.ratio(times, "sdpa_concat")
+        row["static/ours"] = U.ratio(times, "sdpa_static")
+        row["ours tok/s"] = B * nq / t if t else None
+        row["ours K/V GB/s"] = read / t / 1e9 if t else None
+        row["% of copy"] = 100 * read / t / 1e9 / bw if t else None
+        row["max diff vs ours"] = None if diff is None else f"{diff:.1e}"  # not rounded to 0.00
+        if errors:
+            row["notes"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
+        rows.append(row)
+        U.print_row(row, errors)
+    e2e = end_to_end(device, size["new_tokens"], rounds=size["e2e_rounds"])
     cols = ["dtype", "B", "context", "Nq", "ours ms", "paged16 ms", "paged256 ms", "rolling ms", "sdpa_concat ms",
             "sdpa_static ms", "concat/ours", "static/ours", "ours tok/s", "ours K/V GB/s", "% of copy",
             "max diff vs ours"]

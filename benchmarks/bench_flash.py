@@ -16,6 +16,12 @@ import attention_ext as ae
 
 from . import _util as U
 
+CONTENDERS = ("ours", "sdpa", "naive")
+# N, head dims, rounds per mode (--full: the RESULTS.md sizes)
+SIZES = {"quick": dict(sizes=[256, 512], dims=(64,), rounds=1),
+         "default": dict(sizes=[1024, 2048, 4096], dims=(64,), rounds=2),
+         "full": dict(sizes=[1024, 4096, 8192], dims=(64, 128), rounds=3)}
+
 
 def naive(q, k, v, causal):
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -25,12 +31,7 @@ def naive(q, k, v, causal):
     return torch.softmax(s, dim=-1) @ v
 
 
-def gemm_gflops(dtype, rounds=3):
-    # bf16 matmul runs a slow fallback on CPUs without bf16 dot products: size it small
-    n = 2048 if dtype == torch.float32 else 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best, _ = U.interleaved({"mm": lambda: a @ b}, rounds=rounds)
-    return 2 * n**3 / best["mm"] / 1e9 if best["mm"] else None
+gemm_gflops = U.gemm_gflops
 
 
 def attention_flops(n, d, causal, h=8, b=1):
@@ -54,28 +55,30 @@ def run_case(dtype, n, d, causal, rounds, with_naive):
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks flash")
     p.add_argument("--sizes", type=int, nargs="*", default=None)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None)
     opts = p.parse_args(rest)
-    sizes = opts.sizes or ([256, 512] if args.quick else [1024, 4096, 8192])
-    rounds = 1 if args.quick else opts.rounds
+    size = U.sized(args, SIZES)
+    sizes = opts.sizes or size["sizes"]
+    rounds = opts.rounds or size["rounds"]
     rows = []
     gemm = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        gemm[dtype] = gemm_gflops(dtype)
-        for d in (64, 128):
-            for n in sizes:
-                for causal in (False, True):
-                    with_naive = n <= 4096 and (dtype == torch.float32 or n <= 1024)
-                    t_f, t_b, mem, errs = run_case(dtype, n, d, causal, rounds, with_naive)
-                    fl = attention_flops(n, d, causal)
-                    row = {
-                        "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
-                        **U.speed_columns(t_f, t_b, ("sdpa", "naive"), fwd_flops=fl),
-                        "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
-                        **U.memory_columns(mem, ("ours", "sdpa", "naive")),
-                    }
-                    rows.append(row)
-                    U.print_row(row, errs)
+    cases = [(dtype, d, n, causal) for dtype in (torch.float32, torch.bfloat16) for d in size["dims"]
+             for n in sizes for causal in (False, True)]
+    for dtype, d, n, causal in U.progress(cases, lambda c: f"{str(c[0])[6:]} N={c[2]} D={c[1]} causal={c[3]}",
+                                          cost=lambda c: attention_flops(c[2], c[1], c[3])):
+        if dtype not in gemm:
+            gemm[dtype] = gemm_gflops(dtype)
+        with_naive = n <= 4096 and (dtype == torch.float32 or n <= 1024)
+        t_f, t_b, mem, errs = run_case(dtype, n, d, causal, rounds, with_naive)
+        fl = attention_flops(n, d, causal)
+        row = {
+            "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
+            **U.speed_columns(t_f, t_b, ("sdpa", "naive"), fwd_flops=fl),
+            "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
+            **U.memory_columns(mem, ("ours", "sdpa", "naive")),
+        }
+        rows.append(row)
+        U.print_row(row, errs)
     cols = list(rows[0].keys())
     U.report(args, "flash", "flash_attention vs SDPA (CPU flash) and naive, B=1 H=8",
              ("Ratios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
@@ -83,4 +86,4 @@ def main(args, rest):
               + ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in gemm.items() if v)
               + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
               "contender runs only where it fits in reasonable time."),
-             rows, cols)
+             rows, cols, roofs={str(k).replace("torch.", ""): v for k, v in gemm.items()})

@@ -17,6 +17,10 @@ import torch
 from . import _util as U
 
 PATTERNS = ("G", "LG", "LLLLLG", "L")
+CONTENDERS = ("attention_ext", "sdpa")
+SIZES = {"quick": dict(sizes=[512, 1024], patterns=("G", "LG"), rounds=0),
+         "default": dict(sizes=[2048, 4096], patterns=None, rounds=1),
+         "full": dict(sizes=None, patterns=None, rounds=None)}  # None: --sizes, --patterns, --rounds
 
 
 def build(pattern, impl, window, n, device):
@@ -84,33 +88,34 @@ def main(args, rest):
     import attention_ext.hf  # noqa: F401  (registers "attention_ext")
     import transformers
 
-    sizes = [1024, 2048] if args.quick else [int(s) for s in opts.sizes.split(",")]
-    patterns = opts.patterns.split(",")
+    size = U.sized(args, SIZES)
+    sizes = size["sizes"] or [int(s) for s in opts.sizes.split(",")]
+    patterns = size["patterns"] or opts.patterns.split(",")
     rows = []
-    for n in sizes:
-        for pattern in patterns:
-            impls = ["attention_ext"]
-            if "L" not in pattern or n <= opts.max_sdpa_mask_n:
-                impls.append("sdpa")
-            rounds = 0 if args.quick or n >= 32768 else opts.rounds
-            t0 = time.perf_counter()
-            times, mem, errs = run_case(pattern, n, opts.window, rounds, args.device, impls)
-            row = {
-                "pattern": pattern, "N": n,
-                "f+b ours s": times.get("attention_ext"), "f+b sdpa s": times.get("sdpa"),
-                "sdpa/ours": (times["sdpa"] / times["attention_ext"]
-                              if times.get("sdpa") and times.get("attention_ext") else None),
-                "mem ours MiB": mem.get("attention_ext"), "mem sdpa MiB": mem.get("sdpa"),
-                "calls": 1 + rounds,
-            }
-            if errs:
-                row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
-            elif "sdpa" not in impls:
-                row["notes"] = (f"sdpa not run: dense masks need ~{27 * n * n / 2**30:.0f} GiB here "
-                                f"(--max-sdpa-mask-n {opts.max_sdpa_mask_n})")
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
-                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    for n, pattern in U.progress([(n, pt) for n in sizes for pt in patterns], lambda c: f"N={c[0]} pattern {c[1]}",
+                                 cost=lambda c: c[0] ** 1.5):
+        impls = ["attention_ext"]
+        if "L" not in pattern or n <= opts.max_sdpa_mask_n:
+            impls.append("sdpa")
+        rounds = 0 if size["rounds"] == 0 or n >= 32768 else (size["rounds"] or opts.rounds)
+        t0 = time.perf_counter()
+        times, mem, errs = run_case(pattern, n, opts.window, rounds, args.device, impls)
+        row = {
+            "pattern": pattern, "N": n,
+            "f+b ours s": times.get("attention_ext"), "f+b sdpa s": times.get("sdpa"),
+            "sdpa/ours": (times["sdpa"] / times["attention_ext"]
+                          if times.get("sdpa") and times.get("attention_ext") else None),
+            "mem ours MiB": mem.get("attention_ext"), "mem sdpa MiB": mem.get("sdpa"),
+            "calls": 1 + rounds,
+        }
+        if errs:
+            row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
+        elif "sdpa" not in impls:
+            row["notes"] = (f"sdpa not run: dense masks need ~{27 * n * n / 2**30:.0f} GiB here "
+                            f"(--max-sdpa-mask-n {opts.max_sdpa_mask_n})")
+        rows.append(row)
+        skipped = {"sdpa": row["notes"]} if "sdpa" not in impls else None
+        U.print_row({**row, "case s": time.perf_counter() - t0}, errs or skipped)
     cols = ["pattern", "N", "f+b ours s", "f+b sdpa s", "sdpa/ours", "mem ours MiB", "mem sdpa MiB", "calls"]
     if any("notes" in r for r in rows):
         cols.append("notes")

@@ -25,6 +25,10 @@ from . import _util
 
 EPS = 1e-6
 CHUNK = 64
+# N and head dims per mode (full: every power of 2 from 1k to 64k, --dims)
+SIZES = {"quick": dict(sizes=[1024, 2048], dims=[64], rounds=1, scaling_rounds=1),
+         "default": dict(sizes=[1 << e for e in range(10, 14)], dims=[64], rounds=2, scaling_rounds=3),
+         "full": dict(sizes=[1 << e for e in range(10, 17)], dims=None, rounds=None, scaling_rounds=None)}
 
 
 def phi(x):
@@ -127,6 +131,17 @@ def run_size(B, H, N, D, device, dtype, rounds, mem_cap_gb, flash_cap_gflop, nam
     return row, errors
 
 
+def view(row, names):
+    """A row in the shared columns (times in ms, peers as peer time / ours, memory in MiB):
+    the line printed as it finishes and what the plots read."""
+    out = {"D": row["D"], "N": row["N"]}
+    for mode, tag in (("fwd", "fwd"), ("fb", "f+b")):
+        out[f"{tag} ours ms"] = _ms(row[f"{mode} ours"])
+        out.update({f"{tag} {n}/ours": _ratio(row[f"{mode} ours"], row[f"{mode} {n}"]) for n in names[1:]})
+    out.update({f"mem {n} MiB": row[f"mem {n}"] for n in names})
+    return out
+
+
 def scaling_pass(B, H, sizes, D, device, dtype, rounds):
     """Ours alone at every N, interleaved in the same rounds (so that machine drift hits
     every N alike), best of `rounds`: the basis of t(2N)/t(N)."""
@@ -178,25 +193,23 @@ def main(args, rest):
         torch.set_num_threads(opts.threads)
     device = args.device
     dtype = getattr(torch, opts.dtype)
-    if args.quick:
-        sizes, dims, rounds, srounds = [1024, 2048], [64], 1, 1
-    else:
-        sizes = [1 << e for e in range(10, 17)]
-        dims, rounds = [int(x) for x in opts.dims.split(",")], opts.rounds
-        srounds = opts.scaling_rounds
+    size = _util.sized(args, SIZES)
+    sizes = size["sizes"]
+    dims = size["dims"] or [int(x) for x in opts.dims.split(",")]
+    rounds, srounds = size["rounds"] or opts.rounds, size["scaling_rounds"] or opts.scaling_rounds
     if opts.sizes:
         sizes = [int(x) for x in opts.sizes.split(",")]
     names = list(CONTENDERS)
     B, H = opts.batch, opts.heads
 
     rows, all_errors = [], {}
-    for D in dims:
-        for N in sizes:
-            row, errors = run_size(B, H, N, D, device, dtype, rounds, opts.mem_cap_gb, opts.flash_cap_gflop, names)
-            rows.append(row)
-            for n, e in errors.items():
-                all_errors[f"{n} N={N} D={D}"] = e
-            print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    for D, N in _util.progress([(D, N) for D in dims for N in sizes], lambda c: f"D={c[0]} N={c[1]}",
+                               cost=lambda c: c[0] * c[1] ** 1.5):  # cumsum's N·D² and flash's N²·D between
+        row, errors = run_size(B, H, N, D, device, dtype, rounds, opts.mem_cap_gb, opts.flash_cap_gflop, names)
+        rows.append(row)
+        for n, e in errors.items():
+            all_errors[f"{n} N={N} D={D}"] = e
+        _util.print_row(view(row, names), errors)
 
     # scaling pass (ours alone, all N interleaved), then ratios and speedups
     scal = {}
@@ -204,7 +217,9 @@ def main(args, rest):
         t_f, t_b = scaling_pass(B, H, sizes, D, device, dtype, srounds)
         for N in sizes:
             scal[(D, N)] = {"fwd": t_f[N], "fb": t_b[N]}
-        print("scaling", D, {N: (round(t_f[N] * 1e3, 2), round(t_b[N] * 1e3, 2)) for N in sizes}, flush=True)
+        for N in sizes:
+            _util.print_row({"scaling pass": "ours alone", "D": D, "N": N, "fwd ours ms": t_f[N] * 1e3,
+                             "f+b ours ms": t_b[N] * 1e3})
     by_key = {(r["D"], r["N"]): r for r in rows}
     for r in rows:
         prev = scal.get((r["D"], r["N"] // 2))
@@ -274,7 +289,7 @@ def main(args, rest):
     body += "### Forward + backward\n\n" + mode_table("fb") + "\n\n"
     body += ("### Peak memory, forward + backward (MiB above the inputs)\n\n" + _util.table(mem_rows, mem_cols) +
              "\n")
-    _util.publish(args, "linear", body)
+    _util.publish(args, "linear", body, rows=[view(r, names) for r in rows])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,11 @@ import attention_ext as ae
 
 from . import _util as U
 
+CONTENDERS = ("ours", "sdpa", "flex", "naive")
+SIZES = {"quick": dict(sizes=[1024, 2048], windows=(256, 1024), target=False, rounds=1),
+         "default": dict(sizes=[1024, 2048, 4096], windows=(256,), target=False, rounds=2),
+         "full": dict(sizes=[2048, 4096, 8192, 16384, 32768, 65536], windows=(256, 1024), target=True, rounds=3)}
+
 
 def dense_mask(n, w):
     i = torch.arange(n).view(-1, 1)
@@ -80,10 +85,10 @@ SCALING_NOTE = ("Ours alone, every N of a (dtype, window) interleaved in the sam
                 "every N alike), best of the rounds; the target is <= 2.1 for N >= 8192.\n\n")
 
 
-def scaling_rows(sizes, rounds):
+def scaling_rows(sizes, rounds, windows=(256, 1024)):
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for w in (256, 1024):
+        for w in windows:
             fwd, both = {}, {}
             for n in sizes:
                 q, k, v = (torch.randn(1, 8, n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -104,35 +109,38 @@ def scaling_rows(sizes, rounds):
                 rows.append({"dtype": str(dtype).replace("torch.", ""), "window": w, "N": n,
                              "fwd ours ms": t_f[n] * 1e3, "fwd t(2N)/t(N)": t_f[n] / t_f[n // 2],
                              "f+b ours ms": t_b[n] * 1e3, "f+b t(2N)/t(N)": t_b[n] / t_b[n // 2]})
-            print(rows[-len(sizes) + 1:], flush=True)
+            for row in rows[-len(sizes) + 1:]:
+                U.print_row(row)
     return rows
 
 
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks local")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--max-n", type=int, default=65536)
     p.add_argument("--scaling-only", action="store_true",
                    help="only the ours-alone t(2N)/t(N) pass (RESULTS.md section local-scaling)")
     opts = p.parse_args(rest)
-    rounds = 1 if args.quick else opts.rounds
-    sizes = [1024, 2048] if args.quick else [n for n in (2048, 4096, 8192, 16384, 32768, 65536) if n <= opts.max_n]
-    cases = [(torch.float32, 512, 16384)] if not args.quick else []
+    size = U.sized(args, SIZES)
+    rounds = opts.rounds or size["rounds"]
+    sizes = [n for n in size["sizes"] if n <= opts.max_n]
+    cases = [(torch.float32, 512, 16384)] if size["target"] else []
     for dtype in (torch.float32, torch.bfloat16):
-        for w in (256, 1024):
+        for w in size["windows"]:
             cases += [(dtype, w, n) for n in sizes]
     heap_kept = U.keep_heap()
     U.raise_recompile_limit()
     # first, in a fresh process: after the peers' N x N buffers the heap is large and fragmented,
     # which slowed our large-N calls by up to 1.5x in one run
-    scaling = scaling_rows(sizes, rounds + 2)
+    scaling = scaling_rows(sizes, rounds + 2, size["windows"])
     if opts.scaling_only:
         body = U.header("sliding_window_attention (causal) t(2N)/t(N), ours alone; B=1 H=8 D=64", U.command_line())
         body += "\n" + SCALING_NOTE + U.table(scaling, list(scaling[0].keys()))
         U.publish(args, "local-scaling", body)
         return
     rows = []
-    for dtype, w, n in cases:
+    for dtype, w, n in U.progress(cases, lambda c: f"{str(c[0])[6:]} window={c[1]} N={c[2]}",
+                                  cost=lambda c: c[2] * c[1]):
         peers = {"flex"}
         if n <= 16384:
             peers.add("sdpa")
@@ -160,4 +168,4 @@ def main(args, rest):
     body += U.table(rows, cols)
     body += "\n\n### Scaling of ours, t(2N)/t(N)\n\n" + SCALING_NOTE
     body += U.table(scaling, list(scaling[0].keys()))
-    U.publish(args, "local", body)
+    U.publish(args, "local", body, rows=rows)

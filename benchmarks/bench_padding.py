@@ -15,6 +15,9 @@ import attention_ext as ae
 
 from . import _util as U
 
+CONTENDERS = ("ours", "ours unpadded", "sdpa")
+SIZES = {"quick": [256, 512], "default": [1024, 2048, 4096], "full": [2048, 8192]}
+
 
 def run_case(n, dtype, rounds):
     q, k, v = (torch.randn(2, 8, n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -37,23 +40,21 @@ def run_case(n, dtype, rounds):
 
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks padding")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None)
     opts = p.parse_args(rest)
     U.keep_heap()
-    sizes = [256, 512] if args.quick else [2048, 8192]
-    rounds = 1 if args.quick else opts.rounds
+    rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
+    cases = [(dtype, n) for dtype in (torch.float32, torch.bfloat16) for n in U.sized(args, SIZES)]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for n in sizes:
-            t_f, t_b, mem, errs = run_case(n, dtype, rounds)
-
-            row = {
-                "dtype": str(dtype).replace("torch.", ""), "N": n,
-                **U.speed_columns(t_f, t_b, ("sdpa",), ratios={"unpadded/ours": ("ours unpadded", "ours")}),
-                **U.memory_columns(mem, ("ours", "sdpa")),
-            }
-            rows.append(row)
-            U.print_row(row, errs)
+    for dtype, n in U.progress(cases, lambda c: f"{str(c[0])[6:]} N={c[1]}", cost=lambda c: c[1] ** 2):
+        t_f, t_b, mem, errs = run_case(n, dtype, rounds)
+        row = {
+            "dtype": str(dtype).replace("torch.", ""), "N": n,
+            **U.speed_columns(t_f, t_b, ("sdpa",), ratios={"unpadded/ours": ("ours unpadded", "ours")}),
+            **U.memory_columns(mem, ("ours", "sdpa")),
+        }
+        rows.append(row)
+        U.print_row(row, errs)
     U.report(args, "padding",
              "padded batch (causal, B=2, 1/4 left padding in one sequence) with key_mask vs SDPA with the "
              "dense boolean mask, H=8 D=64",

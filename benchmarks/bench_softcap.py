@@ -18,6 +18,11 @@ import attention_ext as ae
 from . import _util as U
 
 CAP = 50.0
+CONTENDERS = ("ours", "ours no cap", "flex", "eager")
+# (N, causal window or None: full causal) per mode; every case compiles FlexAttention anew (~8 s on 2 cores)
+SIZES = {"quick": [(512, None), (1024, 128)],
+         "default": [(512, None), (1024, None), (8192, 1024), (16384, 1024)],
+         "full": [(2048, None), (4096, None), (16384, 1024)]}
 _flex = {}
 
 
@@ -79,24 +84,24 @@ def run_case(n, window, dtype, rounds):
 
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks softcap")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None)
     opts = p.parse_args(rest)
     U.keep_heap()
     U.raise_recompile_limit()
-    cases = [(512, None), (1024, 128)] if args.quick else [(2048, None), (4096, None), (16384, 1024)]
-    rounds = 1 if args.quick else opts.rounds
+    rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
+    cases = [(dtype, n, window) for dtype in (torch.float32, torch.bfloat16) for n, window in U.sized(args, SIZES)]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for n, window in cases:
-            t_f, t_b, mem, errs = run_case(n, window, dtype, rounds)
-            row = {
-                "dtype": str(dtype).replace("torch.", ""), "N": n, "window": window or "full",
-                **U.speed_columns(t_f, t_b, ("eager",), fwd_only=("flex",),
-                                  ratios={"cap cost": ("ours", "ours no cap")}),
-                **U.memory_columns(mem, ("ours", "eager")),
-            }
-            rows.append(row)
-            U.print_row(row, errs)
+    for dtype, n, window in U.progress(cases, lambda c: f"{str(c[0])[6:]} N={c[1]} window={c[2] or 'full'}",
+                                       cost=lambda c: c[1] * (c[2] or c[1])):
+        t_f, t_b, mem, errs = run_case(n, window, dtype, rounds)
+        row = {
+            "dtype": str(dtype).replace("torch.", ""), "N": n, "window": window or "full",
+            **U.speed_columns(t_f, t_b, ("eager",), fwd_only=("flex",),
+                              ratios={"cap cost": ("ours", "ours no cap")}),
+            **U.memory_columns(mem, ("ours", "eager")),
+        }
+        rows.append(row)
+        U.print_row(row, errs)
     U.report(args, "softcap",
              "softcap (Gemma 2 logit softcapping, cap 50) vs compiled FlexAttention score_mod and eager math, "
              "causal, B=1 H=8 D=64",

@@ -25,6 +25,11 @@ from . import _util as U
 H = 8
 DOCS = {"64-4096": (64, 4096), "64-256": (64, 256)}
 WINDOW = 512
+CONTENDERS = ("ours", "sdpa", "flex", "loop")
+# N per mode; quick and default run two cases (one global, one windowed: each case compiles
+# Flex anew, ~8 s on 2 cores), full every (dtype, D, documents) and the windowed rows
+SIZES = {"quick": dict(sizes=[1024], all_cases=False), "default": dict(sizes=[2048, 8192], all_cases=False),
+         "full": dict(sizes=[8192, 32768], all_cases=True)}
 
 
 def doc_lengths(n, lo, hi, seed=0):
@@ -130,12 +135,13 @@ def run_case(n, d, dtype, docs, window, rounds, sdpa_budget):
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks varlen")
     p.add_argument("--sizes", type=int, nargs="*", default=None, help="total tokens N of the packed row")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--sdpa-budget-gib", type=float, default=12.0,
                    help="skip SDPA where its dense mask and buffers would need more (this machine: 24 GiB)")
     opts = p.parse_args(rest)
-    sizes = opts.sizes or ([1024] if args.quick else [8192, 32768])
-    rounds = 1 if args.quick else opts.rounds
+    size = U.sized(args, SIZES)
+    sizes = opts.sizes or size["sizes"]
+    rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
     budget = opts.sdpa_budget_gib * 2**30
     U.keep_heap()
     U.raise_recompile_limit()
@@ -143,16 +149,17 @@ def main(args, rest):
     for dtype in (torch.float32, torch.bfloat16):
         cases += [(dtype, d, docs, None) for d in (64, 128) for docs in DOCS]
         cases.append((dtype, 64, "64-4096", WINDOW))
-    if args.quick:  # each case compiles Flex anew (~8 s on 2 cores): one global, one windowed
+    if not size["all_cases"]:  # each case compiles Flex anew (~8 s on 2 cores): one global, one windowed
         cases = [(torch.float32, 64, "64-256", None), (torch.bfloat16, 64, "64-4096", WINDOW)]
     rows = []
-    for n in sizes:
-        for dtype, d, docs, window in cases:
-            row, errs = run_case(n, d, dtype, docs, window, rounds, budget)
-            rows.append(row)
-            U.print_row(row, errs)
-            if errs:
-                row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
+    for n, (dtype, d, docs, window) in U.progress([(n, c) for n in sizes for c in cases],
+                                                  lambda c: f"N={c[0]} {str(c[1][0])[6:]} D={c[1][1]} docs {c[1][2]}",
+                                                  cost=lambda c: c[0] ** 2):
+        row, errs = run_case(n, d, dtype, docs, window, rounds, budget)
+        rows.append(row)
+        U.print_row(row, errs)
+        if errs:
+            row["notes"] = "; ".join(f"{k}: {v}" for k, v in errs.items())
     cols = list(dict.fromkeys(c for r in rows for c in r))  # every column once, "notes" only if some row has one
     U.report(args, "varlen",
              "packed sequences (cu_seqlens) vs SDPA + block-diagonal mask, compiled FlexAttention with a document "

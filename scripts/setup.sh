@@ -15,7 +15,7 @@ fi
 # pip 23.x mishandles --no-build-isolation -e (see ../shared/BUILD-NOTES.md)
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis expecttest ninja "setuptools>=69" wheel \
-  "$TRANSFORMERS_SPEC" tqdm
+  "$TRANSFORMERS_SPEC" tqdm matplotlib
 # CUDA kernels are compiled (and linked) whenever torch has CUDA and nvcc is found, so a
 # CPU-only machine still catches CUDA build breakage; they only run on a GPU.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

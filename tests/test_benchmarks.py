@@ -26,3 +26,65 @@ def test_varlen_quick(capsys):
             assert row[f"fwd {peer}/ours"] != "–", row  # every peer ran
         # every peer's output as ours: fp32 to accumulation-order rounding, bf16 to its 8-bit mantissa
         assert float(row["max diff vs ours"]) <= (1e-4 if row["dtype"] == "float32" else 5e-2), row
+
+
+def test_flash_quick_cli_prints_header_and_table(tmp_path):
+    """What a newcomer sees: the header, aligned table lines, no dict reprs, nothing written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    before = (root / "benchmarks" / "RESULTS.md").read_text()
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "flash", "--quick", "--no-write"], cwd=root,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    for label in ("suite", "CPU", "ISA path", "torch", "contenders"):
+        assert any(line.startswith(label + " ") for line in out.splitlines()), out
+    assert "ours, sdpa, naive" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["dtype", "N"])
+    live = [line.split() for line in lines[head + 2:] if line.split()[:1] in (["float32"], ["bfloat16"])]
+    assert len(live) >= 8 and all(len(cells) == len(lines[head].split()) for cells in live[:8]), out
+    assert all(float(c) > 0 for c in live[0][4:]), live[0]  # times, ratios, GFLOP/s, memory: measured numbers
+    assert "{'" not in out and "': " not in out, out  # no dict reprs
+    assert (root / "benchmarks" / "RESULTS.md").read_text() == before
+    assert "Plots:" not in out  # --no-write: no plots
+
+
+def test_plots_written_at_tiny_sizes(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    pytest.importorskip("matplotlib")
+    from benchmarks import _plots
+
+    rows = [{"dtype": dt, "N": n, "fwd ours ms": n / 100, "fwd sdpa/ours": 1.5, "fwd GFLOP/s": 50.0 + n / 100,
+             "f+b ours ms": n / 30, "f+b sdpa/ours": 0.8, "mem ours MiB": n / 64, "mem sdpa MiB": n / 32}
+            for dt in ("float32", "bfloat16") for n in (64, 128, 256)]
+    written = _plots.plot_suite("tiny", rows, tmp_path, "test CPU, commit abc", roofs={"float32": 120.0})
+    assert set(written) == {"time forward", "time forward+backward", "scaling t(2N)/t(N)", "peak memory",
+                            "GFLOP/s vs GEMM roof"}
+    for path in written.values():
+        assert path.parent == tmp_path and path.name.startswith("tiny-")
+        with PIL.open(path) as im:
+            assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300, im.size  # two panels, legible
+    # a suite without two sizes of one setting plots nothing
+    assert _plots.plot_suite("one", rows[:1], tmp_path, "x") == {}
+    # the time plot reads peers back from the ratio columns: sdpa = 1.5 x ours
+    assert _plots.times(rows[0])["fwd"] == pytest.approx({"ours": 64e-5, "sdpa": 96e-5})
+
+
+def test_report_writes_plots_only_where_asked(tmp_path, capsys):
+    import argparse
+
+    from benchmarks import _util as U
+
+    rows = [{"N": n, "fwd ours ms": n / 100.0} for n in (64, 128)]
+    args = argparse.Namespace(quick=True, no_write=True, plots_dir=None, mode="quick")
+    U.report(args, "tiny", "t", "notes", rows)
+    assert "Plots:" not in capsys.readouterr().out
+    args.plots_dir = str(tmp_path)
+    U.report(args, "tiny", "t", "notes", rows)
+    out = capsys.readouterr().out
+    assert "Plots: [time forward](" in out and (tmp_path / "tiny-time-fwd.png").exists(), out
+    assert U.sized(args, {"quick": 1, "full": 3}) == 1 and U.sized(argparse.Namespace(), {"full": 3}) == 3
