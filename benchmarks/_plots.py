@@ -14,7 +14,8 @@ needs rows at two or more N of one combination, so suites without an N column ge
 import re
 from pathlib import Path
 
-SKIP = {"N", "notes", "calls", "max diff vs ours", "docs"}  # not settings that tell series apart
+SKIP = {"N", "notes", "calls", "max diff vs ours"}  # not settings that tell series apart
+_COUNT = re.compile(r" \(\d+\)$")  # '64-256 (62)': the count in brackets grows with N, the setting does not
 _TIME = re.compile(r"^(?:(fwd|f\+b) )?(.+?) (ms|s)$")
 _RATIO = re.compile(r"^(?:(fwd|f\+b) )?(\S+)/ours$")
 _MEM = re.compile(r"^mem (.+) MiB$")
@@ -36,8 +37,11 @@ def _groups(rows):
     out = {}
     for r in rows:
         if _num(r.get("N")):
-            out.setdefault(tuple((k, r.get(k)) for k in keys), []).append(r)
-    return {g: sorted(rs, key=lambda r: r["N"]) for g, rs in out.items() if len({r["N"] for r in rs}) >= 2}
+            key = tuple((k, _COUNT.sub("", v) if isinstance(v, str) else v) for k, v in ((k, r.get(k)) for k in keys))
+            out.setdefault(key, []).append(r)
+    # a series needs two sizes, and one row per size (else the settings do not tell it apart: no plot, not a wrong one)
+    return {g: sorted(rs, key=lambda r: r["N"]) for g, rs in out.items()
+            if len({r["N"] for r in rs}) >= 2 and len({r["N"] for r in rs}) == len(rs)}
 
 
 def times(row):
@@ -65,6 +69,12 @@ def _finish(ax, group, rs, ylabel):
     ax.set(title=_label(group), xlabel="N (tokens)", ylabel=ylabel)
     ax.set_xticks(ns, [str(n) for n in ns], minor=False)
     ax.set_xticks([], minor=True)
+    if ax.get_yscale() == "log":  # ticks at 1, 2, 5 x 10^k labelled 20, 50, 100, not 10^2
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -72,7 +82,7 @@ def _finish(ax, group, rs, ylabel):
 def _figure(title, n, plt):
     ncols = min(4, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.6 * ncols, 7.0), 3.6 * nrows + 1.0), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
@@ -80,7 +90,7 @@ def _figure(title, n, plt):
 
 
 def _save(fig, path, plt):
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -102,7 +112,7 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
     written = {}
     tags = sorted({t for rs in groups.values() for r in rs for t, c in times(r).items() if len(c) and "ours" in c})
     for tag in tags:  # time against N
-        fig, axes = _figure(f"{suite}: {_TAGS[tag]} time against N — {subtitle}", len(groups), plt)
+        fig, axes = _figure(f"{suite}: {_TAGS[tag]} time against N\n{subtitle}", len(groups), plt)
         for ax, (g, rs) in zip(axes, groups.items()):
             names = list(dict.fromkeys(n for r in rs for n in times(r).get(tag, {})))
             for name in names:
@@ -112,7 +122,7 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
         stem = {"f+b": "fb", "": "all"}.get(tag, tag)
         written[f"time {_TAGS[tag]}"] = _save(fig, out_dir / f"{suite}-time-{stem}.png", plt)
 
-    fig, axes = _figure(f"{suite}: scaling of ours, t(2N)/t(N) — {subtitle}", len(groups), plt)
+    fig, axes = _figure(f"{suite}: scaling of ours, t(2N)/t(N)\n{subtitle}", len(groups), plt)
     any_scaling = False
     for ax, (g, rs) in zip(axes, groups.items()):
         by_n = {r["N"]: times(r) for r in rs}
@@ -133,7 +143,7 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
 
     mems = sorted({m.group(1) for r in rows for c, v in r.items() if (m := _MEM.match(c)) and _num(v)})
     if mems:
-        fig, axes = _figure(f"{suite}: peak memory against N — {subtitle}", len(groups), plt)
+        fig, axes = _figure(f"{suite}: peak memory against N\n{subtitle}", len(groups), plt)
         for ax, (g, rs) in zip(axes, groups.items()):
             for name in mems:
                 pts = [(r["N"], r[f"mem {name} MiB"]) for r in rs
@@ -145,7 +155,7 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
 
     rates = [c for c in ("fwd GFLOP/s", "f+b GFLOP/s") if any(_num(r.get(c)) for r in rows)]
     if rates:
-        fig, axes = _figure(f"{suite}: achieved GFLOP/s of ours against the GEMM roof — {subtitle}", len(groups), plt)
+        fig, axes = _figure(f"{suite}: achieved GFLOP/s of ours against the GEMM roof\n{subtitle}", len(groups), plt)
         for ax, (g, rs) in zip(axes, groups.items()):
             for col in rates:
                 pts = [(r["N"], r[col]) for r in rs if _num(r.get(col))]

@@ -221,7 +221,8 @@ def run_header(suite, doc, contenders, args):
     """What a suite's run prints first: the machine, the ISA path, torch, the contenders."""
     import attention_ext
 
-    lines = [("suite", f"{suite} ({mode(args)} sizes): {(doc or '').strip().splitlines()[0] if doc else ''}"),
+    summary = " ".join((doc or "").strip().split("\n\n")[0].split())  # the docstring's first paragraph
+    lines = [("suite", f"{suite} ({mode(args)} sizes): {summary}"),
              ("CPU", f"{cpu_model()}, {os.cpu_count()} cores"),
              ("ISA path", f"{_isa()} (available: {', '.join(attention_ext.available_cpu_isas())})"),
              ("torch", f"{torch.__version__}, {torch.get_num_threads()} threads"

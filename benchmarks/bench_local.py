@@ -18,7 +18,7 @@ import attention_ext as ae
 from . import _util as U
 
 CONTENDERS = ("ours", "sdpa", "flex", "naive")
-SIZES = {"quick": dict(sizes=[1024, 2048], windows=(256, 1024), target=False, rounds=1),
+SIZES = {"quick": dict(sizes=[1024, 2048], windows=(256,), target=False, rounds=1),
          "default": dict(sizes=[1024, 2048, 4096], windows=(256,), target=False, rounds=2),
          "full": dict(sizes=[2048, 4096, 8192, 16384, 32768, 65536], windows=(256, 1024), target=True, rounds=3)}
 

@@ -44,9 +44,12 @@ def test_flash_quick_cli_prints_header_and_table(tmp_path):
         assert any(line.startswith(label + " ") for line in out.splitlines()), out
     assert "ours, sdpa, naive" in out
     lines = out.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["dtype", "N"])
-    live = [line.split() for line in lines[head + 2:] if line.split()[:1] in (["float32"], ["bfloat16"])]
-    assert len(live) >= 8 and all(len(cells) == len(lines[head].split()) for cells in live[:8]), out
+    cols = next(line for line in lines if line.startswith("| dtype")).strip("|").split("|")  # the section's table
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["dtype", "N"])  # the live table's header
+    assert set(lines[head + 1].replace(" ", "")) == {"-"}, lines[head + 1]
+    live = [line.split() for line in lines[head + 2:head + 10]]  # 2 dtypes x 2 sizes x causal or not
+    assert [cells[0] for cells in live] == ["float32"] * 4 + ["bfloat16"] * 4, out
+    assert all(len(cells) == len(cols) for cells in live), out  # one aligned cell per column
     assert all(float(c) > 0 for c in live[0][4:]), live[0]  # times, ratios, GFLOP/s, memory: measured numbers
     assert "{'" not in out and "': " not in out, out  # no dict reprs
     assert (root / "benchmarks" / "RESULTS.md").read_text() == before
@@ -70,6 +73,10 @@ def test_plots_written_at_tiny_sizes(tmp_path):
             assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300, im.size  # two panels, legible
     # a suite without two sizes of one setting plots nothing
     assert _plots.plot_suite("one", rows[:1], tmp_path, "x") == {}
+    # series by setting: a trailing count in brackets is not one; rows no setting tells apart make no series
+    docs = [{"N": n, "docs": f"{d} ({n // 64})", "fwd ours ms": 1.0} for d in ("64-256", "64-4096") for n in (64, 128)]
+    assert list(_plots._groups(docs)) == [(("docs", "64-256"),), (("docs", "64-4096"),)]
+    assert _plots._groups([{k: v for k, v in r.items() if k != "docs"} for r in docs]) == {}
     # the time plot reads peers back from the ratio columns: sdpa = 1.5 x ours
     assert _plots.times(rows[0])["fwd"] == pytest.approx({"ours": 64e-5, "sdpa": 96e-5})
 
