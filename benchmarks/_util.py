@@ -141,7 +141,7 @@ def publish(args, name, body, rows=None, roofs=None):
             body = body.rstrip() + "\n\nPlots: " + " · ".join(
                 f"[{what}]({os.path.relpath(path, target.parent)})" for what, path in written.items()) + "\n"
     say(body)
-    if not args.no_write:
+    if not getattr(args, "no_write", False):
         write_section(name, body, target)
         say(f"(section `{name}` written to {os.path.relpath(target)})")
 
@@ -202,13 +202,9 @@ def peak_memory_mb(fn, device="cpu"):
 
 
 def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from attention_ext import _info  # the environment report reads it the same way
+
+    return _info._cpu()[0]
 
 
 def _isa():
