@@ -18,6 +18,7 @@ from .decode import attention_with_kvcache
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
 from .linear import FavorFeatures, linear_attention, linear_attention_step
+from .routing import routing_attention
 from .kvcache import KVCache
 
 _isa._select_at_import()
@@ -30,6 +31,7 @@ __all__ = [
     "attention_with_kvcache",
     "linear_attention",
     "linear_attention_step",
+    "routing_attention",
     "KVCache",
     "FavorFeatures",
     "patterns",
