@@ -70,7 +70,7 @@ class RoutingHeads(nn.Module):
         counts = torch.zeros(H, C, dtype=torch.float32, device=q.device)
         for x in (q, k):
             B, Hx, N, _ = x.shape
-            nearest = _routing.cluster_scores(x, self.centroids).argmax(-1)  # (B, H, N)
+            nearest = _routing.cluster_scores(x, self.centroids).argmax(-2)  # (B, H, N)
             onehot = F.one_hot(nearest, C).float().view(B, Hx, H // Hx, N, C)
             xn = F.normalize(x.float(), dim=-1)
             sums += torch.einsum("bxgnc,bxnd->xgcd", onehot, xn).reshape(H, C, D)

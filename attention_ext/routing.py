@@ -19,7 +19,7 @@ from .functional import flash_attention
 def cluster_scores(x, centroids):
     """Cosine similarity of every token with every centroid: ``x`` ``(B, Hx, N, D)``,
     ``centroids`` ``(H, C, D)`` with ``H % Hx == 0`` (head ``h`` of the centroids scores the
-    tokens of x's head ``h // (H // Hx)``, so GQA keys are never repeated) -> ``(B, H, N, C)``
+    tokens of x's head ``h // (H // Hx)``, so GQA keys are never repeated) -> ``(B, H, C, N)``
     in at least float32. Computed without gradient: the assignment is discrete."""
     B, Hx, N, D = x.shape
     H, C, _ = centroids.shape
@@ -27,12 +27,12 @@ def cluster_scores(x, centroids):
     with torch.no_grad():
         xn = F.normalize(x.to(dtype), dim=-1)
         cn = F.normalize(centroids.to(dtype), dim=-1).view(Hx, H // Hx, C, D)
-        return torch.einsum("bxnd,xgcd->bxgnc", xn, cn).reshape(B, H, N, C)
+        return torch.einsum("bxnd,xgcd->bxgcn", xn, cn).reshape(B, H, C, N)
 
 
 def _top(scores, window):
     """Each cluster's ``window`` best tokens, in position order: ``(B, H, C, window)`` int64."""
-    return scores.topk(window, dim=2).indices.transpose(2, 3).sort(-1).values.contiguous()
+    return scores.topk(window, dim=-1).indices.sort(-1).values
 
 
 def _check(q, k, v, centroids, window, causal, shared_qk, scale, fn):
