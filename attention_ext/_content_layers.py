@@ -41,7 +41,8 @@ class RoutingHeads(nn.Module):
     towards the k-means update of the batch (lucidrains/routing-transformer's ``Kmeans``):
     every query and key (unit-normalised) goes to its nearest centroid; a cluster's new mean
     is the normalised sum of its tokens (a cluster with none keeps its centroid); then
-    ``centroids = decay * centroids + (1 - decay) * new``. In eval mode they never move."""
+    ``centroids = decay * centroids + (1 - decay) * new``. In eval mode they never move.
+    Routing (and the update) read q and k as the layer attends with them, after RoPE."""
 
     def __init__(self, num_heads, head_dim, num_clusters, window, decay=0.999):
         super().__init__()
@@ -83,7 +84,8 @@ class LinformerProjection(nn.Module):
     """Linformer (Wang et al. 2020): learned ``E``, ``F`` of shape ``(proj_len, max_len)``
     (shared by the heads) map the keys and values along the sequence to ``proj_len`` rows,
     ``K' = E K``, ``V' = F V``; exact attention then runs on ``(N, proj_len)``. A sequence of
-    ``N < max_len`` tokens uses the first ``N`` columns. Bidirectional only."""
+    ``N < max_len`` tokens uses the first ``N`` columns. Bidirectional only. In
+    ``nn.Attention`` RoPE (when on) rotates q and k before the projection."""
 
     def __init__(self, proj_len, max_len):
         super().__init__()

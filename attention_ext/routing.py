@@ -64,25 +64,29 @@ def routing_assignment(q, k, centroids, window, *, shared_qk=False):
     return q_idx, (q_idx if shared_qk else _top(cluster_scores(k, centroids), window))
 
 
-def _take(x, idx, num_heads):
-    """Rows ``idx`` (``(B, H, L)``, index ``N`` = a zero row) of ``x`` ``(B, Hx, N, D)``, head
-    ``h`` reading x's head ``h // (H // Hx)`` -> ``(B, H, L, D)``; differentiable (a gather;
-    its backward is a scatter-add), and K/V heads are never repeated."""
+def _take(x, idx, num_heads, pad=False):
+    """Rows ``idx`` (``(B, H, L)``) of ``x`` ``(B, Hx, N, D)``, head ``h`` reading x's head
+    ``h // (H // Hx)`` -> ``(B, H, L, D)``; with ``pad``, index ``N`` is a zero row.
+    Differentiable (an index_select, whose backward is an index_add), and K/V heads are
+    never repeated."""
     B, Hx, N, D = x.shape
     L = idx.shape[-1]
-    flat = torch.cat((x, x.new_zeros(B, Hx, 1, D)), 2).reshape(B, Hx * (N + 1), D)
-    offset = (torch.arange(num_heads, device=x.device) // (num_heads // Hx) * (N + 1)).view(1, -1, 1)
-    rows = (idx + offset).reshape(B, num_heads * L, 1).expand(-1, -1, D)
-    return flat.gather(1, rows).view(B, num_heads, L, D)
+    if pad:
+        x, N = torch.cat((x, x.new_zeros(B, Hx, 1, D)), 2), N + 1
+    head = torch.arange(num_heads, device=x.device) // (num_heads // Hx)
+    base = (torch.arange(B, device=x.device).view(-1, 1) * Hx + head) * N  # (B, H): first row of (b, h's head)
+    rows = (idx + base.unsqueeze(-1)).reshape(-1)
+    return x.reshape(B * Hx * N, D).index_select(0, rows).view(B, num_heads, L, D)
 
 
 def _scatter_mean(out, idx, n):
     """Outputs ``(B, H, L, Dv)`` of the tokens ``idx`` ``(B, H, L)`` -> ``(B, H, n, Dv)``: a
     token in several clusters gets the mean of its outputs, a token in none zeros."""
     B, H, L, Dv = out.shape
-    total = out.new_zeros(B, H, n, Dv).scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, Dv), out)
-    count = out.new_zeros(B, H, n).scatter_add(2, idx, out.new_ones(B, H, L))
-    return total / count.clamp(min=1).unsqueeze(-1)
+    rows = (idx + (torch.arange(B * H, device=out.device) * n).view(B, H, 1)).reshape(-1)
+    total = out.new_zeros(B * H * n, Dv).index_add(0, rows, out.reshape(-1, Dv))
+    count = out.new_zeros(B * H * n).index_add(0, rows, out.new_ones(B * H * L))
+    return (total / count.clamp(min=1).unsqueeze(-1)).view(B, H, n, Dv)
 
 
 def _boundaries(num_docs, length, device):
@@ -109,9 +113,10 @@ def routing_attention(q, k, v, centroids, *, window, causal=False, shared_qk=Fal
     top-``window`` keys by score (ties as ``torch.topk``). So a token may sit in several
     clusters or in none. A query attends, within each of its clusters, to that cluster's
     keys. A query in several clusters gets the mean of its per-cluster outputs (lucidrains'
-    ``scatter_mean``); a query in no cluster gets zeros, as does a causal query with no
-    earlier key in its cluster (lucidrains adds a learned null key there; we keep the
-    library's rule that a query with no key gets zeros). The assignment is discrete: no
+    ``scatter_mean``); a query in no cluster gets zeros. A causal query with no earlier
+    key in one of its clusters gets a zero output from that cluster (the library's rule
+    for a query with no key), which counts in its mean; lucidrains gives every cluster a
+    learned null key instead. The assignment is discrete: no
     gradient flows through it or to ``centroids``; q, k and v get exact gradients of the
     routed attention.
 
@@ -155,7 +160,7 @@ def routing_attention(q, k, v, centroids, *, window, causal=False, shared_qk=Fal
     q_src = torch.full((B, Hq, C, 2 * window), Nq, dtype=torch.long, device=q.device).scatter(-1, q_slot, q_idx)
     k_src = torch.full((B, Hq, C, 2 * window), Nk, dtype=torch.long, device=q.device).scatter(-1, k_slot, k_idx)
     rows = lambda t: t.reshape(B * Hq, 1, C * 2 * window, t.shape[-1])  # noqa: E731  (key_mask is per row)
-    qd, kd, vd = (rows(_take(t, src.view(B, Hq, -1), Hq)) for t, src in ((q, q_src), (k, k_src), (v, k_src)))
+    qd, kd, vd = (rows(_take(t, src.view(B, Hq, -1), Hq, pad=True)) for t, src in ((q, q_src), (k, k_src), (v, k_src)))
     out = flash_attention(qd, kd, vd, causal=True, scale=scale, key_mask=(k_src < Nk).view(B * Hq, -1),
                           cu_seqlens=_boundaries(C, 2 * window, q.device))
     out = out.view(B, Hq, C, 2 * window, -1).gather(3, q_slot.unsqueeze(-1).expand(-1, -1, -1, -1, out.shape[-1]))

@@ -227,3 +227,19 @@ def test_bad_input():
         aenn.Attention(32, 4, kind="routing", num_clusters=2, window=0)
     with pytest.raises(ValueError, match="num_heads"):
         aenn.Attention(32, 1, kind="routing", num_clusters=2, window=4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nothing_quadratic_is_saved_for_backward(causal):
+    N, D = 1024, 16
+    q, k, v = make_qkv(1, 1, 1, N, N, D)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ae.routing_attention(q, k, v, torch.randn(1, 8, D), window=N // 8, causal=causal)
+    assert saved and max(saved) <= 4 * N * D, f"a saved tensor has {max(saved)} elements (N^2 = {N * N})"
+    torch.autograd.grad(out.sum(), (q, k, v))
