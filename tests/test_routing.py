@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import attention_ext as ae
 import attention_ext.nn as aenn
 import reference as R
-from _harness import LOWP, make_qkv
+from _harness import LOWP, check_compiles, make_qkv
 from attention_ext._content_layers import LinformerProjection, RoutingHeads
 from attention_ext.routing import routing_assignment
 
@@ -84,6 +84,18 @@ def test_gradcheck(device, causal, shared_qk):
     fn = lambda q, k, v: ae.routing_attention(q, k, v, cents, window=5, causal=causal,  # noqa: E731
                                               shared_qk=shared_qk)
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+    # the assignment is discrete: nothing flows to the centroids
+    cents.requires_grad_()
+    out = fn(q, k, v)
+    assert torch.autograd.grad(out.sum(), (q, cents), allow_unused=True)[1] is None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiles_fullgraph(causal):
+    q, k, v = make_qkv(1, 2, 1, 48, 48, 8)
+    cents = _cents(2, 4, 8, "cpu")
+    check_compiles(lambda q, k, v: ae.routing_attention(q, k, v, cents, window=12, causal=causal).square().sum(),
+                   q, k, v)
 
 
 def _expected_ema(heads, q, k):
