@@ -26,19 +26,19 @@ def _full(shapes, seed):
     return [torch.randn(*s, generator=g, dtype=F64) for s in shapes]
 
 
-def _compare(dist_fn, ref_fn, full, layout="contiguous", what=""):
+def _compare(dist_fn, ref_fn, full, group, layout="contiguous", what=""):
     """Runs dist_fn on this rank's shards and ref_fn on the whole sequences; compares this
     rank's output and gradients (of sum(out * w), w random and shared)."""
-    shards = [cp.shard_sequence(x, layout=layout).clone().requires_grad_() for x in full]
+    shards = [cp.shard_sequence(x, group, layout).clone().requires_grad_() for x in full]
     ref_in = [x.clone().requires_grad_() for x in full]
     out = dist_fn(*shards)
     ref = ref_fn(*ref_in)
     (w,) = _full([ref.shape], 99)
     (ref * w).sum().backward()
-    (out * cp.shard_sequence(w, layout=layout)).sum().backward()
-    torch.testing.assert_close(out, cp.shard_sequence(ref.detach(), layout=layout), **TOL, msg=f"{what} out")
+    (out * cp.shard_sequence(w, group, layout)).sum().backward()
+    torch.testing.assert_close(out, cp.shard_sequence(ref.detach(), group, layout), **TOL, msg=f"{what} out")
     for name, s, r in zip("qkv", shards, ref_in):
-        torch.testing.assert_close(s.grad, cp.shard_sequence(r.grad, layout=layout), **TOL,
+        torch.testing.assert_close(s.grad, cp.shard_sequence(r.grad, group, layout), **TOL,
                                    msg=f"{what} d{name}")
 
 
@@ -46,15 +46,16 @@ def _nbytes(*shapes):
     return sum(torch.Size(s).numel() for s in shapes) * 8
 
 
-def check_ring(P, r):
+def check_ring(P, r, group):
     for i, (B, Hq, Hkv, n, D, Dv, causal, layout, softcap) in enumerate([
             (1, 2, 1, 6, 8, 8, True, "contiguous", None), (2, 2, 2, 4, 4, 6, False, "contiguous", 5.0),
             (1, 4, 2, 6, 8, 8, True, "zigzag", None), (1, 1, 1, 2, 4, 4, False, "zigzag", None)]):
         N = n * P
         full = _full([(B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv)], i)
         with cp.count_sent_bytes() as sent:
-            _compare(lambda q, k, v: cp.ring_attention(q, k, v, causal=causal, softcap=softcap, layout=layout),
-                     lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, softcap=softcap), full, layout,
+            _compare(lambda q, k, v: cp.ring_attention(q, k, v, group=group, causal=causal, softcap=softcap,
+                                                       layout=layout),
+                     lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, softcap=softcap), full, group, layout,
                      what=f"ring {i}")
         kv = _nbytes((B, Hkv, n, D), (B, Hkv, n, Dv))
         # forward: P - 1 K/V shards; backward: P - 1 K/V shards and P dK/dV shards
@@ -72,7 +73,7 @@ def _halo_theory(P, r, n, hl, hr, row_bytes):
     return fwd * row_bytes, bwd * row_bytes
 
 
-def check_window(P, r):
+def check_window(P, r, group):
     cases = [  # window, causal, dilation, global tokens, n
         (3, True, 1, 0, 5), ((2, 3), False, 1, 0, 4), (4, True, 2, 0, 3),  # 4 * 2 > n: spans two ranks
         ((3, 2), False, 3, 0, 4), (2, True, 1, 3, 4), ((2, 1), False, 2, 6, 4), (1, True, 1, 5, 3)]
@@ -85,44 +86,46 @@ def check_window(P, r):
             continue
         kw = dict(causal=causal, dilation=dil)
         with cp.count_sent_bytes() as sent:
-            _compare(lambda q, k, v: cp.sliding_window_attention(q, k, v, window, global_tokens=g, **kw),
+            _compare(lambda q, k, v: cp.sliding_window_attention(q, k, v, window, group=group, global_tokens=g,
+                                                                 **kw),
                      lambda q, k, v: ae.sliding_window_attention(q, k, v, window, global_tokens=g or None, **kw),
-                     full, what=f"window {i}")
+                     full, group, what=f"window {i}")
         hr = 0 if causal else right * dil
         assert sent["p2p"] == sum(_halo_theory(P, r, n, left * dil, hr, B * H * 2 * D * 8)), (i, sent)
         if not g:
             assert sent["collective"] == 0, sent
 
 
-def check_linear(P, r):
+def check_linear(P, r, group):
     for i, (Hq, Hkv, n, normalize) in enumerate([(2, 2, 5, True), (4, 2, 70, False)]):
         full = _full([(1, Hq, n * P, 4), (1, Hkv, n * P, 4), (1, Hkv, n * P, 3)], 30 + i)
         kw = dict(normalize=normalize, feature_map="elu", chunk_size=16)
-        _compare(lambda q, k, v: cp.linear_attention(q, k, v, **kw),
-                 lambda q, k, v: ae.linear_attention(q, k, v, causal=True, **kw), full, what=f"linear {i}")
+        _compare(lambda q, k, v: cp.linear_attention(q, k, v, group=group, **kw),
+                 lambda q, k, v: ae.linear_attention(q, k, v, causal=True, **kw), full, group, what=f"linear {i}")
 
 
-def check_ulysses(P, r):
+def check_ulysses(P, r, group):
     H, n = 4, 4
     N = n * P
     full = _full([(1, H, N, 8), (1, H if P == 4 else 2, N, 8), (1, H if P == 4 else 2, N, 8)], 40)
-    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, causal=True),
-             lambda q, k, v: ae.flash_attention(q, k, v, causal=True), full, what="ulysses flash")
-    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, attn=ae.sliding_window_attention, window=3,
+    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, group=group, causal=True),
+             lambda q, k, v: ae.flash_attention(q, k, v, causal=True), full, group, what="ulysses flash")
+    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, group=group, attn=ae.sliding_window_attention, window=3,
                                                   global_tokens=2, layout="zigzag"),
-             lambda q, k, v: ae.sliding_window_attention(q, k, v, 3, global_tokens=2), full, "zigzag",
+             lambda q, k, v: ae.sliding_window_attention(q, k, v, 3, global_tokens=2), full, group, "zigzag",
              what="ulysses window zigzag")
     cu = torch.tensor([0, 3, N], dtype=torch.int32)
-    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, attn=ae.linear_attention, causal=True, cu_seqlens=cu),
-             lambda q, k, v: ae.linear_attention(q, k, v, causal=True, cu_seqlens=cu), full,
+    _compare(lambda q, k, v: cp.ulysses_attention(q, k, v, group=group, attn=ae.linear_attention, causal=True,
+                                                  cu_seqlens=cu),
+             lambda q, k, v: ae.linear_attention(q, k, v, causal=True, cu_seqlens=cu), full, group,
              what="ulysses linear packed")
 
 
-def check_gather(P, r):
+def check_gather(P, r, group):
     (x,) = _full([(2, 3, 4 * P, 5)], 50)
     for layout in cp.LAYOUTS:
-        s = cp.shard_sequence(x, layout=layout).clone().requires_grad_()
-        y = cp.gather_sequence(s, layout=layout)
+        s = cp.shard_sequence(x, group, layout).clone().requires_grad_()
+        y = cp.gather_sequence(s, group, layout)
         assert torch.equal(y, x)
         y.sum().backward()  # every rank's loss sees every position once: P per element
         assert torch.equal(s.grad, torch.full_like(s, P))
@@ -133,24 +136,24 @@ def _raises_everywhere(fn, match):
         fn()
 
 
-def check_errors(P, r):
+def check_errors(P, r, group):
     q = torch.randn(1, 2, 4 + (2 if r == 1 else 0), 4, dtype=F64)  # rank 1's shard is longer
-    _raises_everywhere(lambda: cp.ring_attention(q, q, q), "differ|invalid")
+    _raises_everywhere(lambda: cp.ring_attention(q, q, q, group=group), "differ|invalid")
     q = torch.randn(1, 2, 4, 4, dtype=F64)
-    _raises_everywhere(lambda: cp.sliding_window_attention(q, q, q, 4 * P, causal=True), "wider than the whole")
+    _raises_everywhere(lambda: cp.sliding_window_attention(q, q, q, 4 * P, group=group, causal=True), "wider than the whole")
     x = torch.randn(1, P + 1, 4, 4)
-    _raises_everywhere(lambda: cp.ulysses_attention(x, x, x), "not divisible by the group size")
+    _raises_everywhere(lambda: cp.ulysses_attention(x, x, x, group=group), "not divisible by the group size")
     bad = torch.randn(1, 2, 4, 4, dtype=F64) if r else torch.randn(1, 2, 4, 4, dtype=torch.float32)
-    _raises_everywhere(lambda: cp.ring_attention(bad, bad, bad), "differ")
+    _raises_everywhere(lambda: cp.ring_attention(bad, bad, bad, group=group), "differ")
     # a local error on one rank only: the others raise too instead of waiting for it
     w = 2 if r else -1
-    _raises_everywhere(lambda: cp.sliding_window_attention(q, q, q, w), "window|invalid")
+    _raises_everywhere(lambda: cp.sliding_window_attention(q, q, q, w, group=group), "window|invalid")
     t = torch.ones(1)
-    dist.all_reduce(t)  # the group still works
+    dist.all_reduce(t, group=group)  # the group still works
     assert t.item() == P
 
 
-def check_model(P, r):
+def check_model(P, r, group):
     """A TransformerLM (local, global and linear layers) on a sharded sequence: the
     shard's logits, and the parameter gradients summed over the ranks (as DDP would)."""
     torch.manual_seed(0)
@@ -161,56 +164,56 @@ def check_model(P, r):
     (ref * w).sum().backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    out, _ = model(cp.shard_sequence(idx, dim=1), context_parallel=dist.group.WORLD)
-    torch.testing.assert_close(out, cp.shard_sequence(ref.detach(), dim=1), **TOL)
-    (out * cp.shard_sequence(w, dim=1)).sum().backward()
+    out, _ = model(cp.shard_sequence(idx, group, dim=1), context_parallel=group)
+    torch.testing.assert_close(out, cp.shard_sequence(ref.detach(), group, dim=1), **TOL)
+    (out * cp.shard_sequence(w, group, dim=1)).sum().backward()
     for p, g in zip(model.parameters(), ref_grads):
-        dist.all_reduce(p.grad)
+        dist.all_reduce(p.grad, group=group)
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
-CHECKS = {2: [check_gather, check_ring, check_window, check_linear, check_ulysses, check_errors, check_model],
-          4: [check_gather, check_ring, check_window, check_linear, check_ulysses, check_errors]}
+CHECKS = [check_gather, check_ring, check_window, check_linear, check_ulysses, check_errors, check_model]
 
 
-def _worker(rank, size, path, names):
+def _worker(rank, path, names):
+    """4 ranks: the pairs {0, 1} and {2, 3} run every check as two groups at once (group
+    ranks differ from global ranks), then the 4 ranks run them as one group."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rdzv", rank=rank, world_size=size, timeout=TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"file://{path}/rdzv", rank=rank, world_size=4, timeout=TIMEOUT)
+    pairs = [dist.new_group([0, 1], timeout=TIMEOUT), dist.new_group([2, 3], timeout=TIMEOUT)]
     failures = []
     try:
-        for check in CHECKS[size]:
-            if names and check.__name__ not in names:
-                continue
-            try:
-                check(size, rank)
-            except Exception:
-                failures.append(f"{check.__name__}: {traceback.format_exc()}")
+        for size, group in ((2, pairs[rank // 2]), (4, dist.group.WORLD)):
+            for check in CHECKS:
+                if names and check.__name__ not in names:
+                    continue
+                try:
+                    check(size, dist.get_rank(group), group)
+                except Exception:
+                    failures.append(f"{size} ranks, {check.__name__}: {traceback.format_exc()}")
+            if failures:
                 break  # a failed check may leave peers mid-collective
+            dist.barrier()
     finally:
         with open(os.path.join(path, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(failures))
         dist.destroy_process_group()
 
 
-def _spawn(size, names=()):
+def test_context_parallel():
+    names = [n for n in os.environ.get("CP_CHECKS", "").split(",") if n]  # run a subset while debugging
     with tempfile.TemporaryDirectory() as path:
-        ctx = mp.start_processes(_worker, args=(size, path, list(names)), nprocs=size, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(path, names), nprocs=4, join=False, start_method="spawn")
         try:
-            for _ in range(240):  # at most 120 s, then kill (never hang CI)
+            for _ in range(360):  # at most 180 s, then kill (never hang CI)
                 if ctx.join(timeout=0.5):
                     break
             else:
-                pytest.fail(f"{size} ranks did not finish in time")
+                pytest.fail("the ranks did not finish in time")
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        report = [open(os.path.join(path, f"rank{r}.txt")).read() for r in range(size)]
+        report = [open(os.path.join(path, f"rank{r}.txt")).read() for r in range(4)]
     bad = [f"rank {r}: {t}" for r, t in enumerate(report) if t]
     assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize("size", [2, 4])
-def test_context_parallel(size):
-    _spawn(size, os.environ.get("CP_CHECKS", "").split(",") if os.environ.get("CP_CHECKS") else ())
