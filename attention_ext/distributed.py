@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import struct
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -113,16 +115,14 @@ class _Comm:
         dist.all_to_all_single(out, x, group=self.group)
         return out
 
-    def agree(self, record, error=None):
+    def agree(self, record, device, error=None):
         """Every rank compares its ``record`` (ints: shapes and arguments) with the others'
         in one all_gather; a local ``error`` (an exception of the local checks) or a
         mismatch raises on every rank, before any collective a rank would skip."""
         rec = [1 if error is not None else 0] + [int(x) for x in record]
         if len(rec) > _META:
             raise AssertionError("shape record too long")
-        t = torch.tensor(rec + [0] * (_META - len(rec)), dtype=torch.int64)
-        if self.group is not None and dist.get_backend(self.group) == "nccl":
-            t = t.cuda()
+        t = torch.tensor(rec + [0] * (_META - len(rec)), dtype=torch.int64, device=device)
         counts = _SENT.set(None)  # not counted: metadata, not attention traffic
         try:
             rows = self.all_gather(t).cpu().tolist()
@@ -138,15 +138,21 @@ class _Comm:
                              f"shapes and options): rank records {rows}")
 
 
-def _checked(comm, record_fn):
-    """Runs the local checks ``record_fn() -> (record, value)`` on every rank, then agrees."""
+def _checked(comm, record_fn, device):
+    """Runs the local checks ``record_fn() -> (record, value)`` on every rank, then agrees
+    (the record's tensor on ``device``, where the group's backend can reduce it)."""
     try:
         record, value = record_fn()
     except (TypeError, ValueError) as e:
-        comm.agree([], error=e)
+        comm.agree([], device, error=e)
         raise
-    comm.agree(record)
+    comm.agree(record, device)
     return value
+
+
+def _bits(x):
+    """A float (or None) as an int64 of its float64 bits, for the shape record."""
+    return struct.unpack("<q", struct.pack("<d", float(x or 0.0)))[0]
 
 
 def _layout(layout, fn):
@@ -156,10 +162,7 @@ def _layout(layout, fn):
 
 
 def _shape_record(*ts):
-    return [d for t in ts for d in (t.dim(), *t.shape)] + [_DTYPES.index(ts[0].dtype)]
-
-
-_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+    return [d for t in ts for d in (t.dim(), *t.shape)] + [zlib.crc32(str(t.dtype).encode()) for t in ts]
 
 
 # ---- sharding helpers -------------------------------------------------------------
@@ -222,7 +225,7 @@ def gather_sequence(x, group=None, layout="contiguous", dim=2):
     comm = _Comm(group, fn)
     layout = _layout(layout, fn)
     dim = dim % x.dim()
-    _checked(comm, lambda: ([dim] + _shape_record(x), None))
+    _checked(comm, lambda: ([dim] + _shape_record(x), None), x.device)
     if layout == "zigzag" and x.shape[dim] % 2:
         raise ValueError(f"{fn}: a zigzag shard holds two chunks; its length {x.shape[dim]} must be even")
     return _GatherSequence.apply(x, comm, layout, dim)
@@ -320,10 +323,10 @@ class _Ring(torch.autograd.Function):
                 dk, dv = _kv_unpack(dkv, k, v)
                 dk[:, :, ks] += bdk
                 dv[:, :, ks] += bdv
-            # after its P-th hop the gradient of a shard is back with its owner
-            new = torch.empty_like(dkv)
-            dkv_reqs = comm.exchange([(dkv, (r + 1) % P, 2)], [(new, (r - 1) % P, 2)])
-            dkv = new
+            if P > 1:  # after its P-th hop the gradient of a shard is back with its owner
+                new = torch.empty_like(dkv)
+                dkv_reqs = comm.exchange([(dkv, (r + 1) % P, 2)], [(new, (r - 1) % P, 2)])
+                dkv = new
             for req in reqs:
                 req.wait()
             if nxt is not None:
@@ -364,9 +367,10 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, softcap=Non
         if lay == "zigzag" and Nq % 2:
             raise ValueError(f"{fn}: a zigzag shard holds two chunks; its length {Nq} must be even")
         spec = AttentionSpec(mask_kind=MASK_KINDS["dense"], **fields)
-        return _shape_record(q, k, v) + [LAYOUTS.index(lay), int(spec.causal)], spec
+        return _shape_record(q, k, v) + [LAYOUTS.index(lay), int(spec.causal), _bits(spec.scale),
+                                         _bits(spec.softcap)], spec
 
-    spec = _checked(comm, local)
+    spec = _checked(comm, local, q.device)
     out, _ = _Ring.apply(q.contiguous(), k.contiguous(), v.contiguous(), comm, spec, layout)
     return out
 
@@ -513,10 +517,11 @@ def sliding_window_attention(q, k, v, window, *, group=None, causal=False, dilat
         if max(left, right) * dil >= N:
             raise ValueError(f"{fn}: the window reach (left, right) * dilation = ({left * dil}, {right * dil}) is "
                              f"wider than the whole sequence N = {N}; use ring_attention")
-        return _shape_record(q, k, v) + [left, right, dil, min(g, N), int(fields["causal"])], \
-            (left, right, dil, min(g, N), fields)
+        record = [left, right, dil, min(g, N), int(fields["causal"]), _bits(fields["scale"]),
+                  _bits(fields["softcap"])]
+        return _shape_record(q, k, v) + record, (left, right, dil, min(g, N), fields)
 
-    left, right, dil, g, fields = _checked(comm, local)
+    left, right, dil, g, fields = _checked(comm, local, q.device)
     P, r, n = comm.size, comm.rank, q.shape[2]
     hl, hr = left * dil, right * dil
     halo = _Halo.apply(k.contiguous(), v.contiguous(), q.contiguous(), comm, hl, hr, g)
@@ -622,10 +627,11 @@ def linear_attention(q, k, v, *, group=None, causal=True, feature_map="elu", eps
         _checks.linear_qkv(q, k, v, fn)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"{fn}: q and k shards must have the same length, got {q.shape[2]} and {k.shape[2]}")
-        _linear._params(fn, feature_map, eps, normalize, scale)
-        return _shape_record(q, k, v), None
+        fmap, e, norm, sc = _linear._params(fn, feature_map, eps, normalize, scale)
+        _checks.integer(chunk_size, "chunk_size", fn, minimum=1)
+        return _shape_record(q, k, v) + [fmap, _bits(e), int(norm), _bits(sc), chunk_size], None
 
-    _checked(comm, local)
+    _checked(comm, local, q.device)
     kw = dict(feature_map=feature_map, eps=eps, normalize=normalize, scale=scale)
     # the state of this shard's keys alone: a non-causal call with no queries
     _, (S, z) = _linear.linear_attention(q[:, :, :0], k, v, return_state=True, chunk_size=chunk_size, **kw)
@@ -696,7 +702,7 @@ def ulysses_attention(q, k, v, *, group=None, attn=None, layout="contiguous", **
             raise ValueError(f"{fn}: a zigzag shard holds two chunks; its length {q.shape[2]} must be even")
         return _shape_record(q, k, v) + [LAYOUTS.index(lay)], lay
 
-    lay = _checked(comm, local)
+    lay = _checked(comm, local, q.device)
     qh, kh, vh = _SeqToHeads.apply(comm, False, q, k, v)
     if lay == "zigzag":
         perm = _zigzag_perm(comm.size, q.shape[2], q.device)

@@ -58,8 +58,46 @@ def check_ring(P, r, group):
                      lambda q, k, v: ae.flash_attention(q, k, v, causal=causal, softcap=softcap), full, group, layout,
                      what=f"ring {i}")
         kv = _nbytes((B, Hkv, n, D), (B, Hkv, n, Dv))
-        # forward: P - 1 K/V shards; backward: P - 1 K/V shards and P dK/dV shards
-        assert sent["p2p"] == (P - 1) * kv + (P - 1) * kv + P * kv, (sent, kv)
+        # forward: P - 1 K/V shards; backward: P - 1 K/V shards and P dK/dV shards (none alone)
+        assert sent["p2p"] == (P - 1) * kv + (P - 1) * kv + (P if P > 1 else 0) * kv, (sent, kv)
+
+
+def _errors(fn, full, group, layout, dtype):
+    """Max abs error vs the float64 result of fn, of out and dq, dk, dv, for fn on the
+    whole sequence in dtype (this rank's shard of it) and on this rank's shards."""
+    (w,) = _full([(full[0].shape[0], full[0].shape[1], full[0].shape[2], full[2].shape[-1])], 98)
+
+    def run(xs, shard):
+        xs = [x.detach().to(dtype).clone().requires_grad_() for x in xs]
+        out = fn(*xs)
+        ww = cp.shard_sequence(w, group, layout) if shard else w
+        (out.double() * ww).sum().backward()
+        res = [out.detach()] + [x.grad for x in xs]
+        return [t if shard else cp.shard_sequence(t, group, layout) for t in res]
+
+    return run
+
+
+def check_lowp(P, r, group):
+    """float32 / bfloat16: the sharded result's error vs float64 is at most twice the
+    single-process op's in the same dtype (plus a rounding unit)."""
+    cases = [("ring", "zigzag", lambda g: (lambda q, k, v: cp.ring_attention(q, k, v, group=g, causal=True,
+                                                                               layout="zigzag")),
+              lambda q, k, v: ae.flash_attention(q, k, v, causal=True)),
+             ("window", "contiguous", lambda g: (lambda q, k, v: cp.sliding_window_attention(
+                 q, k, v, 5, group=g, causal=True, global_tokens=2)),
+              lambda q, k, v: ae.sliding_window_attention(q, k, v, 5, causal=True, global_tokens=2))]
+    for name, layout, dist_fn, ref_fn in cases:
+        full = _full([(1, 2, 8 * P, 16)] * 3, 60)
+        exact = _errors(ref_fn, full, group, layout, F64)(full, False)
+        for dtype, unit in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+            single = _errors(ref_fn, full, group, layout, dtype)(full, False)
+            sharded = _errors(dist_fn(group), full, group, layout, dtype)(
+                [cp.shard_sequence(x, group, layout) for x in full], True)
+            for what, e, s1, d in zip(("out", "dq", "dk", "dv"), exact, single, sharded):
+                err_single = (s1.double() - e).abs().max().item()
+                err = (d.double() - e).abs().max().item()
+                assert err <= 2 * err_single + unit, (name, dtype, what, err, err_single)
 
 
 def _halo_theory(P, r, n, hl, hr, row_bytes):
@@ -172,20 +210,22 @@ def check_model(P, r, group):
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
-CHECKS = [check_gather, check_ring, check_window, check_linear, check_ulysses, check_errors, check_model]
+CHECKS = [check_gather, check_ring, check_window, check_linear, check_ulysses, check_errors, check_model, check_lowp]
+ONE_RANK = (check_gather, check_ring, check_window, check_linear, check_ulysses)  # no peer: nothing to disagree
 
 
 def _worker(rank, path, names):
-    """4 ranks: the pairs {0, 1} and {2, 3} run every check as two groups at once (group
-    ranks differ from global ranks), then the 4 ranks run them as one group."""
+    """4 ranks: each alone (a group of one), the pairs {0, 1} and {2, 3} as two groups at
+    once (group ranks differ from global ranks), then the 4 ranks as one group."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/rdzv", rank=rank, world_size=4, timeout=TIMEOUT)
+    singles = [dist.new_group([i], timeout=TIMEOUT) for i in range(4)]
     pairs = [dist.new_group([0, 1], timeout=TIMEOUT), dist.new_group([2, 3], timeout=TIMEOUT)]
     failures = []
     try:
-        for size, group in ((2, pairs[rank // 2]), (4, dist.group.WORLD)):
+        for size, group in ((1, singles[rank]), (2, pairs[rank // 2]), (4, dist.group.WORLD)):
             for check in CHECKS:
-                if names and check.__name__ not in names:
+                if names and check.__name__ not in names or size == 1 and check not in ONE_RANK:
                     continue
                 try:
                     check(size, dist.get_rank(group), group)
