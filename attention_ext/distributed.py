@@ -27,7 +27,6 @@ ValueError on every rank (nothing hangs).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import struct
 import zlib
@@ -41,7 +40,9 @@ from . import linear as _linear
 from ._spec import MASK_KINDS, AttentionSpec
 
 LAYOUTS = ("contiguous", "zigzag")
-_SENT = contextvars.ContextVar("attention_ext_distributed_sent", default=None)
+# the open count_sent_bytes blocks of this process (a list, not a context variable: the CUDA
+# backward runs on autograd's device threads)
+_COUNTERS = []
 _META = 32  # int64 slots of the shape/argument record the ranks compare
 
 
@@ -51,16 +52,15 @@ def count_sent_bytes():
     (collectives count the bytes this rank must deliver to the others: ``(P - 1) x`` its
     input for all_gather, the other ranks' parts for all_to_all)."""
     counts = {"p2p": 0, "collective": 0}
-    token = _SENT.set(counts)
+    _COUNTERS.append(counts)
     try:
         yield counts
     finally:
-        _SENT.reset(token)
+        _COUNTERS.remove(counts)
 
 
 def _count(kind, nbytes):
-    counts = _SENT.get()
-    if counts is not None:
+    for counts in _COUNTERS:
         counts[kind] += int(nbytes)
 
 
@@ -91,11 +91,12 @@ class _Comm:
             _count("p2p", _nbytes(t))
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def all_gather(self, x):
+    def all_gather(self, x, counted=True):
         """``(P, *x.shape)``, every rank's x."""
         flat = x.contiguous().reshape(-1)
         out = flat.new_empty(self.size * flat.numel())
-        _count("collective", _nbytes(flat) * (self.size - 1))
+        if counted:
+            _count("collective", _nbytes(flat) * (self.size - 1))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, flat, group=self.group)
         return out.view((self.size,) + tuple(x.shape))
@@ -123,19 +124,16 @@ class _Comm:
         if len(rec) > _META:
             raise AssertionError("shape record too long")
         t = torch.tensor(rec + [0] * (_META - len(rec)), dtype=torch.int64, device=device)
-        counts = _SENT.set(None)  # not counted: metadata, not attention traffic
-        try:
-            rows = self.all_gather(t).cpu().tolist()
-        finally:
-            _SENT.reset(counts)
+        rows = self.all_gather(t, counted=False).cpu().tolist()  # metadata, not attention traffic
         if error is not None:
             raise error
         bad = [r for r, row in enumerate(rows) if row[0]]
         if bad:
             raise ValueError(f"{self.fn}: invalid arguments on rank(s) {bad} (see the error there)")
-        if any(row != rows[0] for row in rows):
-            raise ValueError(f"{self.fn}: the ranks' shards or arguments differ (every rank must pass the same "
-                             f"shapes and options): rank records {rows}")
+        differ = [r for r, row in enumerate(rows) if row != rows[0]]
+        if differ:
+            raise ValueError(f"{self.fn}: the shards or arguments of rank(s) {differ} differ from rank 0's (every "
+                             f"rank must pass the same shapes, dtypes and options); records (shapes first): {rows}")
 
 
 def _checked(comm, record_fn, device):
