@@ -142,6 +142,7 @@ def main(args, rest):
     w = min(opts.window, wn // 4)
     rounds = 1 if args.quick else opts.rounds
     cases = [("window", wn, w), ("full", fn_, None)]
+    torch.set_num_threads(1)  # as every rank (the header reports this process's threads)
     with tempfile.TemporaryDirectory() as path:
         results = os.path.join(path, "rows.pt")
         mp.start_processes(_worker, args=(path, cases, rounds, results), nprocs=2, start_method="spawn")
