@@ -9,10 +9,11 @@ torch.compile, and is reachable as ``torch.ops.attention_ext.*``.
 
 ``attention_ext.nn`` has modules (Attention, TransformerLM with local/global layer
 patterns); ``import attention_ext.hf`` registers ``attn_implementation="attention_ext"``
-with Hugging Face transformers.
+with Hugging Face transformers. ``attention_ext.distributed`` runs them over a sequence
+sharded across torch.distributed ranks (ring, halo exchange, state scan, Ulysses).
 """
 
-from . import _isa, nn, patterns
+from . import _isa, distributed, nn, patterns
 from ._explain import explain
 from .decode import attention_with_kvcache
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
@@ -36,6 +37,7 @@ __all__ = [
     "FavorFeatures",
     "patterns",
     "nn",
+    "distributed",
     "available_cpu_isas",
     "cpu_isa",
     "set_cpu_isa",

@@ -183,13 +183,17 @@ class Attention(nn.Module):
         return (f"kind={self.kind}{w}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, backend={self.backend}")
 
-    def forward(self, x, cache=None, cu_seqlens=None):
+    def forward(self, x, cache=None, cu_seqlens=None, context_parallel=None):
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kv = isinstance(cache, KVCache)
         offset = 0 if cache is None else cache.lengths[0] if kv else cache.get("pos", 0)
+        if context_parallel is not None:  # x is this rank's contiguous shard of the sequence
+            from . import distributed
+
+            offset = distributed.shard_offset(N, context_parallel, cache, cu_seqlens, self.backend)
         positions = None
         if cu_seqlens is not None:
             if cache is not None:
@@ -201,7 +205,9 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset, positions), self.rope(k, offset, positions)
         if cache is not None and self.causal is False and (kv or cache.get("pos", 0)):
             raise ValueError("incremental decoding needs a causal layer")
-        if self.kind in ("routing", "linformer"):
+        if context_parallel is not None:
+            out = distributed.layer_attention(self, q, k, v, context_parallel)
+        elif self.kind in ("routing", "linformer"):
             if cache is not None:
                 raise NotImplementedError(f"{self.kind} layers do not decode with a cache")
             out = self._content(q, k, v)
@@ -335,8 +341,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim)
 
-    def forward(self, x, cache=None, cu_seqlens=None):
-        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens)
+    def forward(self, x, cache=None, cu_seqlens=None, context_parallel=None):
+        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens, context_parallel=context_parallel)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -356,7 +362,10 @@ class TransformerLM(nn.Module):
     the next document's first). Packed documents: ``cu_seqlens`` (int32 ``(S+1,)`` or
     ``(B, S+1)``, see :class:`Attention`) or ``position_ids`` (``(N,)`` or ``(B, N)``, 0 at
     each document start, as ``DataCollatorWithFlattening`` makes them); each document then
-    gives the logits it gives alone.
+    gives the logits it gives alone. ``context_parallel=group``: ``idx`` is this rank's
+    contiguous shard of the sequence (:func:`attention_ext.distributed.shard_sequence`
+    with ``dim=1``), the layers attend across the group (ring / halo / state scan) and the
+    logits (and loss: the mean over this shard) are this shard's.
     ``generate(idx, max_new_tokens)`` decodes greedily (or samples with
     ``temperature > 0``) with a cache from :meth:`new_caches`: a
     :class:`~attention_ext.KVCache` (``"attention_ext"``: nothing is concatenated, local
@@ -398,7 +407,7 @@ class TransformerLM(nn.Module):
             b.attn.backend = backend
         return self
 
-    def forward(self, idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None):
+    def forward(self, idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None, context_parallel=None):
         if position_ids is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass cu_seqlens or position_ids, not both")
@@ -412,7 +421,7 @@ class TransformerLM(nn.Module):
             x = self._cached_blocks(x, caches)
         else:
             for i, block in enumerate(self.blocks):
-                x = block(x, None if caches is None else caches[i], cu_seqlens)
+                x = block(x, None if caches is None else caches[i], cu_seqlens, context_parallel)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
