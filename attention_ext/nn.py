@@ -15,6 +15,11 @@ Layer kinds, one character each in a pattern (it repeats from layer 0 to ``num_l
   ``w`` keys including itself); a ``(left, right)`` pair gives both reaches.
 * ``R`` / ``"linear"``: linear attention (``attention_ext.linear_attention``, elu + 1
   features).
+* ``C`` / ``"routing"``: the Routing Transformer's layer: half the heads local (as ``L``,
+  with ``window``), half routing (:func:`attention_ext.routing_attention`, ``num_clusters``
+  clusters of ``window`` tokens; k-means centroids updated by EMA in training only).
+* ``P`` / ``"linformer"``: Linformer (keys and values projected along the sequence to
+  ``proj_len`` rows by learned ``(proj_len, max_len)`` matrices); bidirectional only.
 
 Every module takes ``backend="attention_ext"`` (our ops) or ``backend="sdpa"`` (the same
 layer on PyTorch: ``F.scaled_dot_product_attention``, with a dense boolean mask for
@@ -28,20 +33,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _layers
+from . import _content_layers, _layers
 from . import functional as _fn
 from . import linear as _linear
 from .decode import attention_with_kvcache
 from .kvcache import KVCache
 
-KINDS = {"G": "global", "L": "local", "R": "linear"}
+KINDS = {"G": "global", "L": "local", "R": "linear", "C": "routing", "P": "linformer"}
 BACKENDS = ("attention_ext", "sdpa")
 
 
 def _pattern_message(pattern, bad):
     if not bad:
-        return f"pattern must be a non-empty string of G (global), L (local), R (linear); got {pattern!r}"
-    return f"pattern {pattern!r} has unknown layer kinds {bad}; use G (global), L (local), R (linear)"
+        return (f"pattern must be a non-empty string of G (global), L (local), R (linear), C (routing), "
+                f"P (linformer); got {pattern!r}")
+    return (f"pattern {pattern!r} has unknown layer kinds {bad}; use G (global), L (local), R (linear), "
+            "C (routing), P (linformer)")
 
 
 def parse_pattern(pattern, num_layers=None):
@@ -112,9 +119,16 @@ class Attention(nn.Module):
             unless given).
         num_kv_heads: K/V heads (GQA/MQA; ``num_heads % num_kv_heads == 0``), default num_heads.
             K/V are passed to the op with their own head count, never repeated.
-        kind: ``"global"``, ``"local"`` or ``"linear"`` (see the module docstring).
+        kind: ``"global"``, ``"local"``, ``"linear"``, ``"routing"`` or ``"linformer"``
+            (see the module docstring).
         window: local reach, an int or ``(left, right)`` as in
-            :func:`attention_ext.sliding_window_attention` (``kind="local"`` only).
+            :func:`attention_ext.sliding_window_attention` (``kind="local"``); for
+            ``kind="routing"`` an int: the local heads' reach and the tokens per cluster
+            (capped at the sequence length).
+        num_clusters: clusters of the routing heads (``kind="routing"``; ``num_heads`` even,
+            ``num_kv_heads`` 1 or even: the first half of the heads is local).
+        proj_len, max_len: Linformer's projected length and longest sequence
+            (``kind="linformer"``, which needs ``causal=False``).
         causal: autoregressive masking (queries aligned bottom-right with a cache).
         bias: biases in the q/k/v/out projections.
         rope: rotary position embedding on q and k (``rope_base``), default True.
@@ -133,11 +147,12 @@ class Attention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
-                 bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext"):
+                 bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext",
+                 num_clusters=None, proj_len=None, max_len=None):
         super().__init__()
         kind = KINDS.get(kind, kind) if isinstance(kind, str) and len(kind) == 1 else kind
-        if kind not in ("global", "local", "linear"):
-            raise ValueError(f"kind must be 'global', 'local' or 'linear', got {kind!r}")
+        if kind not in KINDS.values():
+            raise ValueError(f"kind must be one of {sorted(KINDS.values())}, got {kind!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -149,38 +164,54 @@ class Attention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.kind, self.causal, self.backend = kind, bool(causal), backend
         self.window = tuple(window) if isinstance(window, (tuple, list)) else window
-        self.left, self.right = (_window_reach(self.window, self.causal) if kind == "local" else (None, None))
+        self.left, self.right = (_window_reach(self.window, self.causal) if kind in ("local", "routing")
+                                 else (None, None))
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
         self.layer_idx = 0  # this layer's entry in a KVCache (TransformerLM numbers its layers)
+        if kind == "routing":
+            self.router = _content_layers.RoutingHeads(num_heads // 2, head_dim,
+                                                       *_routing_args(num_heads, num_kv_heads, num_clusters, window))
+        elif kind == "linformer":
+            self.linformer = _content_layers.LinformerProjection(*_linformer_args(self.causal, proj_len, max_len))
 
     def extra_repr(self):
         w = f", window=({self.left}, {self.right})" if self.kind == "local" else ""
         return (f"kind={self.kind}{w}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, backend={self.backend}")
 
-    def forward(self, x, cache=None, cu_seqlens=None):
+    def forward(self, x, cache=None, cu_seqlens=None, context_parallel=None):
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         kv = isinstance(cache, KVCache)
         offset = 0 if cache is None else cache.lengths[0] if kv else cache.get("pos", 0)
+        if context_parallel is not None:  # x is this rank's contiguous shard of the sequence
+            from . import distributed
+
+            offset = distributed.shard_offset(N, context_parallel, cache, cu_seqlens, self.backend)
         positions = None
         if cu_seqlens is not None:
             if cache is not None:
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache")
-            if self.kind == "linear":
-                raise NotImplementedError("cu_seqlens (packed documents) is not supported by linear layers")
+            if self.kind in ("linear", "routing", "linformer"):
+                raise NotImplementedError(f"cu_seqlens (packed documents) is not supported by {self.kind} layers")
             positions = _layers.document_positions(cu_seqlens, N)
         if self.rope is not None:
             q, k = self.rope(q, offset, positions), self.rope(k, offset, positions)
         if cache is not None and self.causal is False and (kv or cache.get("pos", 0)):
             raise ValueError("incremental decoding needs a causal layer")
-        if self.kind == "linear":
+        if context_parallel is not None:
+            out = distributed.layer_attention(self, q, k, v, context_parallel)
+        elif self.kind in ("routing", "linformer"):
+            if cache is not None:
+                raise NotImplementedError(f"{self.kind} layers do not decode with a cache")
+            out = self._content(q, k, v)
+        elif self.kind == "linear":
             out = self._linear(q, k, v, cache.extra[self.layer_idx] if kv else cache)
         elif kv:
             out = self._cached(q, k, v, cache)
@@ -211,6 +242,21 @@ class Attention(nn.Module):
             mask = mask & _layers.document_mask(cu_seqlens, nk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
+    def _content(self, q, k, v):
+        """Routing (local first half of the heads, routing second half) or Linformer."""
+        if self.kind == "linformer":
+            return self.linformer(q, k, v, self.backend)
+        h, hkv = self.num_heads // 2, max(1, self.num_kv_heads // 2)
+        kl, vl = k[:, :hkv], v[:, :hkv]
+        kr, vr = (k, v) if self.num_kv_heads == 1 else (k[:, hkv:], v[:, hkv:])
+        if self.backend == "attention_ext":
+            local = _fn.sliding_window_attention(q[:, :h], kl, vl, (self.left, self.right), causal=self.causal)
+        else:
+            mask = _layers.band_mask(q.shape[2], k.shape[2], causal=self.causal, left=self.left, right=self.right,
+                                     device=q.device)
+            local = F.scaled_dot_product_attention(q[:, :h], kl, vl, attn_mask=mask, enable_gqa=h != hkv)
+        return torch.cat((local, self.router(q[:, h:], kr, vr, self.causal, self.backend)), 1)
+
     def _cached(self, q, k, v, cache):
         window = (self.left, 0) if self.kind == "local" else None
         if cache.windows[self.layer_idx] != window:
@@ -236,6 +282,29 @@ def _window_reach(window, causal):
     from . import _checks
 
     return _checks.window(window, causal, "Attention")
+
+
+def _routing_args(num_heads, num_kv_heads, num_clusters, window):
+    from . import _checks
+
+    if num_heads % 2 or num_kv_heads not in (1,) and num_kv_heads % 2:
+        raise ValueError(f"kind='routing' splits the heads in half: num_heads ({num_heads}) must be even and "
+                         f"num_kv_heads ({num_kv_heads}) 1 or even")
+    if num_clusters is None:
+        raise ValueError("kind='routing' needs num_clusters")
+    return (_checks.integer(num_clusters, "num_clusters", "Attention", minimum=1),
+            _checks.integer(window, "window", "Attention", minimum=1))
+
+
+def _linformer_args(causal, proj_len, max_len):
+    from . import _checks
+
+    if causal:
+        raise ValueError("kind='linformer' is bidirectional only: pass causal=False")
+    if proj_len is None or max_len is None:
+        raise ValueError("kind='linformer' needs proj_len and max_len")
+    return (_checks.integer(proj_len, "proj_len", "Attention", minimum=1),
+            _checks.integer(max_len, "max_len", "Attention", minimum=1))
 
 
 class RMSNorm(nn.Module):
@@ -272,17 +341,20 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim)
         self.mlp = MLP(dim, mlp_hidden or 4 * dim)
 
-    def forward(self, x, cache=None, cu_seqlens=None):
-        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens)
+    def forward(self, x, cache=None, cu_seqlens=None, context_parallel=None):
+        x = x + self.attn(self.attn_norm(x), cache=cache, cu_seqlens=cu_seqlens, context_parallel=context_parallel)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class TransformerLM(nn.Module):
     """A small decoder-only LM whose layers follow ``pattern``.
 
-    ``pattern`` is a string of ``G`` (global), ``L`` (local) and ``R`` (linear) repeated
-    from layer 0 to ``num_layers`` (default ``len(pattern)``): ``"LG"`` alternates,
-    ``"LLLLLG"`` is Gemma 3's 5:1, ``"LLG"`` ModernBERT's 2:1, ``"G"`` all global.
+    ``pattern`` is a string of ``G`` (global), ``L`` (local), ``R`` (linear), ``C``
+    (routing) and ``P`` (linformer) repeated from layer 0 to ``num_layers`` (default
+    ``len(pattern)``): ``"LG"`` alternates, ``"LLLLLG"`` is Gemma 3's 5:1, ``"LLG"``
+    ModernBERT's 2:1, ``"G"`` all global. Other keyword arguments (``num_clusters``,
+    ``proj_len``, ``max_len``) go to every layer's :class:`Attention`; a ``P`` layer needs
+    ``causal=False``, and ``C``/``P`` layers do not decode with a cache.
 
     ``forward(idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None)``
     returns ``(logits, loss)`` (loss is None without targets; cross entropy over all
@@ -290,7 +362,10 @@ class TransformerLM(nn.Module):
     the next document's first). Packed documents: ``cu_seqlens`` (int32 ``(S+1,)`` or
     ``(B, S+1)``, see :class:`Attention`) or ``position_ids`` (``(N,)`` or ``(B, N)``, 0 at
     each document start, as ``DataCollatorWithFlattening`` makes them); each document then
-    gives the logits it gives alone.
+    gives the logits it gives alone. ``context_parallel=group``: ``idx`` is this rank's
+    contiguous shard of the sequence (:func:`attention_ext.distributed.shard_sequence`
+    with ``dim=1``), the layers attend across the group (ring / halo / state scan) and the
+    logits (and loss: the mean over this shard) are this shard's.
     ``generate(idx, max_new_tokens)`` decodes greedily (or samples with
     ``temperature > 0``) with a cache from :meth:`new_caches`: a
     :class:`~attention_ext.KVCache` (``"attention_ext"``: nothing is concatenated, local
@@ -300,14 +375,14 @@ class TransformerLM(nn.Module):
 
     def __init__(self, vocab_size, dim=256, num_heads=4, *, pattern="LG", num_layers=None, num_kv_heads=None,
                  window=256, causal=True, mlp_hidden=None, bias=False, rope=True, backend="attention_ext",
-                 tie_embeddings=True):
+                 tie_embeddings=True, **layer_kwargs):
         super().__init__()
         self.kinds = parse_pattern(pattern, num_layers)
         self.pattern = pattern.upper()
         self.embed = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, kind=kind, mlp_hidden=mlp_hidden, num_kv_heads=num_kv_heads,
-                             window=window, causal=causal, bias=bias, rope=rope, backend=backend)
+                             window=window, causal=causal, bias=bias, rope=rope, backend=backend, **layer_kwargs)
             for kind in self.kinds)
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
@@ -332,7 +407,7 @@ class TransformerLM(nn.Module):
             b.attn.backend = backend
         return self
 
-    def forward(self, idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None):
+    def forward(self, idx, targets=None, caches=None, *, cu_seqlens=None, position_ids=None, context_parallel=None):
         if position_ids is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass cu_seqlens or position_ids, not both")
@@ -346,7 +421,7 @@ class TransformerLM(nn.Module):
             x = self._cached_blocks(x, caches)
         else:
             for i, block in enumerate(self.blocks):
-                x = block(x, None if caches is None else caches[i], cu_seqlens)
+                x = block(x, None if caches is None else caches[i], cu_seqlens, context_parallel)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

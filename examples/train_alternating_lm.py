@@ -111,6 +111,19 @@ def evaluate(model, data, args):
     return sum(losses) / len(losses)
 
 
+def optimizer_step(model, opt, x, y, device):
+    """One training step (gradients clipped to norm 1): (loss, seconds)."""
+    t0 = time.perf_counter()
+    _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return loss.item(), time.perf_counter() - t0
+
+
 def train(args, backend, train_data, val_data):
     model = build_model(args, backend).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -124,17 +137,10 @@ def train(args, backend, train_data, val_data):
             for g in opt.param_groups:
                 g["lr"] = max(lr, args.lr * 0.05)
             x, y = (t.to(args.device) for t in next(batches))
-            t0 = time.perf_counter()
-            _, loss = model(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - t0
+            loss, seconds = optimizer_step(model, opt, x, y, args.device)
+            elapsed += seconds
             tokens += x.numel()
-            log.append(loss.item())
+            log.append(loss)
             tps = tokens / elapsed
             if bar is not None:
                 bar.set_postfix(loss=f"{log[-1]:.3f}", tok_s=f"{tps:,.0f}", peak_MiB=f"{peak.read() or 0:.0f}")

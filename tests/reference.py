@@ -216,3 +216,47 @@ def check_close_linear(out, ref, dtype, what="out"):
     assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e} ({dtype})"
     return err
 
+
+
+# ---- routing attention and Linformer ------------------------------------------------------
+
+def routing_top_k(x, centroids, window, group=1):
+    """The balanced assignment written from its definition: cosine similarity of the tokens
+    of x ``(B, Hx, N, D)`` (head ``h // group`` for centroid head ``h``) with ``centroids``
+    ``(H, C, D)``; each cluster's ``window`` highest-scoring tokens, as sorted index lists
+    ``[b][h][c]``."""
+    x = torch.nn.functional.normalize(x.detach().cpu().double(), dim=-1)
+    c = torch.nn.functional.normalize(centroids.detach().cpu().double(), dim=-1)
+    B, H, C = x.shape[0], c.shape[0], c.shape[1]
+    return [[[sorted(torch.argsort(x[b, h // group] @ c[h, cl], descending=True)[:window].tolist())
+              for cl in range(C)] for h in range(H)] for b in range(B)]
+
+
+def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, attend=attention):
+    """Routed attention with dense masks: for each cluster ``c``, query ``i`` in
+    ``q_idx[:, :, c]`` sees key ``j`` in ``k_idx[:, :, c]`` (and ``j <= i + Nk - Nq`` when
+    causal); a query's output is the mean over its clusters (zeros in none). ``attend`` is
+    :func:`attention` (float64) or :func:`attention_lowp`."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    total, count = 0, 0
+    for c in range(q_idx.shape[2]):
+        in_q = torch.zeros(B, H, Nq, dtype=torch.bool).scatter(-1, q_idx[:, :, c].cpu(), True)
+        in_k = torch.zeros(B, H, Nk, dtype=torch.bool).scatter(-1, k_idx[:, :, c].cpu(), True)
+        mask = in_q.unsqueeze(-1) & in_k.unsqueeze(-2)
+        if causal:
+            mask &= causal_mask(Nq, Nk)
+        out = attend(q, k, v, mask.to(q.device))
+        out = out[0] if isinstance(out, tuple) else out
+        total = total + out * in_q.unsqueeze(-1).to(out.device, out.dtype)
+        count = count + in_q.unsqueeze(-1).to(out.device, out.dtype)
+    return total / count.clamp(min=1)
+
+
+def linformer_attention(q, k, v, E, F):
+    """Linformer: keys and values projected along the sequence by the first N columns of
+    E, F ``(proj_len, max_len)``, then dense softmax attention (float64)."""
+    n = k.shape[2]
+    E, F = (t.to(device="cpu", dtype=torch.float64)[:, :n] for t in (E, F))
+    k, v = (t.to(device="cpu", dtype=torch.float64) for t in (k, v))
+    return attention(q, E @ k, F @ v)[0]

@@ -95,3 +95,21 @@ def test_report_writes_plots_only_where_asked(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Plots: [time forward](" in out and (tmp_path / "tiny-time-fwd.png").exists(), out
     assert U.sized(args, {"quick": 1, "full": 3}) == 1 and U.sized(argparse.Namespace(), {"full": 3}) == 3
+
+
+def test_routing_quick(capsys):
+    from benchmarks import bench_routing
+    from benchmarks.__main__ import main
+
+    before = bench_routing.U.RESULTS.read_text()
+    main(["routing", "--quick", "--no-write", "--sizes", "256", "--clusters", "8"])
+    out = capsys.readouterr().out
+    assert bench_routing.U.RESULTS.read_text() == before
+    header = next(line for line in out.splitlines() if line.startswith("| N"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+            for line in out.splitlines() if line.startswith("| 256")]
+    assert [r["causal"] for r in rows] == ["False", "True"] and all(r["window"] == "32" for r in rows), out
+    for row in rows:
+        for col in ("fwd dense/ours", "fwd window/ours", "f+b dense/ours", "f+b window/ours", "mem ours MiB"):
+            assert row[col] != "–", row  # every contender ran
