@@ -25,7 +25,7 @@ from . import _util as U
 
 B, H, D = 1, 8, 64
 CONTENDERS = ("1 rank (local)", "all-gather K/V", "halo", "ring", "ring zigzag", "ulysses")
-SIZES = {"quick": "2048,1024", "default": "16384,4096", "full": "65536,16384"}  # the window case's N, the full case's
+SIZES = {"quick": "2048,1024", "default": "8192,2048", "full": "65536,16384"}  # the window case's N, the full case's
 
 
 def _strategies(kind, w, group):
@@ -139,7 +139,7 @@ def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks context_parallel")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--sizes", default=None, help="WN,FN: the window case's N and the full case's N "
-                                                 "(--full 65536,16384; default 16384,4096; --quick 2048,1024)")
+                                                 "(--full 65536,16384; default 8192,2048; --quick 2048,1024)")
     p.add_argument("--window", type=int, default=512)
     opts = p.parse_args(rest)
     wn, fn_ = map(int, (opts.sizes or U.sized(args, SIZES)).split(","))
