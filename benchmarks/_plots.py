@@ -110,6 +110,13 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
         return {}
     out_dir = Path(out_dir)
     written = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    order = {}  # one colour per contender in every panel and plot
+
+    def colour(name):
+        return palette[order.setdefault(name, len(order)) % len(palette)]
+
+    colour("ours")
     tags = sorted({t for rs in groups.values() for r in rs for t, c in times(r).items() if len(c) and "ours" in c})
     for tag in tags:  # time against N
         fig, axes = _figure(f"{suite}: {_TAGS[tag]} time against N\n{subtitle}", len(groups), plt)
@@ -117,7 +124,7 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
             names = list(dict.fromkeys(n for r in rs for n in times(r).get(tag, {})))
             for name in names:
                 pts = [(r["N"], times(r)[tag][name] * 1e3) for r in rs if name in times(r).get(tag, {})]
-                ax.loglog(*zip(*pts), marker="o", lw=2.4 if name == "ours" else 1.3, label=name)
+                ax.loglog(*zip(*pts), marker="o", lw=2.4 if name == "ours" else 1.3, label=name, color=colour(name))
             _finish(ax, g, rs, "time per call (ms)")
         stem = {"f+b": "fb", "": "all"}.get(tag, tag)
         written[f"time {_TAGS[tag]}"] = _save(fig, out_dir / f"{suite}-time-{stem}.png", plt)
@@ -149,7 +156,8 @@ def plot_suite(suite, rows, out_dir, subtitle, roofs=None):
                 pts = [(r["N"], r[f"mem {name} MiB"]) for r in rs
                        if _num(r.get(f"mem {name} MiB")) and r[f"mem {name} MiB"] > 0]
                 if pts:
-                    ax.loglog(*zip(*pts), marker="o", lw=2.4 if name == "ours" else 1.3, label=name)
+                    ax.loglog(*zip(*pts), marker="o", lw=2.4 if name == "ours" else 1.3, label=name,
+                              color=colour(name))
             _finish(ax, g, rs, "peak memory added (MiB)")
         written["peak memory"] = _save(fig, out_dir / f"{suite}-memory.png", plt)
 
