@@ -4,6 +4,8 @@ Modules built:
   attention_ext._C            op schemas, CPU/CUDA op bodies, the portable CPU kernels
   attention_ext._cpu_avx2     CPU kernels compiled for AVX2+FMA       (x86-64 only)
   attention_ext._cpu_avx512   CPU kernels compiled for AVX-512 F/BW/VL/DQ (x86-64 only)
+  attention_ext._cpu_avx512bf16  the same plus AVX512-BF16: bf16 inputs run their tile
+                              products on vdpbf16ps (the only module with bf16 instructions)
 The Python layer loads the ISA module the CPU supports (attention_ext/_isa.py).
 CUDA kernels are built when torch has CUDA and nvcc is found; otherwise CPU only.
 Environment: ATTENTION_EXT_NO_CUDA=1 forces a CPU-only build; TORCH_CUDA_ARCH_LIST
@@ -58,6 +60,8 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
+# at::vec's AVX-512 Vectorized (CPU_CAPABILITY_AVX512) in a namespace of its own
+ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx512"][:-1] + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512BF16"]
 # Kernel sources compiled once per ISA (csrc/cpu/kernels/).
 KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "table.cpp"]
 

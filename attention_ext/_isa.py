@@ -1,8 +1,11 @@
 """Choose the CPU kernel build (ISA) the ops run.
 
-Each ISA build is its own extension module (``_cpu_avx512``, ``_cpu_avx2``); the
-portable build lives in ``_C``. At import the best one this CPU supports is selected;
-``ATTENTION_EXT_CPU_ISA=avx512|avx2|default`` overrides it, and tests force each path
+Each ISA build is its own extension module (``_cpu_avx512bf16``, ``_cpu_avx512``,
+``_cpu_avx2``); the portable build lives in ``_C``. ``avx512bf16`` is the AVX-512 build
+whose bf16 inputs run their tile products on AVX512-BF16 dot products; it is the only
+module with bf16 instructions and is imported only where the CPU reports them. At import
+the best one this CPU supports is selected;
+``ATTENTION_EXT_CPU_ISA=avx512bf16|avx512|avx2|default`` overrides it, and tests force each path
 with :func:`set_cpu_isa`.
 """
 
@@ -13,7 +16,7 @@ import torch
 
 from . import _C
 
-_ORDER = ("avx512", "avx2", "default")
+_ORDER = ("avx512bf16", "avx512", "avx2", "default")
 
 
 def _cpu_supports(isa: str) -> bool:
@@ -21,6 +24,8 @@ def _cpu_supports(isa: str) -> bool:
         return True
     # torch's own detection (cpuinfo), which also honours ATEN_CPU_CAPABILITY
     cap = torch.backends.cpu.get_cpu_capability().upper()
+    if isa == "avx512bf16":
+        return cap.startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
     if isa == "avx512":
         return cap.startswith("AVX512")
     if isa == "avx2":
@@ -41,7 +46,9 @@ def available_cpu_isas() -> list:
 
 
 def cpu_isa() -> str:
-    """The ISA build the CPU ops currently run (``"avx512"``, ``"avx2"`` or ``"default"``)."""
+    """The ISA build the CPU ops currently run (``"avx512bf16"``, ``"avx512"``, ``"avx2"`` or
+    ``"default"``): with ``"avx512bf16"`` bf16 inputs multiply their tiles in bf16 with fp32
+    accumulation; elsewhere they are converted to fp32."""
     return _C._cpu_isa().lower()
 
 

@@ -3,7 +3,8 @@
 B=1, H=8, N in {1024, 4096, 8192}, D in {64, 128}, causal and not, fp32 and bf16, forward
 and forward+backward. Reports best-of-rounds times, SDPA/ours ratios (> 1: ours is
 faster), achieved GFLOP/s next to the machine's GEMM GFLOP/s for the dtype (measured in
-the same run), and the peak memory each contender adds.
+the same run), and the peak memory each contender adds. On the avx512bf16 build, bf16 rows
+also time our avx512 build (bf16 converted to fp32 tiles) as the peer "ours_avx512".
 """
 
 import argparse
@@ -39,17 +40,35 @@ def attention_flops(n, d, causal, h=8, b=1):
     return f / 2 if causal else f
 
 
+def on_isa(isa, fn):
+    """fn on the CPU kernel build `isa`: the forward sets it, so the backward that follows
+    in the same timed call runs there too."""
+    def run():
+        ae.set_cpu_isa(isa)
+        return fn()
+    return run
+
+
 def run_case(dtype, n, d, causal, rounds, with_naive):
     q, k, v = (torch.randn(1, 8, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn(1, 8, n, d, dtype=dtype)
+    def ours():
+        return ae.flash_attention(q, k, v, causal=causal)
+
     fwd = {
-        "ours": lambda: ae.flash_attention(q, k, v, causal=causal),
+        "ours": ours,
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
     if with_naive:
         fwd["naive"] = lambda: naive(q, k, v, causal)
-
-    return U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds)
+    isa = ae.cpu_isa()
+    if dtype == torch.bfloat16 and isa == "avx512bf16":
+        fwd["ours"] = on_isa(isa, ours)
+        fwd["ours_avx512"] = on_isa("avx512", ours)
+    try:
+        return U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds)
+    finally:
+        ae.set_cpu_isa(isa)
 
 
 def main(args, rest):
@@ -73,15 +92,18 @@ def main(args, rest):
         fl = attention_flops(n, d, causal)
         row = {
             "dtype": str(dtype).replace("torch.", ""), "N": n, "D": d, "causal": causal,
-            **U.speed_columns(t_f, t_b, ("sdpa", "naive"), fwd_flops=fl),
+            **U.speed_columns(t_f, t_b, ("sdpa", "naive") + (("ours_avx512",) if "ours_avx512" in t_f else ()),
+                              fwd_flops=fl),
             "f+b GFLOP/s": 3.5 * fl / t_b["ours"] / 1e9,
             **U.memory_columns(mem, ("ours", "sdpa", "naive")),
         }
         rows.append(row)
         U.print_row(row, errs)
-    cols = list(rows[0].keys())
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # bf16 rows may add ours_avx512
     U.report(args, "flash", "flash_attention vs SDPA (CPU flash) and naive, B=1 H=8",
-             ("Ratios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
+             (f"CPU tile products: `{ae.cpu_isa()}` (bf16 inputs multiply bf16 tiles on AVX512-BF16 there; "
+              "ours_avx512: the same kernels with bf16 converted to fp32 tiles). "
+              "Ratios are peer time / our time (> 1: ours faster). GFLOP/s count 4·N²·D per head "
               "(half with causal) forward and 3.5x that for forward+backward. GEMM roof measured in this run: "
               + ", ".join(f"{str(k).replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in gemm.items() if v)
               + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "

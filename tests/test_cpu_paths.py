@@ -71,7 +71,7 @@ def test_exp2_accuracy(isa):
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="isa must be one of"):
         ae.set_cpu_isa("sse9")
-    missing = [i for i in ("avx512", "avx2") if i not in ISAS]
+    missing = [i for i in ("avx512bf16", "avx512", "avx2") if i not in ISAS]
     for name in missing:
         with pytest.raises(RuntimeError, match="not available"):
             ae.set_cpu_isa(name)

@@ -18,8 +18,12 @@
 // A * B with contiguous B rows:
 //   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
 //   dV  += P^T * dO      dK  += dS^T * Q      dQ  += dS * K   (dS read through strides)
+// bf16 inputs on AVX512-BF16 (gemm_bf16.h) run every product on bf16 operands (B in
+// VNNI pairs, packed once per call), P and dS rounded to bf16 before their products as
+// FlashAttention does on GPUs; the scores are made like the forward's bf16 scores.
 #include "../../common/mask.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "kernels.h"
 #include "pairwise_sum.h"
 #include "segments.h"
@@ -50,10 +54,13 @@ void mask_tile_t(const MaskSpec& m, int64_t b, int64_t h, int64_t q0, int64_t mq
 template <typename scalar_t, typename acc_t>
 void bwd_impl(const AttentionBwdArgs& a) {
   using V = Vec<acc_t>;
+  using bf16_t = c10::BFloat16;
   constexpr int64_t VL = V::size();
+  constexpr bool kBf16 = bf16_tiles<scalar_t>();
   const auto [BQ, BK] = bwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
   const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
   const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
+  const int64_t D2 = round_up(D, 2), Dv2 = round_up(Dv, 2), BK2 = round_up(BK, 2);
   const int64_t nqt = int64_t(segs.qtiles.size()), nkt = int64_t(segs.ktiles.size());
   const int64_t group = a.Hq / a.Hkv;
   // the forward's constants: scores in base 2, the softcap in base-2 units
@@ -62,15 +69,23 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const acc_t cap2 = acc_t(a.softcap * kLog2e), inv_cap2 = softcap ? acc_t(1) / cap2 : acc_t(0);
 
   // Query side, per (query tile, hq) = qh: Q and dO as rows and as transposed tiles, lse
-  // in base 2 and delta_i = dO_i . O_i (- dlse_i).
-  const int64_t q_side = BQ * (Dp + Dvp + D + Dv + 2);
+  // in base 2 and delta_i = dO_i . O_i (- dlse_i). bf16 tiles keep only lse2 and delta
+  // in fp32, and Q^T, dO^T (VNNI pairs along D, Dv) and Q, dO (pairs along queries) in bf16.
+  const int64_t fq = kBf16 ? 0 : 1;
+  const int64_t q_side = BQ * (fq * (Dp + Dvp + D + Dv) + 2);
   Buffer<acc_t> qbuf(nqt * a.Hq * q_side);
   auto q_rows = [&](int64_t qh) { return qbuf.get() + qh * q_side; };
-  auto do_rows = [&](int64_t qh) { return q_rows(qh) + BQ * Dp; };
-  auto q_t = [&](int64_t qh) { return do_rows(qh) + BQ * Dvp; };
-  auto do_t = [&](int64_t qh) { return q_t(qh) + BQ * D; };
-  auto lse2 = [&](int64_t qh) { return do_t(qh) + BQ * Dv; };
+  auto do_rows = [&](int64_t qh) { return q_rows(qh) + fq * BQ * Dp; };
+  auto q_t = [&](int64_t qh) { return do_rows(qh) + fq * BQ * Dvp; };
+  auto do_t = [&](int64_t qh) { return q_t(qh) + fq * BQ * D; };
+  auto lse2 = [&](int64_t qh) { return do_t(qh) + fq * BQ * Dv; };
   auto delta = [&](int64_t qh) { return lse2(qh) + BQ; };
+  const int64_t qb_side = BQ * (D2 + Dv2 + Dp + Dvp);
+  Buffer<bf16_t> qbb(kBf16 ? nqt * a.Hq * qb_side : 0);
+  [[maybe_unused]] auto q_tb = [&](int64_t qh) { return qbb.get() + qh * qb_side; };
+  [[maybe_unused]] auto do_tb = [&](int64_t qh) { return q_tb(qh) + BQ * D2; };
+  [[maybe_unused]] auto q_pb = [&](int64_t qh) { return do_tb(qh) + BQ * Dv2; };
+  [[maybe_unused]] auto do_pb = [&](int64_t qh) { return q_pb(qh) + BQ * Dp; };
   // rows of Q and dO holding NaN/inf, per (query tile, hq)
   Buffer<uint8_t> q_bad(nqt * a.Hq * BQ), do_bad(nqt * a.Hq * BQ);
   const auto* lse_in = static_cast<const acc_t*>(a.lse);
@@ -86,11 +101,20 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const scalar_t* qs = at4(a.q, b, h, row0);
     const scalar_t* dos = at4(a.grad_out, b, h, row0);
     const scalar_t* os = at4(a.out, b, h, row0);
-    load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(qh), Dp, BQ, acc_t(1), q_bad.get() + qh * BQ);
-    load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(qh), Dvp, BQ, acc_t(1),
-              do_bad.get() + qh * BQ);
-    load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(qh), BQ, qmult);
-    load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(qh), BQ);
+    if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+      pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb(qh), BQ, D2);
+      pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb(qh), BQ, Dv2);
+      pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb(qh), Dp, BQ, q_bad.get() + qh * BQ);
+      pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb(qh), Dvp, BQ, do_bad.get() + qh * BQ);
+#endif
+    } else {
+      load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(qh), Dp, BQ, acc_t(1), q_bad.get() + qh * BQ);
+      load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(qh), Dvp, BQ, acc_t(1),
+                do_bad.get() + qh * BQ);
+      load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(qh), BQ, qmult);
+      load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(qh), BQ);
+    }
     acc_t* l2 = lse2(qh);
     acc_t* dl = delta(qh);
     for (int64_t r = 0; r < BQ; ++r) {
@@ -102,29 +126,44 @@ void bwd_impl(const AttentionBwdArgs& a) {
       const acc_t lv = lse_in[bh * a.Nq + row0 + r];
       // a row that saw no key has lse = -inf; +inf makes all its P exactly 0
       l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lse_to_log2(lv);
-      const acc_t* dor = do_rows(qh) + r * Dvp;
+      const scalar_t* dor = dos + r * a.grad_out.stride[2];
       // fused, in the order of the dP product: where O_i = V_j (one visible key) delta_i
       // equals dP_ij exactly and dS is exactly 0
       acc_t d = 0;
       for (int64_t c = 0; c < Dv; ++c)
-        d = std::fma(dor[c], acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
+        d = std::fma(acc_t(to_acc(dor[c * a.grad_out.stride[3]])),
+                     acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
       dl[r] = glse ? d - glse[bh * a.Nq + row0 + r] : d;
     }
   });
 
   // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
-  const int64_t k_side = a.Nk * (Dp + Dv);
+  // bf16 tiles: K and V rows in bf16 (A operands, padded to D2, Dv2), K tiles in VNNI
+  // pairs along keys [key tile][Hkv][BK2 / 2][Dp][2] (B of dQ), k_bad per such tile.
+  const int64_t k_side = kBf16 ? 0 : a.Nk * (Dp + Dv);
+  const int64_t kb_side = a.Nk * (D2 + Dv2), kpb_tile = BK2 * Dp;
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
-  Buffer<uint8_t> k_bad(a.B * a.Hkv * a.Nk);
+  Buffer<bf16_t> kbb(kBf16 ? a.B * a.Hkv * kb_side : 0), kpb(kBf16 ? nkt * a.Hkv * kpb_tile : 0);
+  Buffer<uint8_t> k_bad(kBf16 ? nkt * a.Hkv * BK2 : a.B * a.Hkv * a.Nk);
   parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
     const TileRef& tile = segs.ktiles[t / a.Hkv];
     const Segment& sg = segs.seg[tile.seg];
     const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
     const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
-    acc_t* base = kbuf.get() + bh * k_side;
-    load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n, acc_t(1),
-              k_bad.get() + bh * a.Nk + k0);
-    load_rows(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * Dp + k0 * Dv, Dv, n);
+    if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+      bf16_t* base = kbb.get() + bh * kb_side;
+      copy_rows_bf16(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * D2, D2, n);
+      copy_rows_bf16(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * D2 + k0 * Dv2, Dv2, n);
+      pack_vnni(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, kpb.get() + t * kpb_tile, Dp, BK2,
+                k_bad.get() + t * BK2);
+#endif
+    } else {
+      acc_t* base = kbuf.get() + bh * k_side;
+      load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n, acc_t(1),
+                k_bad.get() + bh * a.Nk + k0);
+      load_rows(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * Dp + k0 * Dv, Dv, n);
+    }
   });
 
   // Key chunks: enough tasks to fill the machine when B * Hkv is small, bounded in the
@@ -142,7 +181,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp);
+    // bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2) in bf16
+    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + (kBf16 ? BK * BQ + BQ * BK2 / 2 : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -150,6 +190,9 @@ void bwd_impl(const AttentionBwdArgs& a) {
     acc_t* st = scratch->get();
     acc_t* dpt = st + BK * BQ;
     acc_t* dkv_sum = dpt + BK * BQ;
+    [[maybe_unused]] auto* ptb = reinterpret_cast<bf16_t*>(dkv_sum + BK * (Dp + Dvp));
+    [[maybe_unused]] bf16_t* dstb = ptb + BK * BQ;
+    [[maybe_unused]] bf16_t* dsb = dstb + BK * BQ;
     // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
     PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
 
@@ -160,7 +203,11 @@ void bwd_impl(const AttentionBwdArgs& a) {
       // the document's K and V rows; k0 counts from the document's start
       const acc_t* k_rows = kbuf.get() + bh * k_side + sg.span.k0 * Dp;
       const acc_t* v_rows = kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
-      const uint8_t* k_bad_doc = k_bad.get() + bh * a.Nk + sg.span.k0;
+      const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
+      [[maybe_unused]] const bf16_t* kb_rows = kbb.get() + bh * kb_side + sg.span.k0 * D2;
+      [[maybe_unused]] const bf16_t* vb_rows = kbb.get() + bh * kb_side + a.Nk * D2 + sg.span.k0 * Dv2;
+      [[maybe_unused]] const bf16_t* k_pairs = kpb.get() + (kti * a.Hkv + hk) * kpb_tile;
+      [[maybe_unused]] const uint8_t* kb_bad = k_bad.get() + (kti * a.Hkv + hk) * BK2;
       const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
       dkv.reset();
       int64_t qt_begin, qt_end;
@@ -177,12 +224,21 @@ void bwd_impl(const AttentionBwdArgs& a) {
           if (cls == kPartial && trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1)) {
             if (i0 >= i1) continue;
             i0 -= i0 % VL;  // queries are the columns of the transposed products
+            if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
           }
           const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
           acc_t* st0 = st + j0 * BQ + i0;
           acc_t* dpt0 = dpt + j0 * BQ + i0;
-          gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(qh) + i0, BQ, st0, BQ, false);
-          gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+          if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+            gemm_bf16(nj, ni_vec, D, kb_rows + (k0 + j0) * D2, D2, q_tb(qh) + 2 * i0, 2 * BQ, st0, BQ, false,
+                      float(qmult));
+            gemm_bf16(nj, ni_vec, Dv, vb_rows + (k0 + j0) * Dv2, Dv2, do_tb(qh) + 2 * i0, 2 * BQ, dpt0, BQ, false);
+#endif
+          } else {
+            gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(qh) + i0, BQ, st0, BQ, false);
+            gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+          }
           const acc_t* l2 = lse2(qh) + i0;
           const acc_t* dl = delta(qh) + i0;
           if (softcap) {
@@ -216,13 +272,38 @@ void bwd_impl(const AttentionBwdArgs& a) {
           // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
           acc_t* dk_part = dkv.leaf(used);
           acc_t* dv_part = dk_part + nk * Dp;
-          gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(qh) + i0 * Dvp, Dvp, dv_part + j0 * Dvp, Dvp, true,
-                              do_bad.get() + qh * BQ + i0);
-          gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(qh) + i0 * Dp, Dp, dk_part + j0 * Dp, Dp, true,
-                              q_bad.get() + qh * BQ + i0);
-          dkv.added(used);
-          gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
-                              true, k_bad_doc + k0 + j0);
+          if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+            const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
+            bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
+            gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb(qh) + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
+                      true);
+            add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, do_bad.get() + qh * BQ + i0,
+                         [&](int64_t i, float p, float* row) {
+                           add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
+                         }, dv_part + j0 * Dvp, Dvp);
+            gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb(qh) + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
+            add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, q_bad.get() + qh * BQ + i0,
+                         [&](int64_t i, float ds, float* row) {
+                           add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
+                         }, dk_part + j0 * Dp, Dp);
+            dkv.added(used);
+            gemm_bf16(ni, Dp, nj, dsb + i0 * BK2 + j0, BK2, k_pairs + j0 * Dp, 2 * Dp, dq_acc + (q0 + i0) * Dp, Dp,
+                      true);
+            add_bad_rows(ni, nj, dsb + i0 * BK2 + j0, BK2, 1, kb_bad + j0,
+                         [&](int64_t j, float ds, float* row) {
+                           add_row(ds, at4(a.k, b, hk, sg.span.k0 + k0 + j0 + j), a.k.stride[3], D, row);
+                         }, dq_acc + (q0 + i0) * Dp, Dp);
+#endif
+          } else {
+            gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(qh) + i0 * Dvp, Dvp, dv_part + j0 * Dvp, Dvp, true,
+                                do_bad.get() + qh * BQ + i0);
+            gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(qh) + i0 * Dp, Dp, dk_part + j0 * Dp, Dp, true,
+                                q_bad.get() + qh * BQ + i0);
+            dkv.added(used);
+            gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
+                                true, k_bad_doc + k0 + j0);
+          }
         }
       }
       dkv.total(dkv_sum, used);

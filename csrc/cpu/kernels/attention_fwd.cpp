@@ -5,9 +5,12 @@
 // max / sum and the output accumulator of its query tile in a private buffer, so
 // nothing of size Nq x Nk ever exists.
 // K tiles are packed transposed (and converted to acc_t) once per call, shared by every
-// query tile and every query head of a GQA group.
+// query tile and every query head of a GQA group. bf16 inputs on AVX512-BF16
+// (gemm_bf16.h) keep K^T, V, Q and P in bf16 (K^T and V in VNNI pairs, P rounded as
+// FlashAttention does on GPUs) and fold the softmax scale into the fp32 scores.
 #include "../../common/mask.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "kernels.h"
 #include "segments.h"
 #include "softmax_tile.h"
@@ -20,6 +23,7 @@ namespace {
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttentionFwdArgs& a) {
   constexpr int64_t VL = Vec<acc_t>::size();
+  constexpr bool kBf16 = bf16_tiles<scalar_t>();
   const auto [BQ, BK] = fwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
   const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
   const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
@@ -30,25 +34,38 @@ void fwd_impl(const AttentionFwdArgs& a) {
   auto* out = static_cast<scalar_t*>(a.out);
   auto* lse = static_cast<acc_t*>(a.lse);
 
-  // Packed operands: K^T tiles [key tile][Hkv][D][BK], V rows [B][Hkv][Nk][Dvp].
+  // Packed operands: K^T tiles [key tile][Hkv][D][BK], V rows [B][Hkv][Nk][Dvp]; bf16
+  // tiles: K^T in VNNI pairs along D [key tile][Hkv][D2 / 2][BK][2], V in VNNI pairs
+  // along keys [key tile][Hkv][BK / 2][Dvp][2] (BK is even).
   const int64_t kt_tile = D * BK;
   const int64_t nkt = int64_t(segs.ktiles.size());
-  Buffer<acc_t> kT(nkt * a.Hkv * kt_tile);
-  Buffer<acc_t> vP(a.B * a.Hkv * a.Nk * Dvp);
-  Buffer<uint8_t> v_bad(a.B * a.Hkv * a.Nk);  // rows of V holding NaN/inf
+  const int64_t D2 = round_up(D, 2), ktb_tile = D2 * BK, vb_tile = BK * Dvp;
+  Buffer<acc_t> kT(kBf16 ? 0 : nkt * a.Hkv * kt_tile);
+  Buffer<acc_t> vP(kBf16 ? 0 : a.B * a.Hkv * a.Nk * Dvp);
+  Buffer<c10::BFloat16> kTb(kBf16 ? nkt * a.Hkv * ktb_tile : 0), vPb(kBf16 ? nkt * a.Hkv * vb_tile : 0);
+  // rows of V holding NaN/inf: [B][Hkv][Nk]; bf16 tiles: [key tile][Hkv][BK]
+  Buffer<uint8_t> v_bad(kBf16 ? nkt * a.Hkv * BK : a.B * a.Hkv * a.Nk);
   parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
     const TileRef& tile = segs.ktiles[t / a.Hkv];
     const Segment& sg = segs.seg[tile.seg];
     const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
     const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
     const scalar_t* ks = k + b * a.k.stride[0] + h * a.k.stride[1] + k0 * a.k.stride[2];
-    load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
     const scalar_t* vs = v + b * a.v.stride[0] + h * a.v.stride[1] + k0 * a.v.stride[2];
-    load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n, acc_t(1),
-              v_bad.get() + bh * a.Nk + k0);
+    if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+      pack_vnni(ks, a.k.stride[3], a.k.stride[2], D, n, kTb.get() + t * ktb_tile, BK, D2);
+      pack_vnni(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vPb.get() + t * vb_tile, Dvp, BK, v_bad.get() + t * BK);
+#endif
+    } else {
+      load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
+      load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n, acc_t(1),
+                v_bad.get() + bh * a.Nk + k0);
+    }
   });
 
-  // log2(e) is folded into the query so that the softmax runs on exp2.
+  // log2(e) is folded into the query so that the softmax runs on exp2 (bf16 tiles: into
+  // the fp32 scores, so Q stays exact).
   const acc_t qmult = acc_t(a.scale * kLog2e);
   const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
   const int64_t nqt = int64_t(segs.qtiles.size());
@@ -62,7 +79,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
     const int64_t q0 = tile.start, mq = std::min(BQ, sg.span.nq - q0), row0 = sg.span.q0 + q0;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    const int64_t need = BQ * D + BQ * BK + BQ * Dvp + 2 * BQ;
+    // bf16 tiles: Q (BQ x D2 bf16) lives in the BQ x D floats of qs, P (BQ x BK bf16) after row_sum
+    const int64_t need = BQ * D + BQ * BK + BQ * Dvp + 2 * BQ + (kBf16 ? BQ * BK / 2 : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -73,8 +91,16 @@ void fwd_impl(const AttentionFwdArgs& a) {
     acc_t* row_max = o + BQ * Dvp;
     acc_t* row_sum = row_max + BQ;
 
-    load_rows(q + b * a.q.stride[0] + h * a.q.stride[1] + row0 * a.q.stride[2], a.q.stride[2], a.q.stride[3], mq,
-              D, qs, D, mq, qmult);
+    const scalar_t* q_tile = q + b * a.q.stride[0] + h * a.q.stride[1] + row0 * a.q.stride[2];
+    [[maybe_unused]] auto* qb = reinterpret_cast<c10::BFloat16*>(qs);
+    [[maybe_unused]] auto* pb = reinterpret_cast<c10::BFloat16*>(row_sum + BQ);
+    if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+      copy_rows_bf16(q_tile, a.q.stride[2], a.q.stride[3], mq, D, qb, D2, mq);
+#endif
+    } else {
+      load_rows(q_tile, a.q.stride[2], a.q.stride[3], mq, D, qs, D, mq, qmult);
+    }
     std::fill(o, o + mq * Dvp, acc_t(0));
     std::fill(row_max, row_max + mq, kNegInf<acc_t>);
     std::fill(row_sum, row_sum + mq, acc_t(0));
@@ -85,6 +111,10 @@ void fwd_impl(const AttentionFwdArgs& a) {
     const acc_t* kT_doc = kT.get() + sg.kt0 * a.Hkv * kt_tile + hk * kt_tile;
     const acc_t* v_doc = vP.get() + ((b * a.Hkv + hk) * a.Nk + sg.span.k0) * Dvp;
     const uint8_t* v_bad_doc = v_bad.get() + (b * a.Hkv + hk) * a.Nk + sg.span.k0;
+    [[maybe_unused]] const c10::BFloat16* kTb_doc = kTb.get() + (sg.kt0 * a.Hkv + hk) * ktb_tile;
+    [[maybe_unused]] const c10::BFloat16* vb_doc = vPb.get() + (sg.kt0 * a.Hkv + hk) * vb_tile;
+    [[maybe_unused]] const uint8_t* vb_bad_doc = v_bad.get() + (sg.kt0 * a.Hkv + hk) * BK;
+    [[maybe_unused]] const scalar_t* v_src = v + b * a.v.stride[0] + hk * a.v.stride[1] + sg.span.k0 * a.v.stride[2];
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
       const int64_t k0 = kt * BK, nk = std::min(BK, mask.nk - k0);
       const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
@@ -97,8 +127,15 @@ void fwd_impl(const AttentionFwdArgs& a) {
       }
       const int64_t nc = c1 - c0;
       acc_t* s0 = s + c0;
-      gemm<acc_t>(r1 - r0, round_up(nc, VL), D, qs + r0 * D, D, 1, kT_doc + kt * a.Hkv * kt_tile + c0, BK,
-                  s0 + r0 * BK, BK, false);
+      if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+        gemm_bf16(r1 - r0, round_up(nc, VL), D, qb + r0 * D2, D2, kTb_doc + kt * a.Hkv * ktb_tile + 2 * c0, 2 * BK,
+                  s0 + r0 * BK, BK, false, float(qmult));
+#endif
+      } else {
+        gemm<acc_t>(r1 - r0, round_up(nc, VL), D, qs + r0 * D, D, 1, kT_doc + kt * a.Hkv * kt_tile + c0, BK,
+                    s0 + r0 * BK, BK, false);
+      }
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
@@ -106,8 +143,21 @@ void fwd_impl(const AttentionFwdArgs& a) {
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
-      gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
-                          true, v_bad_doc + k0 + c0);
+      if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+        for (int64_t r = r0; r < r1; ++r) round_row_bf16(s0 + r * BK, nc, pb + r * BK);
+        gemm_bf16(r1 - r0, Dvp, nc, pb + r0 * BK, BK, vb_doc + kt * a.Hkv * vb_tile + c0 * Dvp, 2 * Dvp,
+                  o + r0 * Dvp, Dvp, true);
+        // V rows holding NaN/inf were packed as zeros: add them where P is non-zero
+        add_bad_rows(r1 - r0, nc, pb + r0 * BK, BK, 1, vb_bad_doc + kt * a.Hkv * BK + c0,
+                     [&](int64_t j, float p, float* o_row) {
+                       add_row(p, v_src + (k0 + c0 + j) * a.v.stride[2], a.v.stride[3], a.Dv, o_row);
+                     }, o + r0 * Dvp, Dvp);
+#endif
+      } else {
+        gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
+                            true, v_bad_doc + k0 + c0);
+      }
     }
 
     scalar_t* out_t = out + (bh * a.Nq + row0) * a.Dv;
