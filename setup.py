@@ -59,7 +59,8 @@ ISA_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
 }
 # Kernel sources compiled once per ISA (csrc/cpu/kernels/).
-KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "table.cpp"]
+KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "decode_fwd.cpp",
+                  "table.cpp"]
 
 
 def _rel(paths):
