@@ -155,13 +155,18 @@ def end_to_end(device, new_tokens, rounds):
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks decode")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--contexts", default="4096,32768")
-    p.add_argument("--batches", default="1,8")
+    # "--batches 1 8" and "--batches 1,8" alike
+    p.add_argument("--contexts", nargs="+", default=["4096,32768"])
+    p.add_argument("--batches", nargs="+", default=["1,8"])
     opts = p.parse_args(rest)
     device = args.device
     quick = args.quick
-    contexts = [512] if quick else [int(c) for c in opts.contexts.split(",")]
-    batches = [1] if quick else [int(b) for b in opts.batches.split(",")]
+
+    def ints(values):
+        return [int(x) for v in values for x in v.split(",") if x]
+
+    contexts = [512] if quick else ints(opts.contexts)
+    batches = [1] if quick else ints(opts.batches)
     chunks = (1, 16) if quick else (1, 128)
     rounds = 1 if quick else opts.rounds
     t_start = time.perf_counter()
