@@ -346,3 +346,14 @@ def test_kernel_bitwise_independent_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+def test_kernel_value_dim_differs_from_key_dim():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 1, 24, generator=g, dtype=torch.float64)
+    kc = torch.randn(2, 3, 500, 24, generator=g, dtype=torch.float64)
+    vc = torch.randn(2, 3, 500, 40, generator=g, dtype=torch.float64)
+    lens = [400, 77]
+    (out, lse), _ = run_counted(q, kc, vc, torch.tensor(lens, dtype=torch.int32), window=100, return_lse=True)
+    check_rows(out, lse, *reference_rows(q, [kc[b, :, :lens[b]] for b in range(2)],
+                                         [vc[b, :, :lens[b]] for b in range(2)], window=100))
