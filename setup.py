@@ -63,7 +63,8 @@ ISA_FLAGS = {
 # at::vec's AVX-512 Vectorized (CPU_CAPABILITY_AVX512) in a namespace of its own
 ISA_FLAGS["avx512bf16"] = ISA_FLAGS["avx512"][:-1] + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512BF16"]
 # Kernel sources compiled once per ISA (csrc/cpu/kernels/).
-KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "table.cpp"]
+KERNEL_SOURCES = ["attention_fwd.cpp", "attention_bwd.cpp", "linear_fwd.cpp", "linear_bwd.cpp", "decode_fwd.cpp",
+                  "table.cpp"]
 
 
 def _rel(paths):

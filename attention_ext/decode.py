@@ -3,8 +3,11 @@ cache, after their keys and values are written into it in place (FlashAttention'
 ``flash_attn_with_kvcache``, in our head-major layout, plus a rolling cache).
 
 One op, ``attention_ext::attention_decode`` (forward only; ``csrc/common/decode_args.h``
-has the layouts). It runs the exact-attention kernels of each batch row over the keys
-that row needs: its window, the live part of its ring, its pages.
+has the layouts). On CPU, a few query rows per kv head (a decoding step) run a split-K
+kernel that reads each row's keys in place, once, in the cache's dtype
+(``csrc/cpu/kernels/decode_fwd.cpp``); longer chunks, and CUDA, run the exact-attention
+kernels of each batch row over the keys that row needs: its window, the live part of its
+ring, its pages.
 """
 
 import torch
@@ -42,9 +45,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
             tokens, and row b has ``cache_seqlens[b]`` (>= Nq) of them.
         block_table: int32 ``(B, max_pages)``: row b's token t lives in page
             ``block_table[b, t // page_size]`` at slot ``t % page_size``. Any page size
-            works; pages of 16 or more keep the gathers few (a row whose keys span several
-            pages is gathered into one buffer per call). Rows may share read-only pages
-            (a common prompt prefix).
+            works. The CPU decoding kernel reads pages in place, as fast at any size; the
+            other paths gather a row's pages into one buffer per call, so pages of 16 or
+            more keep those gathers few. Rows may share read-only pages (a common prompt
+            prefix).
         rolling: the cache is a ring of Ncache slots per row; position p lives in slot
             ``p % Ncache``, so memory stays bounded by the window however long generation
             runs. Needs ``window`` with ``Ncache >= left + Nq``.

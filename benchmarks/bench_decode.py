@@ -159,17 +159,22 @@ def end_to_end(device, new_tokens, rounds):
 
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks decode")
-    p.add_argument("--rounds", type=int, default=5, help="--full (default, quick: fewer)")
-    p.add_argument("--contexts", default="4096,32768", help="--full (default: 4096, quick: 512)")
-    p.add_argument("--batches", default="1,8", help="--full (default, quick: 1)")
+    p.add_argument("--rounds", type=int, default=None, help="default: the mode's (--full: 5)")
+    # "--batches 1 8" and "--batches 1,8" alike; given flags win over the mode's sizes
+    p.add_argument("--contexts", nargs="+", default=None, help="--full: 4096,32768 (default: 4096, quick: 512)")
+    p.add_argument("--batches", nargs="+", default=None, help="--full: 1,8 (default, quick: 1)")
     opts = p.parse_args(rest)
     device = args.device
     quick = args.quick
+
+    def ints(values):
+        return [int(x) for v in values for x in v.split(",") if x]
+
     size = U.sized(args, SIZES)
-    contexts = size["contexts"] or [int(c) for c in opts.contexts.split(",")]
-    batches = size["batches"] or [int(b) for b in opts.batches.split(",")]
+    contexts = ints(opts.contexts) if opts.contexts else size["contexts"] or [4096, 32768]
+    batches = ints(opts.batches) if opts.batches else size["batches"] or [1, 8]
     chunks = size["chunks"]
-    rounds = size["rounds"] or opts.rounds
+    rounds = opts.rounds or size["rounds"] or 5
     t_start = time.perf_counter()
     bw = copy_bandwidth(device, (64 if quick else 1024) << 20, rounds=max(rounds, 3))
     U.say(f"copy bandwidth {bw:.1f} GB/s (read + write)")

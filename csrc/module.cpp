@@ -13,6 +13,10 @@
 #include "cuda/attention_path.h"
 #endif
 
+namespace attention_ext::cpu {
+std::pair<int64_t, int64_t> decode_kernel_stats();  // cpu/attention_ops.cpp
+}
+
 namespace {
 
 bool set_cpu_kernels(py::capsule cap) {
@@ -66,6 +70,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_exp2_poly", &exp2_poly, "The CPU kernels' vectorised exp2 (for tests)");
   m.def("_tanh_fast", &tanh_fast, "The CPU kernels' vectorised tanh of the softcap (for tests)");
   m.def("_cpu_tile_shapes", &cpu_tile_shapes, "((fwd BQ, BK), (bwd BQ, BK)) of the CPU kernels (for tests)");
+  m.def("_cpu_decode_kernel_stats", &attention_ext::cpu::decode_kernel_stats,
+        "(calls, last split in keys) of the CPU decode kernel (for tests)");
   m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
   namespace ae = attention_ext;
   py::dict limits;

@@ -213,3 +213,147 @@ def test_bad_paged_and_rolling():
         torch.ops.attention_ext.attention_decode(q, kc, vc, cs, 0.3, k, v, rolling=True, window_left=15,
                                                  window_right=0)
     assert torch.equal(kc, before)
+
+
+# ---- the CPU decode kernel (split-K over the cache, csrc/cpu/kernels/decode_fwd.cpp) ----
+
+def kernel_calls():
+    return ae._C._cpu_decode_kernel_stats()
+
+
+def run_counted(*args, **kw):
+    """attention_with_kvcache on CPU; asserts the split-K decode kernel ran (not the
+    per-row flash path) and returns its result and the split it used."""
+    calls = kernel_calls()[0]
+    res = ae.attention_with_kvcache(*args, **kw)
+    n, split = kernel_calls()
+    assert n == calls + 1, "the CPU decode kernel did not run"
+    return res, split
+
+
+def test_kernel_runs_for_single_tokens_not_for_prefill_chunks():
+    q, kc, vc, k, v, cs = make(2, 8, 2, 1, 300, 16, torch.float32, "cpu", [40, 200])
+    run_counted(q, kc, vc, cs, k=k, v=v)
+    q, kc, vc, k, v, cs = make(2, 8, 2, 128, 300, 16, torch.float32, "cpu", [40, 100])
+    calls = kernel_calls()[0]
+    ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v)  # 4 x 128 query rows per kv head: the flash kernel
+    assert kernel_calls()[0] == calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
+def test_kernel_split_edges(dtype, hq, hkv):
+    # one row spanning several splits (not a multiple of the split), one shorter than a
+    # split, one holding only the new token
+    lens = [2999, 60, 0]
+    q, kc, vc, k, v, cs = make(3, hq, hkv, 1, 3100, 40, dtype, "cpu", lens)
+    (out, lse), split = run_counted(q, kc, vc, cs, k=k, v=v, return_lse=True)
+    assert 61 < split < 3000 and 3000 % split != 0
+    hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(3)]
+    hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(3)]
+    check_rows(out, lse, *reference_rows(q, hk, hv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_window_key_mask_softcap(dtype):
+    lens = [700, 33, 260]
+    nq = 3
+    q, kc, vc, k, v, cs = make(3, 6, 2, nq, 800, 24, dtype, "cpu", lens)
+    km = torch.ones(3, 400, dtype=torch.bool)
+    km[0, 300:390] = False  # inside row 0's window
+    km[1, :20] = False
+    km[2, 100:400:3] = False
+    for window, causal in ((None, True), (150, True), ((130, 2), False)):
+        (out, lse), _ = run_counted(q, kc, vc, cs, k=k, v=v, window=window, causal=causal, key_mask=km,
+                                    softcap=3.0, return_lse=True)
+        hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(3)]
+        hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(3)]
+        check_rows(out, lse, *reference_rows(q, hk, hv, window=window, causal=causal, key_mask=km, softcap=3.0))
+
+
+def test_kernel_row_without_keys_gives_zeros():
+    q, kc, vc, k, v, cs = make(2, 4, 2, 1, 300, 16, torch.float32, "cpu", [250, 10])
+    km = torch.ones(2, 300, dtype=torch.bool)
+    km[1] = False  # row 1 may attend nothing
+    (out, lse), _ = run_counted(q, kc, vc, cs, k=k, v=v, key_mask=km, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and bool((lse[1] == float("-inf")).all())
+    assert bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(lse[0]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_kernel_non_finite_keys_outside_the_range_never_leak(dtype):
+    lens, window = [500, 90], 64
+    q, kc, vc, k, v, cs = make(2, 8, 2, 2, 700, 16, dtype, "cpu", lens)
+    km = torch.ones(2, 600, dtype=torch.bool)
+    km[0, 470:480] = False
+    want, _ = run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v, window=window, key_mask=km)
+    for c, bad in ((kc, float("nan")), (vc, float("inf"))):
+        c[0, :, 500 + 2:] = bad    # past the row's length
+        c[1, :, :90 - window] = bad  # behind the window
+        c[0, :, 470:480] = bad     # masked out
+    got, _ = run_counted(q, kc, vc, cs, k=k, v=v, window=window, key_mask=km)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a visible non-finite value still propagates
+    vc[1, :, 89] = float("nan")
+    got, _ = run_counted(q, kc, vc, cs, k=k, v=v, window=window, key_mask=km)
+    assert bool(torch.isnan(got[1]).all()) and bool(torch.isfinite(got[0]).all())
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 64, 100])
+def test_kernel_paged_pages_straddle_splits(page_size):
+    lens, B, Hkv, D = [613, 130], 2, 2, 16
+    q, kc, vc, k, v, cs = make(B, 8, Hkv, 1, 700, D, torch.bfloat16, "cpu", lens)
+    want, _ = run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v)
+    pages = -(-700 // page_size)
+    table = torch.randperm(B * pages, generator=torch.Generator().manual_seed(2)).view(B, pages).to(torch.int32)
+    pool_k = torch.full((B * pages, Hkv, page_size, D), float("nan"), dtype=torch.bfloat16)
+    pool_v = pool_k.clone()
+    for b in range(B):
+        for p in range(pages):
+            n = min(page_size, 700 - p * page_size)
+            pool_k[table[b, p], :, :n] = kc[b, :, p * page_size:p * page_size + n]
+            pool_v[table[b, p], :, :n] = vc[b, :, p * page_size:p * page_size + n]
+    got, _ = run_counted(q, pool_k, pool_v, cs, k=k, v=v, block_table=table)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_kernel_ring_wraps_inside_a_split():
+    # a ring of 300 slots after 1000 tokens: the window's keys wrap around slot 0
+    ncache, left, total = 300, 250, 1000
+    B, Hkv, D = 2, 2, 16
+    g = torch.Generator().manual_seed(5)
+    qs = torch.randn(B, 8, 1, D, generator=g, dtype=torch.float64)
+    ks, vs = (torch.randn(B, Hkv, total, D, generator=g, dtype=torch.float64) for _ in range(2))
+    ring = torch.arange(total - ncache, total) % ncache
+    kc, vc = (torch.zeros(B, Hkv, ncache, D, dtype=torch.float64) for _ in range(2))
+    kc[:, :, ring], vc[:, :, ring] = ks[:, :, total - ncache:], vs[:, :, total - ncache:]
+    cs = torch.full((B,), total, dtype=torch.int32)
+    got, _ = run_counted(qs, kc, vc, cs, rolling=True, window=left)
+    ref, _ = R.attention(qs, ks, vs, R.window_mask(1, total, left, 0, causal=True))
+    R.check_close(got, ref)
+
+
+def test_kernel_bitwise_independent_of_threads():
+    lens = [3000, 1234, 77]
+    q, kc, vc, k, v, cs = make(3, 8, 2, 1, 3100, 64, torch.bfloat16, "cpu", lens)
+    threads = torch.get_num_threads()
+    try:
+        res = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            res.append(run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v, softcap=5.0, return_lse=True)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+def test_kernel_value_dim_differs_from_key_dim():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 1, 24, generator=g, dtype=torch.float64)
+    kc = torch.randn(2, 3, 500, 24, generator=g, dtype=torch.float64)
+    vc = torch.randn(2, 3, 500, 40, generator=g, dtype=torch.float64)
+    lens = [400, 77]
+    (out, lse), _ = run_counted(q, kc, vc, torch.tensor(lens, dtype=torch.int32), window=100, return_lse=True)
+    check_rows(out, lse, *reference_rows(q, [kc[b, :, :lens[b]] for b in range(2)],
+                                         [vc[b, :, :lens[b]] for b in range(2)], window=100))

@@ -1,13 +1,19 @@
 // The one body of attention_decode for every backend: checks, the in-place append, and
-// attention per row over the keys that row needs (its window, its ring, its pages),
-// through the backend's attention kernel on a view (or gather) of those keys.
+// attention over the keys each row needs (its window, its ring, its pages).
 //
 //   m.impl("attention_decode", &attention_decode_op<Backend>);
+//
+// A backend with a decode kernel of its own (the CPU: split-K, reading the cache in
+// place) provides
+//   static bool decode(const DecodeInputs&, q, k_cache, v_cache, at::Tensor& out, at::Tensor& lse);
+// returning false where that kernel does not win (long query chunks). Otherwise, and
+// then, each row runs the backend's attention kernel on a view (or gather) of its keys.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "attention_args.h"
 #include "decode_args.h"
@@ -37,6 +43,11 @@ inline AttentionInputs decode_row_inputs(const DecodeInputs& in, int64_t b, int6
   return sub;
 }
 
+template <class Backend, class = void>
+struct has_decode_kernel : std::false_type {};
+template <class Backend>
+struct has_decode_kernel<Backend, std::void_t<decltype(&Backend::decode)>> : std::true_type {};
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> attention_decode_op(AE_DECODE_PARAMS) {
   const DecodeInputs in = check_attention_decode_inputs(AE_DECODE_ARGS);
@@ -46,6 +57,8 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_op(AE_DECODE_PARAMS) {
   }
   auto out = at::empty({in.B, in.Hq, in.Nq, in.Dv}, q.options());
   auto lse = at::empty({in.B, in.Hq, in.Nq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  if constexpr (has_decode_kernel<Backend>::value)
+    if (Backend::decode(in, q, k_cache, v_cache, out, lse)) return {out, lse};
   for (int64_t b = 0; b < in.B; ++b) {
     const int64_t lo = first_key(in, b), hi = in.lengths[b];
     at::Tensor o = out.narrow(0, b, 1), l = lse.narrow(0, b, 1);

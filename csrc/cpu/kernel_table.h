@@ -93,6 +93,30 @@ struct LinearStepArgs {
   double eps, scale;
 };
 
+// attention_decode (csrc/common/decode_args.h has the layouts): Nq new queries of each
+// row over its cached keys [first[b], length[b]) in logical positions, read in place from
+// a contiguous, rolling or paged cache (last dim contiguous).
+struct DecodeFwdArgs {
+  DType dtype;
+  int64_t B, Hq, Hkv, Nq, D, Dv;
+  Operand q;                   // (B, Hq, Nq, D)
+  Operand k_cache, v_cache;    // (B or pages, Hkv, slots, D / Dv), stride[3] == 1
+  int64_t slots;               // Ncache (contiguous, rolling) or page_size (paged)
+  bool rolling;                // logical token t in slot t % slots
+  const int32_t* block_table;  // host (B, max_pages), or nullptr
+  int64_t max_pages;
+  const int64_t* first;        // (B,) the first key each row needs
+  const int64_t* length;       // (B,) tokens of each row; query i sits at length - Nq + i
+  const bool* key_mask;        // contiguous (B, key_mask_len) or nullptr; positions >= len attendable
+  int64_t key_mask_len;
+  MaskSpec mask;               // kind (dense / window), causal, left, right; nq, nk, offset set per row
+  double scale;
+  double softcap;              // 0 = off
+  void* out;                   // contiguous (B, Hq, Nq, Dv), dtype
+  void* lse;                   // contiguous (B, Hq, Nq), float32 (float64 for float64 inputs)
+  int64_t split;               // out: the keys per split the kernel used (tests aim at its edges)
+};
+
 struct KernelTable {
   int abi_version;
   const char* isa;
@@ -108,8 +132,9 @@ struct KernelTable {
   // The float32 tile shapes {fwd BQ, fwd BK, bwd BQ, bwd BK} the kernels would use (the
   // size of their per-thread scratch), so tests can bound them.
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
+  void (*decode_fwd)(DecodeFwdArgs&);
 };
 
-constexpr int kKernelAbiVersion = 6;
+constexpr int kKernelAbiVersion = 7;
 
 }  // namespace attention_ext::cpu

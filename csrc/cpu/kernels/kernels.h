@@ -13,6 +13,7 @@ void linear_bwd(const LinearBwdArgs& a);
 void linear_step(const LinearStepArgs& a);
 void exp2_array(const float* x, float* y, int64_t n);
 void tanh_array(const float* x, float* y, int64_t n);
+void decode_fwd(DecodeFwdArgs& a);
 void tile_shapes(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 
 // The table this build exports (see kernel_table.h).

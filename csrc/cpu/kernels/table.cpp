@@ -30,7 +30,7 @@ void tile_shapes(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out) {
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
                                  &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
-                                 &tanh_array,       &tile_shapes};
+                                 &tanh_array,       &tile_shapes,           &decode_fwd};
   return &table;
 }
 
