@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../common/documents.h"
+#include "../common/dropout.h"
 #include "../common/limits.h"
 #include "../common/mask.h"
 
@@ -31,6 +32,7 @@ struct AttentionFwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  DropoutSpec dropout;
 };
 
 struct AttentionBwdArgs {
@@ -44,6 +46,7 @@ struct AttentionBwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  DropoutSpec dropout;
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
@@ -110,6 +113,6 @@ struct KernelTable {
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 };
 
-constexpr int kKernelAbiVersion = 6;
+constexpr int kKernelAbiVersion = 7;
 
 }  // namespace attention_ext::cpu

@@ -19,6 +19,7 @@
 //   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
 //   dV  += P^T * dO      dK  += dS^T * Q      dQ  += dS * K   (dS read through strides)
 #include "../../common/mask.h"
+#include "dropout_tile.h"
 #include "gemm.h"
 #include "kernels.h"
 #include "pairwise_sum.h"
@@ -138,11 +139,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
 
   auto* dk = static_cast<scalar_t*>(a.dk);
   auto* dv = static_cast<scalar_t*>(a.dv);
+  const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(bhk * chunks, [&](int64_t t) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp);
+    const int64_t need = (a.dropout.on() ? 3 : 2) * BK * BQ + BK * (Dp + Dvp);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -150,6 +152,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
     acc_t* st = scratch->get();
     acc_t* dpt = st + BK * BQ;
     acc_t* dkv_sum = dpt + BK * BQ;
+    acc_t* keep = dkv_sum + BK * (Dp + Dvp);  // dropout multipliers, transposed like st
     // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
     PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
 
@@ -185,6 +188,11 @@ void bwd_impl(const AttentionBwdArgs& a) {
           gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
           const acc_t* l2 = lse2(qh) + i0;
           const acc_t* dl = delta(qh) + i0;
+          // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
+          if (a.dropout.on()) {
+            dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
+            multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
+          }
           if (softcap) {
             // P = exp2(cap2 * t - lse2) with t = tanh(s2 / cap2) as in softcap_row; the
             // cap's derivative 1 - t^2 enters dS
@@ -209,6 +217,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               }
             }
           }
+          if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
           if (cls == kPartial) {
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, st0, BQ);
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);

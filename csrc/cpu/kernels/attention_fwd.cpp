@@ -7,6 +7,7 @@
 // K tiles are packed transposed (and converted to acc_t) once per call, shared by every
 // query tile and every query head of a GQA group.
 #include "../../common/mask.h"
+#include "dropout_tile.h"
 #include "gemm.h"
 #include "kernels.h"
 #include "segments.h"
@@ -52,6 +53,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const acc_t qmult = acc_t(a.scale * kLog2e);
   const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
   const int64_t nqt = int64_t(segs.qtiles.size());
+  const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(nqt * a.Hq, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
     const TileRef& tile = segs.qtiles[nqt - 1 - t / a.Hq];
@@ -105,6 +107,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
         if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
+        // after the row sum: dropout acts on the normalised probabilities only
+        if (a.dropout.on()) dropout.apply_row(b, h, row0 + r, sg.span.k0 + k0 + c0, nc, row);
       }
       gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
                           true, v_bad_doc + k0 + c0);
