@@ -80,6 +80,25 @@ def scale(value, head_dim, fn):
     return value
 
 
+def dropout(p, generator, device, fn):
+    """dropout_p in [0, 1) and an optional torch.Generator -> the spec's (dropout_p,
+    dropout_seed): a Philox (seed, offset) drawn from the generator (the default one of
+    q's device when None), so that the same generator state gives the same mask."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{fn}: dropout_p must be a real number, got {type(p).__name__}")
+    p = float(p)
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"{fn}: generator is on {generator.device} but q is on {device}")
+    if p == 0.0:
+        return {"dropout_p": 0.0, "dropout_seed": None}
+    seed = torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
+    return {"dropout_p": p, "dropout_seed": seed}
+
+
 def softcap(value, fn):
     """None, 0 or a cap in SOFTCAP_RANGE -> the op's float (0.0 = off)."""
     if value is None:

@@ -43,6 +43,9 @@ class AttentionSpec:
         of the queries and keys (FlashAttention's cu_seqlens, one row per batch row);
         every position above counts from its document's start, and no query sees a key
         of another document.
+    dropout_p, dropout_seed: attention dropout (SDPA's dropout_p) and the int64 (2,)
+        Philox (seed, offset) its keep decisions come from (csrc/common/dropout.h); the
+        backward regenerates the same mask from it.
     """
 
     scale: float
@@ -60,10 +63,12 @@ class AttentionSpec:
     key_mask: Optional[torch.Tensor] = None
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    dropout_seed: Optional[torch.Tensor] = None
 
     # fields that hold tensors (saved for backward through save_for_backward), and those of
     # them whose dim 0 is the batch (torch.vmap folds its dim into that batch)
-    TENSORS = ("global_mask", "block_layout", "key_mask", "cu_seqlens_q", "cu_seqlens_k")
+    TENSORS = ("global_mask", "block_layout", "key_mask", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
     BATCH_TENSORS = ("global_mask", "key_mask", "cu_seqlens_q", "cu_seqlens_k")
 
     def op_kwargs(self):

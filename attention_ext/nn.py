@@ -133,6 +133,9 @@ class Attention(nn.Module):
         bias: biases in the q/k/v/out projections.
         rope: rotary position embedding on q and k (``rope_base``), default True.
         backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
+        dropout: attention dropout on the probabilities in training (as
+            ``nn.MultiheadAttention``'s ``dropout``; the kernels' ``dropout_p``), never in eval
+            or cached decoding.
 
     ``forward(x, cache=None, cu_seqlens=None)``: pass a :class:`~attention_ext.KVCache` to
     decode incrementally (layer ``layer_idx`` of it; the caller advances it after every
@@ -148,8 +151,11 @@ class Attention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
                  bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext",
-                 num_clusters=None, proj_len=None, max_len=None):
+                 num_clusters=None, proj_len=None, max_len=None, dropout=0.0):
         super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
         kind = KINDS.get(kind, kind) if isinstance(kind, str) and len(kind) == 1 else kind
         if kind not in KINDS.values():
             raise ValueError(f"kind must be one of {sorted(KINDS.values())}, got {kind!r}")
@@ -227,20 +233,22 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
     def _softmax(self, q, k, v, cu_seqlens=None):
+        p = self.dropout if self.training else 0.0
         if self.backend == "attention_ext":
-            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens)
+            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens, dropout_p=p)
             if self.kind == "global":
                 return _fn.flash_attention(q, k, v, **kw)
             return _fn.sliding_window_attention(q, k, v, (self.left, self.right), **kw)
         gqa = self.num_heads != self.num_kv_heads
         nq, nk = q.shape[2], k.shape[2]
         if self.kind == "global" and cu_seqlens is None and (not self.causal or nq == nk or nq == 1):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa,
+                                                  dropout_p=p)
         left, right = (self.left, self.right) if self.kind == "local" else (None, None)
         mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
         if cu_seqlens is not None:  # no cache: nq == nk, and the band on indices is the band inside documents
             mask = mask & _layers.document_mask(cu_seqlens, nk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
 
     def _content(self, q, k, v):
         """Routing (local first half of the heads, routing second half) or Linformer."""

@@ -16,19 +16,20 @@ def make_qkv(B, Hq, Hkv, Nq, Nk, D, *, Dv=None, dtype=torch.float32, device="cpu
     return tuple(t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
 
 
-def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, grads=True, fp32_grad_rel=1e-4):
+def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, grads=True, fp32_grad_rel=1e-4, dropout=None):
     """fn(q, k, v) -> (out, lse). Compares out, lse and (optionally) dq/dk/dv with the
     float64 reference under `mask` (bool, broadcast to (B, Hq, Nq, Nk)) and `softcap`."""
     dtype = q.dtype
     out, lse = fn(q, k, v)
     # float64 CPU leaves, so the reference gradients are float64 too
     q64, k64, v64 = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = R.attention(q64, k64, v64, mask, scale=scale, softcap=softcap)
+    ref_out, ref_lse = R.attention(q64, k64, v64, mask, scale=scale, softcap=softcap, dropout=dropout)
     assert out.shape == ref_out.shape and out.dtype == dtype and out.device == q.device
     assert lse.shape == ref_lse.shape
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-    lowp_out = R.attention_lowp(ql, kl, vl, mask, scale=scale, softcap=softcap) if dtype in LOWP else None
+    lowp_out = (R.attention_lowp(ql, kl, vl, mask, scale=scale, softcap=softcap, dropout=dropout)
+                if dtype in LOWP else None)
     R.check_close(out, ref_out, lowp=lowp_out, what="out")
     # lse is float32 (float64 for float64 inputs) for every input dtype; -inf where a row
     # sees nothing

@@ -104,11 +104,12 @@ def _scores(q, k, v, scale, softcap):
     return s, v
 
 
-def attention(q, k, v, mask=None, *, scale=None, softcap=None):
+def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout=None):
     """Dense float64 softmax attention on the CPU, differentiable (gradients flow back
     to the inputs, whatever their dtype/device). mask broadcasts to (B, H, Nq, Nk);
     rows with no allowed key give zeros; softcap caps the scaled scores as
-    softcap * tanh(s / softcap). Returns (out, lse) in float64."""
+    softcap * tanh(s / softcap); dropout is a (B, H, Nq, Nk) multiplier of the
+    probabilities (dropout_multiplier). Returns (out, lse) in float64."""
     q, k, v = (t.to(device="cpu", dtype=torch.float64) for t in (q, k, v))
     s, v = _scores(q, k, v, scale, softcap)
     if mask is None:
@@ -120,10 +121,12 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None):
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse).masked_fill(empty, 0.0)
     lse = lse.masked_fill(empty, float("-inf")).squeeze(-1)
+    if dropout is not None:
+        p = p * dropout.to(p)
     return p @ v, lse
 
 
-def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None):
+def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None, dropout=None):
     """The same math done by plain PyTorch in the inputs' dtype (the FlashAttention test
     rule compares our error against this one's)."""
     s, v = _scores(q, k, v, scale, softcap)
@@ -134,7 +137,56 @@ def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None):
     p = torch.softmax(s.float(), dim=-1)
     if mask is not None:
         p = p.masked_fill(empty, 0.0)
+    if dropout is not None:
+        p = p * dropout.to(p)
     return p.to(q.dtype) @ v
+
+
+# ---- attention dropout: Philox4x32-10 (Salmon et al., SC'11), written from the paper ----
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of counters (c0, c1, c2, c3) (broadcasting uint64 numpy arrays of
+    32-bit values) under the key (k0, k1): four uint64 arrays of 32-bit words."""
+    import numpy as np
+
+    mask = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) & mask for x in (c0, c1, c2, c3)]
+    c = list(np.broadcast_arrays(*c))
+    k0, k1 = np.uint64(k0 & 0xFFFFFFFF), np.uint64(k1 & 0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(PHILOX_M[0]) * c[0]  # < 2^64: no wrap
+        p1 = np.uint64(PHILOX_M[1]) * c[2]
+        c = [((p1 >> np.uint64(32)) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & mask,
+             p0 & mask]
+        k0, k1 = (k0 + np.uint64(PHILOX_W[0])) & mask, (k1 + np.uint64(PHILOX_W[1])) & mask
+    return c
+
+
+def dropout_keep(seed, p, B, H, Nq, Nk):
+    """The keep decisions (B, H, Nq, Nk) of attention dropout under the int64 (2,)
+    (seed, offset) tensor, as csrc/common/dropout.h defines them: key j = 64 m + 16 w + l
+    gets counter (16 m + l, i, b * H + h, offset) under the key (seed_lo, seed_hi), and is
+    kept when word w < round((1 - p) * 2^32)."""
+    import numpy as np
+
+    s, off = (int(x) & 0xFFFFFFFFFFFFFFFF for x in seed.tolist())
+    b = np.arange(B).reshape(B, 1, 1, 1)
+    h = np.arange(H).reshape(1, H, 1, 1)
+    i = np.arange(Nq).reshape(1, 1, Nq, 1)
+    j = np.arange(Nk).reshape(1, 1, 1, Nk)
+    words = philox4x32_10(16 * (j // 64) + j % 16, i, b * H + h, off & 0xFFFFFFFF, s & 0xFFFFFFFF, s >> 32)
+    w = np.choose(np.broadcast_to((j // 16) % 4, words[0].shape), words)
+    thr = min(int((1.0 - p) * 2.0**32 + 0.5), 2**32 - 1)
+    return torch.from_numpy(w < np.uint64(thr))
+
+
+def dropout_multiplier(seed, p, B, H, Nq, Nk):
+    """1 / (1 - p) where kept, 0 where dropped, float64 (B, H, Nq, Nk)."""
+    return dropout_keep(seed, p, B, H, Nq, Nk).double() / (1.0 - p)
 
 
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -50,7 +50,7 @@ warns once):
                                    one-query (decoding) step whose mask is a bool row
 ``"dense_mask"``                   a mask only transformers can describe (see above)
                                    for more than one query: exact SDPA with that mask
-``"dropout"``                      attention dropout > 0 while training: exact eager math
+``"dropout"``                      attention dropout > 0 with a dense mask or on CUDA: exact eager math
 =================================  =================================================
 
 ``attn_logit_softcapping`` (Gemma 2) runs inside the kernels (``softcap`` of

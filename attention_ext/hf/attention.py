@@ -19,7 +19,7 @@ _warned: set = set()
 _FALLBACK_WHY = {
     "dense_mask": "a mask pattern only transformers can describe (mask overlays, chunked "
                   "attention): exact SDPA with transformers' dense mask",
-    "dropout": "attention dropout > 0 in training is not supported by the attention_ext kernels: exact eager math",
+    "dropout": "attention dropout > 0 with a dense mask or on CUDA is not in the attention_ext kernels: exact eager math",
 }
 
 
@@ -90,8 +90,8 @@ def _band(nq, nk, causal, window, device):
 # Attention function
 # ---------------------------------------------------------------------------------
 
-def _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents):
-    kw = dict(causal=causal, scale=scaling, softcap=softcap, key_mask=key_mask, **documents)
+def _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, dropout=0.0):
+    kw = dict(causal=causal, scale=scaling, softcap=softcap, key_mask=key_mask, dropout_p=dropout, **documents)
     if window is None:
         return _fn.flash_attention(query, key, value, **kw)
     return _fn.sliding_window_attention(query, key, value, _reach(window, causal), **kw)
@@ -273,7 +273,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             band = _band(Nq, Nk, causal, window, query.device)
             dense = dense & band if dense.dtype == torch.bool else dense.masked_fill(~band, float("-inf"))
 
-    if dropout:
+    # dropout runs in the kernels (CPU); a dense mask, or CUDA (no dropout kernel yet), takes eager math
+    if dropout and (dense is not None or query.device.type != "cpu"):
         _count("dropout")
         if dense is None:
             dense = _band(Nq, Nk, causal, window, query.device)
@@ -295,5 +296,5 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _count("kernel")
         if value.dtype != query.dtype or key.dtype != query.dtype:
             key, value = key.to(query.dtype), value.to(query.dtype)
-        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents)
+        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, dropout or 0.0)
     return out.transpose(1, 2).contiguous(), None

@@ -27,7 +27,8 @@ def attention_forward(module, qkv, attention_mask, sliding_window_mask, position
         m = attention_mask[:, 0]
         if bool((m == m[:, :1]).all()):
             key_mask = m[:, 0] == 0
-    if module.training and module.attention_dropout:
+    dropout = module.attention_dropout if module.training else 0.0
+    if dropout and (qkv.device.type != "cpu" or (padded and key_mask is None)):
         _count("dropout")
         out = _eager(query, key, value, sliding_window_mask if local else attention_mask, scale, None,
                      module.attention_dropout)
@@ -38,9 +39,9 @@ def attention_forward(module, qkv, attention_mask, sliding_window_mask, position
         _count("kernel")
         if local:
             out = _fn.sliding_window_attention(query, key, value, tuple(local_attention), scale=scale,
-                                               key_mask=key_mask)
+                                               key_mask=key_mask, dropout_p=dropout)
         else:
-            out = _fn.flash_attention(query, key, value, scale=scale, key_mask=key_mask)
+            out = _fn.flash_attention(query, key, value, scale=scale, key_mask=key_mask, dropout_p=dropout)
     out = out.transpose(1, 2).contiguous().view(bs, -1, dim)
     return (out,)
 

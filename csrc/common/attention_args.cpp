@@ -43,6 +43,22 @@ void check_numbers(const char* op, const AttentionSpecArgs& a) {
   TORCH_CHECK(a.kernel_size >= 1, op, ": kernel_size must be >= 1, got ", a.kernel_size);
   TORCH_CHECK(a.num_global >= 0, op, ": num_global must be >= 0, got ", a.num_global);
   TORCH_CHECK(a.block_size >= 1, op, ": block_size must be >= 1, got ", a.block_size);
+  TORCH_CHECK_VALUE(a.dropout_p >= 0 && a.dropout_p < 1, op, ": dropout_p must be in [0, 1), got ", a.dropout_p);
+}
+
+// dropout_p and its int64 (2,) (seed, offset), on any device: read once on the host.
+DropoutSpec check_dropout(const char* op, const AttentionSpecArgs& a) {
+  DropoutSpec d;
+  if (a.dropout_p == 0) return d;
+  TORCH_CHECK_VALUE(a.dropout_seed.has_value(), op, ": dropout_p > 0 needs dropout_seed");
+  const at::Tensor& t = *a.dropout_seed;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": dropout_seed must be int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == 2, op, ": dropout_seed must have shape (2,), got ", t.sizes());
+  const at::Tensor h = t.cpu().contiguous();
+  d.p = a.dropout_p;
+  d.seed = uint64_t(h.data_ptr<int64_t>()[0]);
+  d.offset = uint32_t(uint64_t(h.data_ptr<int64_t>()[1]));
+  return d;
 }
 
 AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& q, const AttentionSpecArgs& a) {
@@ -52,6 +68,7 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
   in.dtype = dtype_of(q.scalar_type());
   in.scale = a.scale;
   in.softcap = a.softcap;
+  in.dropout = check_dropout(op, a);
   MaskSpec& m = in.mask;
   m.kind = a.mask_kind;
   m.causal = a.causal;

@@ -39,6 +39,7 @@ inline AttentionInputs document_inputs(const AttentionInputs& in, int64_t b, con
   if (sub.mask.global_prefix) sub.mask.global_prefix += b * in.mask.prefix_stride;
   if (sub.mask.key_prefix) sub.mask.key_prefix += b * in.mask.prefix_stride;
   sub.cu_q = sub.cu_k = at::Tensor();
+  sub.dropout.b0 += b, sub.dropout.q0 += d.q0, sub.dropout.k0 += d.k0;  // keyed by the full rows
   return sub;
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../common/documents.h"
+#include "../common/dropout.h"
 #include "../common/limits.h"
 #include "../common/mask.h"
 
@@ -31,6 +32,7 @@ struct AttentionFwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  DropoutSpec dropout;
 };
 
 struct AttentionBwdArgs {
@@ -44,6 +46,7 @@ struct AttentionBwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  DropoutSpec dropout;
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
@@ -135,6 +138,6 @@ struct KernelTable {
   void (*decode_fwd)(DecodeFwdArgs&);
 };
 
-constexpr int kKernelAbiVersion = 7;
+constexpr int kKernelAbiVersion = 8;
 
 }  // namespace attention_ext::cpu

@@ -162,6 +162,7 @@ void simt_bwd(const AttentionInputs& in, const at::Tensor& grad_out, const at::T
 struct CudaBackend {
   static void fwd(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& out, at::Tensor& lse) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!in.dropout.on(), "attention_fwd: dropout_p > 0 is not implemented on CUDA yet");
     const c10::cuda::OptionalCUDAGuard guard(q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const CudaPath path = attention_path(q.scalar_type(), in.shape.D, in.shape.Dv, false, deterministic());
@@ -172,6 +173,7 @@ struct CudaBackend {
   static void bwd(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& grad_lse,
                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!in.dropout.on(), "attention_bwd: dropout_p > 0 is not implemented on CUDA yet");
     const c10::cuda::OptionalCUDAGuard guard(q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const QkvShape& s = in.shape;

@@ -22,6 +22,7 @@
 // VNNI pairs, packed once per call), P and dS rounded to bf16 before their products as
 // FlashAttention does on GPUs; the scores are made like the forward's bf16 scores.
 #include "../../common/mask.h"
+#include "dropout_tile.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "kernels.h"
@@ -177,12 +178,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
 
   auto* dk = static_cast<scalar_t*>(a.dk);
   auto* dv = static_cast<scalar_t*>(a.dv);
+  const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(bhk * chunks, [&](int64_t t) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    // bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2) in bf16
-    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + (kBf16 ? BK * BQ + BQ * BK2 / 2 : 0);
+    // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2) in bf16
+    const int64_t keep_size = a.dropout.on() ? BK * BQ : 0;
+    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? BK * BQ + BQ * BK2 / 2 : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -190,7 +193,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
     acc_t* st = scratch->get();
     acc_t* dpt = st + BK * BQ;
     acc_t* dkv_sum = dpt + BK * BQ;
-    [[maybe_unused]] auto* ptb = reinterpret_cast<bf16_t*>(dkv_sum + BK * (Dp + Dvp));
+    acc_t* keep = dkv_sum + BK * (Dp + Dvp);  // dropout multipliers, transposed like st
+    [[maybe_unused]] auto* ptb = reinterpret_cast<bf16_t*>(keep + keep_size);
     [[maybe_unused]] bf16_t* dstb = ptb + BK * BQ;
     [[maybe_unused]] bf16_t* dsb = dstb + BK * BQ;
     // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
@@ -241,6 +245,11 @@ void bwd_impl(const AttentionBwdArgs& a) {
           }
           const acc_t* l2 = lse2(qh) + i0;
           const acc_t* dl = delta(qh) + i0;
+          // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
+          if (a.dropout.on()) {
+            dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
+            multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
+          }
           if (softcap) {
             // P = exp2(cap2 * t - lse2) with t = tanh(s2 / cap2) as in softcap_row; the
             // cap's derivative 1 - t^2 enters dS
@@ -265,6 +274,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               }
             }
           }
+          if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
           if (cls == kPartial) {
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, st0, BQ);
             mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);

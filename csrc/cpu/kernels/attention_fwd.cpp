@@ -9,6 +9,7 @@
 // (gemm_bf16.h) keep K^T, V, Q and P in bf16 (K^T and V in VNNI pairs, P rounded as
 // FlashAttention does on GPUs) and fold the softmax scale into the fp32 scores.
 #include "../../common/mask.h"
+#include "dropout_tile.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "kernels.h"
@@ -69,6 +70,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const acc_t qmult = acc_t(a.scale * kLog2e);
   const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
   const int64_t nqt = int64_t(segs.qtiles.size());
+  const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(nqt * a.Hq, [&](int64_t t) {
     // heavy (late, under causal) query tiles first
     const TileRef& tile = segs.qtiles[nqt - 1 - t / a.Hq];
@@ -142,6 +144,8 @@ void fwd_impl(const AttentionFwdArgs& a) {
         if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
+        // after the row sum: dropout acts on the normalised probabilities only
+        if (a.dropout.on()) dropout.apply_row(b, h, row0 + r, sg.span.k0 + k0 + c0, nc, row);
       }
       if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)

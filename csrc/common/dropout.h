@@ -1,0 +1,67 @@
+// Attention dropout, shared by every backend: the keep decision of (batch, head, query,
+// key) is a pure function of those indices and a (seed, offset) pair drawn once per call
+// from the torch generator, so the backward regenerates the forward's mask with nothing
+// Nq x Nk stored, and the result never depends on tiling or the thread count.
+//
+// Generator: Philox4x32-10 (Salmon et al., SC'11; the generator of cuRAND and of
+// PyTorch's CUDA RNG). One call yields four 32-bit words, the decisions of four keys.
+// Keys go in blocks of 64, j = 64 m + 16 w + l (w < 4, l < 16):
+//   key     = (seed_lo, seed_hi)
+//   counter = (16 m + l, i, b * Hq + h, offset)    word w decides key j
+// with i, j the query and key rows of the tensors (packed documents keep their rows).
+// So 16 consecutive counters give 64 consecutive keys in order (16 SIMD lanes, four
+// words each): the forward's rows and the backward's transposed tiles both read them
+// with contiguous vector stores.
+// A key is kept when its word < threshold = round((1 - p) * 2^32); kept
+// probabilities are scaled by 1 / (1 - p).
+#pragma once
+
+#include <cstdint>
+
+#include "mask.h"  // AE_HD
+
+namespace attention_ext {
+
+struct DropoutSpec {
+  double p = 0.0;  // 0 = off
+  uint64_t seed = 0;
+  uint32_t offset = 0;
+  // Where this call's rows sit in the full problem, so that a backend that splits a call
+  // (per packed document, per batch row) keys the generator by the full indices.
+  int64_t b0 = 0, q0 = 0, k0 = 0;
+
+  bool on() const { return p > 0.0; }
+  // keep iff word < threshold; p in (0, 1) so the threshold is in [1, 2^32 - 1]
+  uint32_t threshold() const {
+    const double t = (1.0 - p) * 4294967296.0 + 0.5;
+    return t >= 4294967295.0 ? 4294967295u : t < 1.0 ? 1u : uint32_t(t);
+  }
+  double inv_keep() const { return 1.0 / (1.0 - p); }
+};
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// Philox4x32-10 of one counter (c[4]) under a key (k0, k1), in place.
+AE_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c[0], p1 = uint64_t(kPhiloxM1) * c[2];
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0, n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+    c[0] = n0, c[1] = uint32_t(p1), c[2] = n2, c[3] = uint32_t(p0);
+    k0 += kPhiloxW0, k1 += kPhiloxW1;
+  }
+}
+
+// The first counter word of key j (its word is (j >> 4) & 3).
+AE_HD uint32_t dropout_counter(int64_t j) { return uint32_t(((j >> 6) << 4) | (j & 15)); }
+
+// The keep decision of one (b, h, i, j) (indices relative to the call; the spec's bases
+// are added), for hosts, CUDA and tests. CPU kernels generate 16 counters at a time.
+AE_HD bool dropout_keep(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t jj = j + d.k0;
+  uint32_t c[4] = {dropout_counter(jj), uint32_t(i + d.q0), uint32_t((b + d.b0) * Hq + h), d.offset};
+  philox4x32_10(c, uint32_t(d.seed), uint32_t(d.seed >> 32));
+  return c[(jj >> 4) & 3] < d.threshold();
+}
+
+}  // namespace attention_ext
