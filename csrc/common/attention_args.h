@@ -16,6 +16,7 @@
 
 #include "documents.h"
 #include "mask.h"
+#include "score_mods.h"
 #include "tensor_checks.h"
 
 namespace attention_ext {
@@ -37,17 +38,20 @@ namespace attention_ext {
   "int block_size=1, "                \
   "Tensor? key_mask=None, "           \
   "Tensor? cu_seqlens_q=None, "       \
-  "Tensor? cu_seqlens_k=None"
+  "Tensor? cu_seqlens_k=None, "       \
+  "Tensor? alibi_slopes=None, "       \
+  "Tensor? sinks=None"
 
 #define AE_ATTENTION_SPEC_PARAMS                                                                                 \
   double scale, double softcap, int64_t mask_kind, bool causal, int64_t window_left, int64_t window_right,     \
       int64_t dilation, int64_t kernel_size, int64_t num_global, const std::optional<at::Tensor>& global_mask,  \
       const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask, \
-      const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k
+      const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,            \
+      const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks
 
 #define AE_ATTENTION_SPEC_ARGS                                                                                   \
   scale, softcap, mask_kind, causal, window_left, window_right, dilation, kernel_size, num_global, global_mask, \
-      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k
+      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks
 
 struct AttentionSpecArgs {
   double scale, softcap;
@@ -60,6 +64,8 @@ struct AttentionSpecArgs {
   const std::optional<at::Tensor>& key_mask;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
+  const std::optional<at::Tensor>& alibi_slopes;  // (Hq,) or (B, Hq), lse dtype
+  const std::optional<at::Tensor>& sinks;         // (Hq,), lse dtype
 };
 
 // A checked call: shapes, dtype, the mask spec and the tensors its pointers read.
@@ -71,6 +77,9 @@ struct AttentionInputs {
   at::Tensor global_prefix, key_prefix, block_layout;  // keep mask's pointers alive
   // packed documents: host int32 (rows, S + 1) boundaries; undefined when unpacked
   at::Tensor cu_q, cu_k;
+  // score terms (score_mods.h); alibi is (B, Hq) contiguous, sinks (Hq,), both undefined when off
+  ScoreMods mods;
+  at::Tensor alibi, sinks;
   Documents documents() const;
 };
 

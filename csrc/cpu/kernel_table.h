@@ -10,6 +10,7 @@
 #include "../common/documents.h"
 #include "../common/limits.h"
 #include "../common/mask.h"
+#include "../common/score_mods.h"
 
 namespace attention_ext::cpu {
 
@@ -31,6 +32,7 @@ struct AttentionFwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  ScoreMods mods;  // ALiBi slopes, sinks (score_mods.h)
 };
 
 struct AttentionBwdArgs {
@@ -44,6 +46,7 @@ struct AttentionBwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  ScoreMods mods;  // ALiBi slopes, sinks (score_mods.h)
 };
 
 // Linear attention (csrc/common/linear.h has the math). States are contiguous
@@ -110,6 +113,6 @@ struct KernelTable {
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
 };
 
-constexpr int kKernelAbiVersion = 6;
+constexpr int kKernelAbiVersion = 7;
 
 }  // namespace attention_ext::cpu

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../../common/mask.h"
+#include "../../common/score_mods.h"
 #include "tile_util.h"
 
 namespace attention_ext::cpu {
@@ -32,6 +33,20 @@ inline void softcap_row(acc_t* s, int64_t n, acc_t cap) {
   int64_t c = 0;
   for (; c + VL <= n; c += VL) (vc * tanh_fast(V::loadu(s + c) * vinv)).store(s + c);
   if (c < n) (vc * tanh_fast(V::loadu(s + c, n - c) * vinv)).store(s + c, n - c);
+}
+
+// ALiBi of one row of base-2 scores: s[c] += alibi_bias(slope2, p, j0 + c), slope2 in
+// base-2 units, p the query's aligned position. After the softcap, before masking.
+template <typename acc_t>
+inline void alibi_row(acc_t* s, int64_t n, acc_t slope2, int64_t p, int64_t j0) {
+  for (int64_t c = 0; c < n; ++c) s[c] += alibi_bias(slope2, p, j0 + c);
+}
+
+// The same terms for the position differences p - j = d, d + 1, ... of one vector (the
+// backward's transposed tiles, whose columns are queries).
+template <typename acc_t>
+inline Vec<acc_t> alibi_vec(acc_t slope2, int64_t d) {
+  return Vec<acc_t>::arange(acc_t(d), 1).abs() * Vec<acc_t>(-slope2);
 }
 
 // Smallest sub-rectangle [*r0, *r1) x [*c0, *c1) (offsets inside the tile q0.. x k0..)
