@@ -196,7 +196,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               for (int64_t i = 0; i < ni_vec; i += VL) {
                 const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
                 V z = V(cap2) * t;
-                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i);
+                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i, 1);
                 const V p = exp2_poly(z - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
@@ -209,7 +209,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
               const int64_t d0 = q0 + i0 + mask.offset - (k0 + j0 + r);
               for (int64_t i = 0; i < ni_vec; i += VL) {
                 V z = V::loadu(pr + i);
-                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i);
+                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i, 1);
                 const V p = exp2_poly(z - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
