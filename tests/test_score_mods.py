@@ -255,3 +255,25 @@ def test_direct_op_call_checks():
         AttentionSpec(scale=1.0, sinks=torch.ones(2, dtype=torch.float64)).forward(q, q, q)
     with pytest.raises(ValueError, match=r"alibi_slopes has shape \[2, 3\]"):
         AttentionSpec(scale=1.0, alibi_slopes=torch.ones(2, 3)).forward(q, q, q)
+
+
+def test_vmap_and_func_grad():
+    """torch.vmap folds per-batch slopes into the batch; with sinks the backward runs per
+    vmap index (dsinks sums over the batch), and torch.func.grad reaches sinks."""
+    q = torch.randn(3, 2, 4, 10, 8, dtype=torch.float64)  # vmapped dim 3 over batch 2
+    k, v = (torch.randn(3, 2, 2, 12, 8, dtype=torch.float64) for _ in range(2))
+    slopes = SLOPES.double()
+
+    def f(q, k, v, s):
+        return ae.flash_attention(q, k, v, causal=True, alibi_slopes=slopes, sinks=s)
+
+    s = SINKS.double()
+    torch.testing.assert_close(torch.vmap(f, in_dims=(0, 0, 0, None))(q, k, v, s),
+                               torch.stack([f(q[i], k[i], v[i], s) for i in range(3)]))
+    grads = torch.vmap(torch.func.grad(lambda q, s: f(q, k[0], v[0], s).square().sum(), argnums=(0, 1)),
+                       in_dims=(0, None))(q, s)
+    for i in range(3):
+        qi, si = q[i].clone().requires_grad_(), s.clone().requires_grad_()
+        f(qi, k[0], v[0], si).square().sum().backward()
+        torch.testing.assert_close(grads[0][i], qi.grad)
+        torch.testing.assert_close(grads[1][i], si.grad)
