@@ -9,7 +9,8 @@ Conventions: q is ``(B, Hq, Nq, D)``, k/v are ``(B, Hkv, Nk, D)`` / ``(B, Hkv, N
 with ``Hq % Hkv == 0`` (GQA/MQA, K/V are never repeated). When ``Nq != Nk`` queries are
 aligned bottom-right: query ``i`` sits at key position ``i + Nk - Nq`` (as in
 FlashAttention), which is what decoding with a KV cache needs. A query that sees no key
-gets a zero output and ``lse = -inf``, never NaN. fp16/bf16 inputs accumulate in fp32.
+gets a zero output and ``lse = -inf`` (its sink's logit with ``sinks``), never NaN.
+fp16/bf16 inputs accumulate in fp32.
 """
 
 import torch
