@@ -16,6 +16,7 @@ sharded across torch.distributed ranks (ring, halo exchange, state scan, Ulysses
 from . import _isa, distributed, nn, patterns
 from ._explain import explain
 from ._info import info
+from .alibi import alibi_slopes
 from .decode import attention_with_kvcache
 from ._isa import available_cpu_isas, cpu_isa, set_cpu_isa
 from .functional import block_sparse_attention, flash_attention, neighborhood_attention, sliding_window_attention
@@ -27,6 +28,7 @@ _isa._select_at_import()
 
 __all__ = [
     "flash_attention",
+    "alibi_slopes",
     "sliding_window_attention",
     "neighborhood_attention",
     "block_sparse_attention",

@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from . import _C
+from ._ops import _acc_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 LIMITS = dict(_C.limits)
@@ -194,6 +195,41 @@ def cu_seqlens(value, name, batch, n, device, fn, *, per_row=True):
     if value.device != device:
         raise ValueError(f"{fn}: {name}.device ({value.device}) must equal q.device ({device})")
     return value.expand(batch, -1) if per_row and value.dim() == 1 else value
+
+
+def alibi_slopes(value, batch, heads, q, fn):
+    """None or float32/float64 ALiBi slopes ``(Hq,)`` / ``(B, Hq)`` -> ``(B, Hq)`` in the lse
+    dtype. They are constants (no gradient, as in FlashAttention): one that requires grad
+    is refused rather than silently left without one. The op checks that they are finite."""
+    if value is None:
+        return None
+    tensor(value, "alibi_slopes")
+    if value.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{fn}: alibi_slopes must be float32 (or float64), got dtype {value.dtype}")
+    if tuple(value.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"{fn}: alibi_slopes must have shape (Hq={heads},) or (batch={batch}, Hq={heads}), got "
+                         f"{tuple(value.shape)}")
+    if value.device != q.device:
+        raise ValueError(f"{fn}: alibi_slopes.device ({value.device}) must equal q.device ({q.device})")
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: alibi_slopes get no gradient (constants, as in FlashAttention); pass "
+                         "alibi_slopes.detach()")
+    return value.to(_acc_dtype(q.dtype)).expand(batch, heads)
+
+
+def sinks(value, heads, q, fn):
+    """None or floating ``(Hq,)`` attention-sink logits -> the lse dtype (differentiable:
+    the gradient flows back to the caller's dtype). The op checks that they are finite."""
+    if value is None:
+        return None
+    tensor(value, "sinks")
+    if not value.is_floating_point():
+        raise TypeError(f"{fn}: sinks must be a floating-point tensor, got dtype {value.dtype}")
+    if tuple(value.shape) != (heads,):
+        raise ValueError(f"{fn}: sinks must have shape (Hq={heads},), got {tuple(value.shape)}")
+    if value.device != q.device:
+        raise ValueError(f"{fn}: sinks.device ({value.device}) must equal q.device ({q.device})")
+    return value.to(_acc_dtype(q.dtype))
 
 
 def documents(cu, cu_q, cu_k, batch, nq, nk, device, fn):

@@ -65,7 +65,10 @@ def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, *args, **kwargs):
                                 (grad_out, grad_lse, q, k, v, out, lse) + args, kwargs))
     _check_qkv(q, k, v)
     torch._check(grad_out.shape == out.shape, lambda: "grad_out and out shapes differ")
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    sinks = _spec_tensors(torch.ops.attention_ext.attention_bwd.default, (grad_out, grad_lse, q, k, v, out, lse) + args,
+                          kwargs)["sinks"]
+    dsinks = lse.new_empty((0,)) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -75,14 +78,24 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, *spec.tensors())
     ctx.spec = spec.without_tensors()
     ctx.n_inputs = len(inputs)
+    ctx.has_sinks = spec.sinks is not None
+
+
+# where attention_fwd takes sinks: their gradient goes there; alibi_slopes get none (constants,
+# as in FlashAttention)
+_SINKS_INPUT = [a.name for a in torch.ops.attention_ext.attention_fwd.default._schema.arguments].index("sinks")
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = ctx.spec.with_tensors(tensors).backward(grad_out, grad_lse, q, k, v, out, lse, autograd=True)
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+    dq, dk, dv, dsinks = ctx.spec.with_tensors(tensors).backward(grad_out, grad_lse, q, k, v, out, lse,
+                                                                 autograd=True)
+    grads = [dq, dk, dv] + [None] * (ctx.n_inputs - 3)
+    if ctx.has_sinks:
+        grads[_SINKS_INPUT] = dsinks
+    return tuple(grads)
 
 
 _EXACT = ("flash_attention, sliding_window_attention, neighborhood_attention and block_sparse_attention "
@@ -91,8 +104,9 @@ ATTENTION_FWD = register_op_autograd(f"{_lib}::attention_fwd", _attention_backwa
                                   functions=_EXACT)
 ATTENTION_BWD = register_op_autograd(f"{_lib}::attention_bwd", None, None, functions=_EXACT)
 register_batch_vmap(f"{_lib}::attention_fwd", {"q", "k", "v", *AttentionSpec.BATCH_TENSORS})
+# dsinks sums over the batch: a call with sinks runs per vmap index
 register_batch_vmap(f"{_lib}::attention_bwd", {"grad_out", "grad_lse", "q", "k", "v", "out", "lse",
-                                               *AttentionSpec.BATCH_TENSORS})
+                                               *AttentionSpec.BATCH_TENSORS}, per_index_with=("sinks",))
 
 
 # ---- linear_fwd / linear_bwd / linear_step: linear attention -----------------------

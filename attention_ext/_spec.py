@@ -9,7 +9,7 @@ same order (``AE_ATTENTION_SPEC_SCHEMA`` in ``csrc/common/attention_args.h``):
 machinery, whose kernels take positional arguments only). The autograd of
 ``_ops.py`` keeps the spec between the passes, and the tests build raw op calls from it.
 
-A new modifier (packed sequences, cache lengths, ALiBi slopes, sinks, dropout) is one
+A new modifier (packed sequences, cache lengths, ALiBi slopes, sinks) is one
 more field here and in that schema, its predicate or score term in ``csrc/common``, and
 one place per backend.
 """
@@ -43,6 +43,10 @@ class AttentionSpec:
         of the queries and keys (FlashAttention's cu_seqlens, one row per batch row);
         every position above counts from its document's start, and no query sees a key
         of another document.
+    alibi_slopes: ALiBi slopes (B, Hq) in the lse dtype: each scaled score (after the
+        softcap) gains ``-slope * |p - j|`` (csrc/common/score_mods.h). No gradient.
+    sinks: (Hq,) attention-sink logits in the lse dtype (gpt-oss): a virtual key with no
+        value in every row's softmax; the backward's fourth output is their gradient.
     dropout_p, dropout_seed: attention dropout (SDPA's dropout_p) and the int64 (2,)
         Philox (seed, offset) its keep decisions come from (csrc/common/dropout.h); the
         backward regenerates the same mask from it.
@@ -63,13 +67,16 @@ class AttentionSpec:
     key_mask: Optional[torch.Tensor] = None
     cu_seqlens_q: Optional[torch.Tensor] = None
     cu_seqlens_k: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     dropout_seed: Optional[torch.Tensor] = None
 
     # fields that hold tensors (saved for backward through save_for_backward), and those of
     # them whose dim 0 is the batch (torch.vmap folds its dim into that batch)
-    TENSORS = ("global_mask", "block_layout", "key_mask", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
-    BATCH_TENSORS = ("global_mask", "key_mask", "cu_seqlens_q", "cu_seqlens_k")
+    TENSORS = ("global_mask", "block_layout", "key_mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks",
+               "dropout_seed")
+    BATCH_TENSORS = ("global_mask", "key_mask", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
 
     def op_kwargs(self):
         """The ops' keyword-only arguments."""
@@ -103,7 +110,8 @@ class AttentionSpec:
         return ATTENTION_FWD(q, k, v, *self.op_args())
 
     def backward(self, grad_out, grad_lse, q, k, v, out, lse, *, autograd=False):
-        """``attention_bwd`` under this spec: ``(dq, dk, dv)``. ``autograd``: through its
+        """``attention_bwd`` under this spec: ``(dq, dk, dv, dsinks)`` (dsinks empty
+        without sinks). ``autograd``: through its
         autograd.Function (as the forward's backward calls it: differentiating the
         result then raises, also under torch.func)."""
         if autograd:

@@ -9,7 +9,8 @@ Conventions: q is ``(B, Hq, Nq, D)``, k/v are ``(B, Hkv, Nk, D)`` / ``(B, Hkv, N
 with ``Hq % Hkv == 0`` (GQA/MQA, K/V are never repeated). When ``Nq != Nk`` queries are
 aligned bottom-right: query ``i`` sits at key position ``i + Nk - Nq`` (as in
 FlashAttention), which is what decoding with a KV cache needs. A query that sees no key
-gets a zero output and ``lse = -inf``, never NaN. fp16/bf16 inputs accumulate in fp32.
+gets a zero output and ``lse = -inf`` (its sink's logit with ``sinks``), never NaN.
+fp16/bf16 inputs accumulate in fp32.
 """
 
 import torch
@@ -19,12 +20,14 @@ from ._spec import MASK_KINDS, AttentionSpec
 
 
 def _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens=None, cu_seqlens_q=None,
-            cu_seqlens_k=None, *, dropout_p=0.0, generator=None):
+            cu_seqlens_k=None, alibi_slopes=None, sinks=None, *, dropout_p=0.0, generator=None):
     """The checks every exact-attention function shares -> (shape, spec fields)."""
-    shape = B, _, _, Nq, Nk = _checks.qkv(q, k, v, fn)
+    shape = B, Hq, _, Nq, Nk = _checks.qkv(q, k, v, fn)
     fields = dict(causal=_checks.boolean(causal, "causal", fn), scale=_checks.scale(scale, q.shape[-1], fn),
                   softcap=_checks.softcap(softcap, fn),
                   key_mask=_checks.key_mask(key_mask, B, Nk, q.device, fn),
+                  alibi_slopes=_checks.alibi_slopes(alibi_slopes, B, Hq, q, fn),
+                  sinks=_checks.sinks(sinks, Hq, q, fn),
                   **_checks.documents(cu_seqlens, cu_seqlens_q, cu_seqlens_k, B, Nq, Nk, q.device, fn))
     _checks.boolean(return_lse, "return_lse", fn)
     # last: the seed is drawn only for a call that passed every other check
@@ -38,7 +41,8 @@ def _run(q, k, v, spec, return_lse):
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask=None, cu_seqlens=None,
-                    cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, generator=None, return_lse=False):
+                    cu_seqlens_q=None, cu_seqlens_k=None, alibi_slopes=None, sinks=None, dropout_p=0.0, generator=None,
+                    return_lse=False):
     """Exact softmax attention, ``softmax(q k^T * scale) v``, without an Nq x Nk buffer.
 
     Args:
@@ -68,6 +72,21 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
             differently (cross-attention, a query chunk per document): the same number of
             documents, ending at Nq and Nk; each document's queries are aligned
             bottom-right against its keys.
+        alibi_slopes: ALiBi (Press et al.), FlashAttention's ``alibi_slopes``: float32
+            ``(Hq,)`` or ``(B, Hq)``. Each scaled score of query ``i`` (at aligned position
+            ``p``, document-local under cu_seqlens) and key ``j`` gains
+            ``-slope * |p - j|``, applied after the softcap (as FlashAttention 2 does) and
+            before masking; bidirectional attention gets this symmetric form. The lse
+            includes the bias (FlashAttention's causal kernel adds ``slope * j`` instead,
+            which gives the same output but shifts lse by ``slope * p``). The slopes are
+            constants: no gradient (one that requires grad raises). See
+            :func:`attention_ext.alibi_slopes`.
+        sinks: attention sinks (gpt-oss's learned ``sinks``): ``(Hq,)`` logits, one per
+            query head. Each row's softmax denominator gains ``exp(sinks[h])``, a virtual
+            key with no value, so rows may give less than all their weight to the keys;
+            lse includes it, a row with no allowed key still outputs zeros (its lse is then
+            ``sinks[h]``). Differentiable: ``sinks.grad`` is returned (in sinks' dtype;
+            the kernels use float32, float64 for float64 inputs).
         dropout_p: attention dropout, as SDPA's ``dropout_p``: each probability is
             dropped with probability ``dropout_p`` and the kept ones are scaled by
             ``1 / (1 - dropout_p)``. It applies whenever it is > 0 (pass 0 in eval). The
@@ -78,20 +97,22 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
             dropout. CPU only for now (CUDA raises NotImplementedError).
         generator: the ``torch.Generator`` the seed is drawn from (default: the default
             generator of q's device).
-        return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped) scaled
-            scores (float32; float64 for float64 inputs). It is differentiable.
+        return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped, biased)
+            scaled scores (float32; float64 for float64 inputs). It is differentiable.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in q's dtype, and ``lse`` when ``return_lse``.
     """
     _, fields = _common(q, k, v, "flash_attention", causal, scale, softcap, key_mask, return_lse, cu_seqlens,
-                        cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, generator=generator)
+                        cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks,
+                        dropout_p=dropout_p, generator=generator)
     return _run(q, k, v, AttentionSpec(mask_kind=MASK_KINDS["dense"], **fields), return_lse)
 
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_tokens=None, scale=None,
                              softcap=None, key_mask=None, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                             dropout_p=0.0, generator=None, return_lse=False):
+                             alibi_slopes=None, sinks=None, dropout_p=0.0, generator=None,
+                             return_lse=False):
     """Local attention: each query sees the keys of a window around its position.
 
     Query ``i`` (at key position ``p = i + Nk - Nq``) sees key ``j`` iff
@@ -111,12 +132,13 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
             (causality, when on, still applies). Queries are global when their aligned
             position is. With packed documents, ``g`` counts from each document's start,
             and a mask flags positions of the row.
-        scale, softcap, key_mask, cu_seqlens, cu_seqlens_q, cu_seqlens_k, dropout_p,
-            generator, return_lse: as in :func:`flash_attention`.
+        scale, softcap, key_mask, cu_seqlens, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks,
+            dropout_p, generator, return_lse: as in :func:`flash_attention`.
     """
     fn = "sliding_window_attention"
     (B, _, _, _, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
-                                       cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, generator=generator)
+                                       cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, dropout_p=dropout_p,
+                                       generator=generator)
     left, right = _checks.window(window, fields["causal"], fn)
     dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     num_global, gmask = _checks.global_tokens(global_tokens, B, Nk, q.device, fn)
@@ -126,7 +148,8 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
 
 
 def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
-                           key_mask=None, cu_seqlens=None, dropout_p=0.0, generator=None, return_lse=False):
+                           key_mask=None, cu_seqlens=None, alibi_slopes=None, sinks=None, dropout_p=0.0, generator=None,
+                           return_lse=False):
     """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
 
     Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
@@ -140,12 +163,13 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
         cu_seqlens: packed documents, as in :func:`flash_attention`: each document is a
             sequence of its own, with its own edges. A document shorter than
             ``kernel_size * dilation`` has queries that see their whole dilation group.
-        scale, softcap, key_mask, dropout_p, generator, return_lse: as in
-            :func:`flash_attention`.
+        scale, softcap, key_mask, alibi_slopes, sinks, dropout_p, generator, return_lse: as
+            in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
     (_, _, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
-                                        dropout_p=dropout_p, generator=generator)
+                                        alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                                        generator=generator)
     if Nq != Nk:
         raise ValueError(f"{fn}: q and k must have the same sequence length, got Nq={Nq}, Nk={Nk}")
     kernel_size = _checks.integer(kernel_size, "kernel_size", fn, minimum=1)
@@ -159,7 +183,8 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, sc
 
 
 def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scale=None, softcap=None,
-                           key_mask=None, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, generator=None, return_lse=False):
+                           key_mask=None, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, alibi_slopes=None,
+                           sinks=None, dropout_p=0.0, generator=None, return_lse=False):
     """Attention restricted to the (query block, key block) pairs set in ``layout``.
 
     Args:
@@ -174,12 +199,13 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, scal
             :func:`flash_attention`; blocks are counted from each document's start, so
             every document reads the top-left corner of the layout (which keeps the
             shape of the whole row).
-        scale, softcap, key_mask, dropout_p, generator, return_lse: as in
-            :func:`flash_attention`.
+        scale, softcap, key_mask, alibi_slopes, sinks, dropout_p, generator, return_lse: as
+            in :func:`flash_attention`.
     """
     fn = "block_sparse_attention"
     (_, Hq, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
-                                         cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p, generator=generator)
+                                         cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, dropout_p=dropout_p,
+                                         generator=generator)
     block_size = _checks.integer(block_size, "block_size", fn, minimum=1)
     _checks.tensor(layout, "layout")
     if layout.dtype != torch.bool:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _content_layers, _layers
+from . import alibi as _alibi
 from . import functional as _fn
 from . import linear as _linear
 from .decode import attention_with_kvcache
@@ -132,6 +133,9 @@ class Attention(nn.Module):
         causal: autoregressive masking (queries aligned bottom-right with a cache).
         bias: biases in the q/k/v/out projections.
         rope: rotary position embedding on q and k (``rope_base``), default True.
+        position: how positions enter: ``"rope"`` (default, when ``rope``), ``"alibi"``
+            (ALiBi biases with :func:`attention_ext.alibi_slopes`, no RoPE; softmax layers
+            without a KVCache) or ``"none"``.
         backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
         dropout: attention dropout on the probabilities in training (as
             ``nn.MultiheadAttention``'s ``dropout``; the kernels' ``dropout_p``), never in eval
@@ -150,9 +154,12 @@ class Attention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kind="global", window=256, causal=True,
-                 bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext",
+                 bias=False, rope=True, rope_base=10000.0, head_dim=None, backend="attention_ext", position=None,
                  num_clusters=None, proj_len=None, max_len=None, dropout=0.0):
         super().__init__()
+        position = ("rope" if rope else "none") if position is None else position
+        if position not in ("rope", "alibi", "none"):
+            raise ValueError(f"position must be 'rope', 'alibi' or 'none', got {position!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
@@ -176,7 +183,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
-        self.rope = RotaryEmbedding(head_dim, rope_base) if rope else None
+        if position == "alibi" and kind == "linear":
+            raise ValueError("position='alibi' needs a softmax layer (kind 'global' or 'local')")
+        self.position = position
+        self.rope = RotaryEmbedding(head_dim, rope_base) if position == "rope" else None
+        self.register_buffer("alibi", _alibi.alibi_slopes(num_heads) if position == "alibi" else None,
+                             persistent=False)
         self.layer_idx = 0  # this layer's entry in a KVCache (TransformerLM numbers its layers)
         if kind == "routing":
             self.router = _content_layers.RoutingHeads(num_heads // 2, head_dim,
@@ -187,7 +199,7 @@ class Attention(nn.Module):
     def extra_repr(self):
         w = f", window=({self.left}, {self.right})" if self.kind == "local" else ""
         return (f"kind={self.kind}{w}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"causal={self.causal}, backend={self.backend}")
+                f"causal={self.causal}, position={self.position}, backend={self.backend}")
 
     def forward(self, x, cache=None, cu_seqlens=None, context_parallel=None):
         B, N, _ = x.shape
@@ -220,6 +232,9 @@ class Attention(nn.Module):
         elif self.kind == "linear":
             out = self._linear(q, k, v, cache.extra[self.layer_idx] if kv else cache)
         elif kv:
+            if self.alibi is not None:
+                raise NotImplementedError("position='alibi' with a KVCache is not supported yet; use the dict "
+                                          "cache (backend='sdpa') or no cache")
             out = self._cached(q, k, v, cache)
         else:
             if cache is not None:
@@ -235,19 +250,23 @@ class Attention(nn.Module):
     def _softmax(self, q, k, v, cu_seqlens=None):
         p = self.dropout if self.training else 0.0
         if self.backend == "attention_ext":
-            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens, dropout_p=p)
+            kw = dict(causal=self.causal, cu_seqlens=cu_seqlens, alibi_slopes=self.alibi, dropout_p=p)
             if self.kind == "global":
                 return _fn.flash_attention(q, k, v, **kw)
             return _fn.sliding_window_attention(q, k, v, (self.left, self.right), **kw)
         gqa = self.num_heads != self.num_kv_heads
         nq, nk = q.shape[2], k.shape[2]
-        if self.kind == "global" and cu_seqlens is None and (not self.causal or nq == nk or nq == 1):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa,
-                                                  dropout_p=p)
+        if (self.kind == "global" and cu_seqlens is None and self.alibi is None
+                and (not self.causal or nq == nk or nq == 1)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and nq > 1, enable_gqa=gqa, dropout_p=p)
         left, right = (self.left, self.right) if self.kind == "local" else (None, None)
         mask = _layers.band_mask(nq, nk, causal=self.causal, left=left, right=right, device=q.device)
         if cu_seqlens is not None:  # no cache: nq == nk, and the band on indices is the band inside documents
             mask = mask & _layers.document_mask(cu_seqlens, nk)
+        if self.alibi is not None:  # dense additive bias -slope * |p - j| (p aligned bottom-right)
+            dist = (torch.arange(nq, device=q.device)[:, None] + (nk - nq) - torch.arange(nk, device=q.device)).abs()
+            bias = -self.alibi.to(q.device)[:, None, None] * dist
+            mask = torch.where(mask, bias, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=p)
 
     def _content(self, q, k, v):

@@ -7,7 +7,8 @@
 // trailing arguments (AE_ATTENTION_SPEC_SCHEMA in common/attention_args.h, built by
 // attention_ext/_spec.py with the same names in the same order). mask_kind: 0 dense, 1 window, 2 neighborhood, 3 block layout
 // (common/mask.h). softcap > 0 caps every scaled score s as softcap * tanh(s / softcap)
-// before masking and softmax (Gemma 2); 0 turns it off. key_mask / global_mask: bool
+// before masking and softmax (Gemma 2); 0 turns it off. alibi_slopes / sinks: score terms
+// (common/score_mods.h); dsinks is empty (0,) without sinks. key_mask / global_mask: bool
 // (B, Nk); block_layout: bool (1 or Hq, ceil(Nq / block_size), ceil(Nk / block_size)).
 #include <torch/library.h>
 
@@ -31,7 +32,7 @@ TORCH_LIBRARY(attention_ext, m) {
         "Tensor out, "
         "Tensor lse, "
         AE_ATTENTION_SPEC_SCHEMA
-        ") -> (Tensor dq, Tensor dk, Tensor dv)",
+        ") -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)",
         {at::Tag::pt2_compliant_tag});
   // Decoding over a KV cache (common/decode_args.h), forward only; k/v are written into
   // the cache in place, hence the (a!) / (b!) annotations.

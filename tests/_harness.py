@@ -16,19 +16,26 @@ def make_qkv(B, Hq, Hkv, Nq, Nk, D, *, Dv=None, dtype=torch.float32, device="cpu
     return tuple(t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
 
 
-def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, grads=True, fp32_grad_rel=1e-4, dropout=None):
+def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, bias=None, sinks=None, grads=True,
+                    fp32_grad_rel=1e-4, dropout=None):
     """fn(q, k, v) -> (out, lse). Compares out, lse and (optionally) dq/dk/dv with the
-    float64 reference under `mask` (bool, broadcast to (B, Hq, Nq, Nk)) and `softcap`."""
+    float64 reference under `mask` (bool, broadcast to (B, Hq, Nq, Nk)), `softcap`, an
+    additive `bias` (after the cap) and `sinks` (the tensor fn uses: its gradient is
+    compared too when it requires grad)."""
     dtype = q.dtype
     out, lse = fn(q, k, v)
     # float64 CPU leaves, so the reference gradients are float64 too
     q64, k64, v64 = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = R.attention(q64, k64, v64, mask, scale=scale, softcap=softcap, dropout=dropout)
+    s64 = None if sinks is None else sinks.detach().to("cpu", torch.float64).requires_grad_()
+    ref_out, ref_lse = R.attention(q64, k64, v64, mask, scale=scale, softcap=softcap, bias=bias, sinks=s64,
+                                   dropout=dropout)
     assert out.shape == ref_out.shape and out.dtype == dtype and out.device == q.device
     assert lse.shape == ref_lse.shape
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
-    lowp_out = (R.attention_lowp(ql, kl, vl, mask, scale=scale, softcap=softcap, dropout=dropout)
+    sl = None if sinks is None else sinks.detach().to(dtype).requires_grad_()
+    lowp_out = (R.attention_lowp(ql, kl, vl, mask, scale=scale, softcap=softcap, bias=bias, sinks=sl,
+                                    dropout=dropout)
                 if dtype in LOWP else None)
     R.check_close(out, ref_out, lowp=lowp_out, what="out")
     # lse is float32 (float64 for float64 inputs) for every input dtype; -inf where a row
@@ -43,15 +50,16 @@ def check_attention(fn, q, k, v, mask, *, scale=None, softcap=None, grads=True, 
     if not grads:
         return out, lse
     g = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
-    rq, rk, rv = torch.autograd.grad(ref_out, (q64, k64, v64), g.double().cpu())
-    lowp = (None, None, None)
+    with_sinks = sinks is not None and sinks.requires_grad
+    ours = torch.autograd.grad(out, (q, k, v) + ((sinks,) if with_sinks else ()), g)
+    refs = torch.autograd.grad(ref_out, (q64, k64, v64) + ((s64,) if with_sinks else ()), g.double().cpu())
+    lowp = (None,) * len(ours)
     if dtype in LOWP:
-        lowp = torch.autograd.grad(lowp_out, (ql, kl, vl), g)
-    for name, ours, ref, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), (rq, rk, rv), lowp):
-        assert ours.shape == ref.shape and ours.dtype == dtype
-        assert not torch.isnan(ours).any(), f"{name} has NaN"
-        R.check_close(ours, ref, lowp=lp, what=name, fp32_rel=fp32_grad_rel)
+        lowp = torch.autograd.grad(lowp_out, (ql, kl, vl) + ((sl,) if with_sinks else ()), g)
+    for name, o, ref, lp in zip(("dq", "dk", "dv", "dsinks"), ours, refs, lowp):
+        assert o.shape == ref.shape and o.dtype == (dtype if name != "dsinks" else sinks.dtype)
+        assert not torch.isnan(o).any(), f"{name} has NaN"
+        R.check_close(o, ref, lowp=lp, dtype=dtype, what=name, fp32_rel=fp32_grad_rel)
     return out, lse
 
 
@@ -60,8 +68,10 @@ def opcheck_attention(q, k, v, spec):
     kw = spec.op_kwargs()
     torch.library.opcheck(torch.ops.attention_ext.attention_fwd.default, (q, k, v), kw)
     q, k, v = (t.detach() for t in (q, k, v))
+    # the backward op is not differentiable: no input of its call requires grad (sinks)
+    kw = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     out, lse = spec.forward(q, k, v)
-    bwd_args = (torch.randn_like(out), None, q, k, v, out, lse)
+    bwd_args = (torch.randn_like(out), None, q, k, v, out.detach(), lse.detach())
     torch.library.opcheck(torch.ops.attention_ext.attention_bwd.default, bwd_args, kw)
 
 

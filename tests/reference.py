@@ -92,8 +92,9 @@ def packed_mask(cu_q, cu_k, doc_mask):
     return m
 
 
-def _scores(q, k, v, scale, softcap):
-    """Scaled (and capped) scores with K/V repeated over each GQA group; returns (s, v)."""
+def _scores(q, k, v, scale, softcap, bias=None):
+    """Scaled (and capped) scores with K/V repeated over each GQA group, plus the additive
+    bias (after the cap, as FlashAttention 2 orders ALiBi); returns (s, v)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, 1)
     v = v.repeat_interleave(group, 1)
@@ -101,20 +102,48 @@ def _scores(q, k, v, scale, softcap):
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(device=s.device, dtype=s.dtype)
     return s, v
 
 
-def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout=None):
+def alibi_bias(slopes, nq, nk, cu_q=None, cu_k=None):
+    """ALiBi from its definition (FlashAttention's attention_ref): -slope * |p - j| with p
+    the query's bottom-right aligned position; packed documents (cu_q / cu_k: (S + 1,)
+    lists) align each document on its own. slopes (H,) or (B, H) -> (B or 1, H, nq, nk)."""
+    slopes = torch.as_tensor(slopes, dtype=torch.float64).cpu()
+    slopes = slopes.view(-1 if slopes.dim() == 2 else 1, slopes.shape[-1], 1, 1)
+    dist = torch.zeros(nq, nk, dtype=torch.float64)
+    if cu_q is None:
+        i, j = positions(nq, nk)
+        dist = (i - j).abs().double()
+    else:
+        for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+            i, j = positions(b - a, d - c)
+            dist[a:b, c:d] = (i - j).abs().double()
+    return -slopes * dist
+
+
+def attention(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, sinks=None, dropout=None):
     """Dense float64 softmax attention on the CPU, differentiable (gradients flow back
     to the inputs, whatever their dtype/device). mask broadcasts to (B, H, Nq, Nk);
     rows with no allowed key give zeros; softcap caps the scaled scores as
-    softcap * tanh(s / softcap); dropout is a (B, H, Nq, Nk) multiplier of the
-    probabilities (dropout_multiplier). Returns (out, lse) in float64."""
+    softcap * tanh(s / softcap); bias (broadcasting to the scores) is added after the
+    cap; sinks (H,) are gpt-oss's sink logits: one more softmax column per row, of no
+    value (the lse includes it; a row without keys then has lse = sink); dropout is a
+    (B, H, Nq, Nk) multiplier of the probabilities (dropout_multiplier). Returns
+    (out, lse) in float64."""
     q, k, v = (t.to(device="cpu", dtype=torch.float64) for t in (q, k, v))
-    s, v = _scores(q, k, v, scale, softcap)
+    s, v = _scores(q, k, v, scale, softcap, bias)
     if mask is None:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool)
     mask = mask.cpu().expand_as(s)
+    if sinks is not None:
+        sink = sinks.to(device="cpu", dtype=torch.float64).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        s = torch.cat([s.masked_fill(~mask, float("-inf")), sink], -1)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - lse)[..., :-1]
+        return (p if dropout is None else p * dropout.to(p)) @ v, lse.squeeze(-1)
     # rows with no allowed key: out 0, lse -inf, and finite (zero) gradients
     empty = ~mask.any(-1, keepdim=True)
     s = s.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
@@ -126,15 +155,19 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, dropout=None):
     return p @ v, lse
 
 
-def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None, dropout=None):
+def attention_lowp(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, sinks=None, dropout=None):
     """The same math done by plain PyTorch in the inputs' dtype (the FlashAttention test
     rule compares our error against this one's)."""
-    s, v = _scores(q, k, v, scale, softcap)
+    s, v = _scores(q, k, v, scale, softcap, bias)
     if mask is not None:
         mask = mask.to(s.device).expand_as(s)
         empty = ~mask.any(-1, keepdim=True)
         s = s.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
-    p = torch.softmax(s.float(), dim=-1)
+    if sinks is not None:
+        sink = sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink], -1).float(), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s.float(), dim=-1)
     if mask is not None:
         p = p.masked_fill(empty, 0.0)
     if dropout is not None:

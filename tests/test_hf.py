@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
     AutoModelForMaskedLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     ModernBertConfig,
@@ -54,6 +55,10 @@ def family_config(name):
     if name == "gemma3":  # 5 local : 1 global
         return Gemma3TextConfig(**COMMON, num_hidden_layers=6, sliding_window=W, query_pre_attn_scalar=16,
                                 layer_types=["sliding_attention"] * 5 + ["full_attention"]), 6, "kernel"
+    if name == "gpt_oss":  # learned attention sinks (s_aux) inside the kernels, alternating local/global
+        cfg = GptOssConfig(**COMMON, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                           sliding_window=W, layer_types=["sliding_attention", "full_attention"])
+        return cfg, 2, "kernel"
     if name == "modernbert":  # bidirectional, local layers see |i - j| <= 64, global every 3rd layer
         cfg = ModernBertConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                num_attention_heads=4, local_attention=128, global_attn_every_n_layers=3,
@@ -63,7 +68,7 @@ def family_config(name):
     raise KeyError(name)
 
 
-CAUSAL = ["llama", "mistral", "qwen2", "gemma2", "gemma2_nosoftcap", "gemma3"]
+CAUSAL = ["llama", "mistral", "qwen2", "gemma2", "gemma2_nosoftcap", "gemma3", "gpt_oss"]
 FAMILIES = CAUSAL + ["modernbert"]
 
 
@@ -137,7 +142,7 @@ def test_logits_match_sdpa(name, device):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "padded"])
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"])
 def test_generate_with_kv_cache(name, padded, device):
     _, layers, path = family_config(name)
     ref, ours = pair(name, "eager", device)
@@ -650,3 +655,26 @@ def test_dropout_runs_on_the_kernels(device):
     ref = build("llama", "eager", device, cfg).eval()
     ref.load_state_dict(model.state_dict())
     assert_close(plain(input_ids=ids).logits, ref(input_ids=ids).logits, "eval")
+
+
+def test_sinks_run_in_the_kernels(device):
+    """gpt-oss's s_aux reaches the op as sinks: sinks large enough to bind change the logits
+    (so dropped sinks would fail), and ours still match eager, sinks' gradients included."""
+    cfg, layers, _ = family_config("gpt_oss")
+    ref, ours = pair("gpt_oss", "eager", device)
+    with torch.no_grad():
+        for model in (ref, ours):
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(3.0)
+    ids, _ = inputs("gpt_oss", False, device)
+    aehf.reset_counts()
+    a, b = ref(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert_close(b, a, "gpt_oss logits with sinks")
+    a.sum().backward(), b.sum().backward()
+    for lr, lo in zip(ref.model.layers, ours.model.layers):
+        assert_close(lo.self_attn.sinks.grad, lr.self_attn.sinks.grad, "sinks grad")
+    assert aehf.fallback_counts()["kernel"] == layers
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.fill_(-30.0)  # no sink at all
+        assert (ours(input_ids=ids).logits - b).abs().max() > 1e-2

@@ -57,7 +57,9 @@ warns once):
 :func:`attention_ext.flash_attention`); on a ``"dense_mask"`` fallback it runs as exact
 eager math (SDPA has no softcap).
 
-Attention sinks (``s_aux``) raise ``NotImplementedError``. ``output_attentions`` returns
+Attention sinks (gpt-oss's ``s_aux``) run inside the kernels (``sinks`` of
+:func:`attention_ext.flash_attention`, differentiable); on a fallback, as exact eager math.
+``output_attentions`` returns
 no weights (as SDPA). Gemma 3 with ``use_bidirectional_attention`` (mask overlays) and
 cross-attention run the ``"dense_mask"`` path (decoding steps: the kernels, with the row).
 

@@ -1,6 +1,6 @@
 """The attention function registered as ``"attention_ext"``: the layer's spec, the kernel
 path (our ops, padding as ``key_mask``) and the exact PyTorch fallbacks (SDPA with a dense
-mask, eager math for dropout or a softcap), with the counters of each path."""
+mask, eager math for dropout, a softcap or sinks), with the counters of each path."""
 
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ def _band(nq, nk, causal, window, device):
 # Attention function
 # ---------------------------------------------------------------------------------
 
-def _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, dropout=0.0):
-    kw = dict(causal=causal, scale=scaling, softcap=softcap, key_mask=key_mask, dropout_p=dropout, **documents)
+def _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, sinks, dropout=0.0):
+    kw = dict(causal=causal, scale=scaling, softcap=softcap, key_mask=key_mask, sinks=sinks, dropout_p=dropout,
+              **documents)
     if window is None:
         return _fn.flash_attention(query, key, value, **kw)
     return _fn.sliding_window_attention(query, key, value, _reach(window, causal), **kw)
@@ -103,9 +104,10 @@ def _sdpa(query, key, value, mask, scaling):
                                           enable_gqa=query.shape[1] != key.shape[1])
 
 
-def _eager(query, key, value, mask, scaling, softcap, dropout):
+def _eager(query, key, value, mask, scaling, softcap, dropout, sinks=None):
     """Exact eager math (as transformers' eager path): scores, optional softcap, mask,
-    fp32 softmax, dropout. K/V are grouped, not repeated."""
+    fp32 softmax (with the sinks' column, gpt-oss's s_aux, dropped after it), dropout.
+    K/V are grouped, not repeated."""
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
     q = query.reshape(B, Hkv, Hq // Hkv, Nq, D)
@@ -123,7 +125,11 @@ def _eager(query, key, value, mask, scaling, softcap, dropout):
             empty = ~m.any(-1, keepdim=True)
         else:
             scores = scores + m
-    p = torch.softmax(scores.float(), dim=-1)
+    if sinks is None:
+        p = torch.softmax(scores.float(), dim=-1)
+    else:
+        sink = sinks.float().reshape(1, Hkv, Hq // Hkv, 1, 1).expand(*scores.shape[:-1], 1)
+        p = torch.softmax(torch.cat([scores.float(), sink], -1), dim=-1)[..., :-1]
     if empty is not None:
         p = p.masked_fill(empty, 0.0)
     p = p.to(query.dtype)
@@ -229,8 +235,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     * ``None`` with ``cu_seq_lens_q``/``cu_seq_lens_k`` kwargs: those documents.
     * anything else: an exact dense mask (SDPA, or eager math with a softcap).
     """
-    if s_aux is not None:
-        raise NotImplementedError("attention_ext: attention sinks (s_aux) are not supported")
     if kwargs.get("output_attentions", False) and "output_attentions" not in _warned:
         _warned.add("output_attentions")
         warnings.warn("attention_ext.hf: output_attentions=True returns no attention weights", stacklevel=2)
@@ -285,16 +289,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                 if "cu_seqlens_k" in documents and not torch.equal(cu, documents["cu_seqlens_k"]):
                     raise NotImplementedError("attention_ext: attention dropout with cu_seq_lens_q != cu_seq_lens_k")
                 dense = _layers.document_mask(cu, Nk) & dense
-        out = _eager(query, key, value, dense, scaling, softcap, dropout)
+        out = _eager(query, key, value, dense, scaling, softcap, dropout, s_aux)
     elif dense is not None:
         _count("dense_mask")
-        if softcap is not None:  # SDPA has no softcap
-            out = _eager(query, key, value, dense, scaling, softcap, 0.0)
+        if softcap is not None or s_aux is not None:  # SDPA has neither softcap nor sinks
+            out = _eager(query, key, value, dense, scaling, softcap, 0.0, s_aux)
         else:
             out = _sdpa(query, key, value, dense, scaling)
     else:
         _count("kernel")
         if value.dtype != query.dtype or key.dtype != query.dtype:
             key, value = key.to(query.dtype), value.to(query.dtype)
-        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, dropout or 0.0)
+        out = _kernel(query, key, value, causal, window, scaling, softcap, key_mask, documents, s_aux, dropout or 0.0)
     return out.transpose(1, 2).contiguous(), None

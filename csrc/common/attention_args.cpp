@@ -1,6 +1,8 @@
 #include "attention_args.h"
 
 #include <cmath>
+#include <initializer_list>
+#include <vector>
 
 namespace attention_ext {
 
@@ -30,6 +32,22 @@ at::Tensor check_cu_seqlens(const char* op, const char* name, const at::Tensor& 
   TORCH_CHECK_VALUE((c.dim() == 1 || (c.dim() == 2 && c.size(0) == B)) && c.size(-1) >= 1, op, ": ", name,
                     " must have shape (S + 1,) or (batch=", B, ", S + 1), got ", c.sizes());
   return host_boundaries(op, name, c, c.dim() == 1 ? 1 : B, n);
+}
+
+// A score-term tensor (alibi_slopes, sinks): the lse dtype, q's device, one of the given
+// shapes, finite values (read once: a sync on CUDA, as for cu_seqlens).
+at::Tensor check_score_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q,
+                              std::initializer_list<std::vector<int64_t>> shapes, const char* want) {
+  const auto dt = acc_dtype(q.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, op, ": ", name, " must be ", dt, " for ", q.scalar_type(),
+                   " inputs, got ", t.scalar_type());
+  check_device(op, name, t, q);
+  bool ok = false;
+  for (const auto& sh : shapes) ok |= t.sizes() == at::IntArrayRef(sh);
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " has shape ", t.sizes(), ", expected ", want);
+  TORCH_CHECK_VALUE(t.numel() == 0 || at::isfinite(t).all().item<bool>(), op, ": ", name,
+                    " must hold finite values");
+  return t.contiguous();
 }
 
 void check_numbers(const char* op, const AttentionSpecArgs& a) {
@@ -127,6 +145,17 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
     TORCH_CHECK_VALUE(a.mask_kind != kNeighborhood || at::equal(in.cu_q, in.cu_k), op,
                       ": neighborhood attention needs the same documents for queries and keys "
                       "(cu_seqlens_q == cu_seqlens_k)");
+  }
+  in.mods.hq = s.Hq;
+  if (a.alibi_slopes.has_value()) {
+    in.alibi = check_score_tensor(op, "alibi_slopes", *a.alibi_slopes, q, {{s.Hq}, {s.B, s.Hq}}, "(Hq,) or (B, Hq)")
+                   .expand({s.B, s.Hq})
+                   .contiguous();
+    in.mods.alibi = in.alibi.data_ptr();
+  }
+  if (a.sinks.has_value()) {
+    in.sinks = check_score_tensor(op, "sinks", *a.sinks, q, {{s.Hq}}, "(Hq,)");
+    in.mods.sinks = in.sinks.data_ptr();
   }
   return in;
 }

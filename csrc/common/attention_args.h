@@ -17,6 +17,7 @@
 #include "documents.h"
 #include "dropout.h"
 #include "mask.h"
+#include "score_mods.h"
 #include "tensor_checks.h"
 
 namespace attention_ext {
@@ -39,6 +40,8 @@ namespace attention_ext {
   "Tensor? key_mask=None, "           \
   "Tensor? cu_seqlens_q=None, "       \
   "Tensor? cu_seqlens_k=None, "       \
+  "Tensor? alibi_slopes=None, "       \
+  "Tensor? sinks=None, "              \
   "float dropout_p=0.0, "             \
   "Tensor? dropout_seed=None"
 
@@ -47,11 +50,12 @@ namespace attention_ext {
       int64_t dilation, int64_t kernel_size, int64_t num_global, const std::optional<at::Tensor>& global_mask,  \
       const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask, \
       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,             \
-      double dropout_p, const std::optional<at::Tensor>& dropout_seed
+      const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double dropout_p,   \
+      const std::optional<at::Tensor>& dropout_seed
 
 #define AE_ATTENTION_SPEC_ARGS                                                                                   \
   scale, softcap, mask_kind, causal, window_left, window_right, dilation, kernel_size, num_global, global_mask, \
-      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k, dropout_p, dropout_seed
+      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, dropout_p, dropout_seed
 
 struct AttentionSpecArgs {
   double scale, softcap;
@@ -64,6 +68,8 @@ struct AttentionSpecArgs {
   const std::optional<at::Tensor>& key_mask;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
+  const std::optional<at::Tensor>& alibi_slopes;  // (Hq,) or (B, Hq), lse dtype
+  const std::optional<at::Tensor>& sinks;         // (Hq,), lse dtype
   double dropout_p;
   const std::optional<at::Tensor>& dropout_seed;  // int64 (2,): Philox seed and offset
 };
@@ -77,6 +83,9 @@ struct AttentionInputs {
   at::Tensor global_prefix, key_prefix, block_layout;  // keep mask's pointers alive
   // packed documents: host int32 (rows, S + 1) boundaries; undefined when unpacked
   at::Tensor cu_q, cu_k;
+  // score terms (score_mods.h); alibi is (B, Hq) contiguous, sinks (Hq,), both undefined when off
+  ScoreMods mods;
+  at::Tensor alibi, sinks;
   DropoutSpec dropout;
   Documents documents() const;
 };

@@ -39,8 +39,42 @@ inline AttentionInputs document_inputs(const AttentionInputs& in, int64_t b, con
   if (sub.mask.global_prefix) sub.mask.global_prefix += b * in.mask.prefix_stride;
   if (sub.mask.key_prefix) sub.mask.key_prefix += b * in.mask.prefix_stride;
   sub.cu_q = sub.cu_k = at::Tensor();
+  if (in.alibi.defined()) {
+    sub.alibi = in.alibi.narrow(0, b, 1);
+    sub.mods.alibi = sub.alibi.data_ptr();
+  }
   sub.dropout.b0 += b, sub.dropout.q0 += d.q0, sub.dropout.k0 += d.k0;  // keyed by the full rows
   return sub;
+}
+
+// lse of rows that see no key: -inf, or the head's sink (the softmax is then the sink alone).
+inline void fill_keyless_lse(const AttentionInputs& in, at::Tensor& lse) {
+  if (in.sinks.defined()) lse.copy_(in.sinks.view({1, -1, 1}).expand_as(lse));
+  else lse.fill_(-std::numeric_limits<double>::infinity());
+}
+
+// dsinks[h] = -sum over rows of P_sink * (dO . O - dlse), P_sink = exp(sink[h] - lse): the
+// same for every backend, from the forward's outputs alone. The sum runs in a fixed order
+// (on the host for the CPU), so it does not depend on the thread count.
+inline at::Tensor sinks_grad(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                             const at::Tensor& out, const at::Tensor& lse) {
+  const auto ld = lse.scalar_type();
+  at::Tensor delta = (grad_out.to(ld) * out.to(ld)).sum(-1);
+  if (grad_lse.defined()) delta = delta - grad_lse;
+  // (Hq, B * Nq) contributions
+  at::Tensor c = ((in.sinks.view({1, -1, 1}) - lse).exp() * delta).neg().transpose(0, 1).reshape(
+      {in.shape.Hq, in.shape.B * in.shape.Nq});
+  if (!c.is_cpu()) return c.sum(1);
+  c = c.to(at::kDouble).contiguous();
+  at::Tensor g = at::empty({in.shape.Hq}, c.options());
+  const double* src = c.data_ptr<double>();
+  double* dst = g.data_ptr<double>();
+  for (int64_t h = 0, n = c.size(1); h < in.shape.Hq; ++h) {
+    double acc = 0;
+    for (int64_t r = 0; r < n; ++r) acc += src[h * n + r];
+    dst[h] = acc;
+  }
+  return g.to(ld);
 }
 
 // Rows [r0, r0 + n) (dim 2) of batch row b of a (B, H, N, ...) tensor.
@@ -59,7 +93,7 @@ void fwd_by_document(const AttentionInputs& in, const at::Tensor& q, const at::T
       at::Tensor o = rows(out, b, d.q0, d.nq), l = rows(lse, b, d.q0, d.nq);
       if (d.nk == 0) {
         o.zero_();
-        l.fill_(-std::numeric_limits<double>::infinity());
+        fill_keyless_lse(in, l);
         continue;
       }
       at::Tensor oc = at::empty_like(o, at::MemoryFormat::Contiguous);
@@ -101,9 +135,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
   auto out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
   auto lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (s.Nk == 0) {  // no key at all: zeros, lse = -inf
+  if (s.Nk == 0) {  // no key at all: zeros, lse = -inf (or the sink)
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    fill_keyless_lse(in, lse);
     return {out, lse};
   }
   if (in.cu_q.defined() && !walks_documents<Backend>::value) fwd_by_document<Backend>(in, q, k, v, out, lse);
@@ -112,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor& grad_out,
                                                                 const std::optional<at::Tensor>& grad_lse,
                                                                 const at::Tensor& q, const at::Tensor& k,
                                                                 const at::Tensor& v, const at::Tensor& out,
@@ -122,17 +156,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor
   auto dq = at::empty({s.B, s.Hq, s.Nq, s.D}, q.options());
   auto dk = at::empty({s.B, s.Hkv, s.Nk, s.D}, q.options());
   auto dv = at::empty({s.B, s.Hkv, s.Nk, s.Dv}, q.options());
-  if (s.B == 0 || s.Hq == 0 || s.Nq == 0 || s.Nk == 0) {
-    dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv};
-  }
   const auto ld = acc_dtype(q.scalar_type());
   at::Tensor glse;
   if (grad_lse.has_value() && grad_lse->defined()) glse = grad_lse->to(ld).contiguous();
+  // sinks' gradient; an empty tensor when there are none (the autograd returns None)
+  at::Tensor dsinks = in.sinks.defined() ? sinks_grad(in, grad_out, glse, out, lse) : at::empty({0}, lse.options());
+  if (s.B == 0 || s.Hq == 0 || s.Nq == 0 || s.Nk == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv, dsinks};
+  }
   if (in.cu_q.defined() && !walks_documents<Backend>::value)
     bwd_by_document<Backend>(in, grad_out, glse, q, k, v, out, lse.contiguous(), dq, dk, dv);
   else Backend::bwd(in, grad_out, glse, q, k, v, out, lse.contiguous(), dq, dk, dv);
-  return {dq, dk, dv};
+  return {dq, dk, dv, dsinks};
 }
 
 }  // namespace attention_ext

@@ -32,6 +32,7 @@ Args kernel_args(const AttentionInputs& in, const at::Tensor& q, const at::Tenso
   a.mask = in.mask;
   a.docs = in.documents();
   a.scale = in.scale, a.softcap = in.softcap;
+  a.mods = in.mods;
   a.dropout = in.dropout;
   return a;
 }

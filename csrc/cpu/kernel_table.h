@@ -11,6 +11,7 @@
 #include "../common/dropout.h"
 #include "../common/limits.h"
 #include "../common/mask.h"
+#include "../common/score_mods.h"
 
 namespace attention_ext::cpu {
 
@@ -32,6 +33,7 @@ struct AttentionFwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  ScoreMods mods;  // ALiBi slopes, sinks (score_mods.h)
   DropoutSpec dropout;
 };
 
@@ -46,6 +48,7 @@ struct AttentionBwdArgs {
   Documents docs;  // packed sequences (host boundaries), or none
   double scale;
   double softcap;  // 0 = off
+  ScoreMods mods;  // ALiBi slopes, sinks (score_mods.h)
   DropoutSpec dropout;
 };
 
@@ -138,6 +141,6 @@ struct KernelTable {
   void (*decode_fwd)(DecodeFwdArgs&);
 };
 
-constexpr int kKernelAbiVersion = 8;
+constexpr int kKernelAbiVersion = 9;
 
 }  // namespace attention_ext::cpu

@@ -15,7 +15,8 @@
 //   S = Q K^T, P = exp2(S * scale * log2e - lse2), dP = dO V^T, dS = P o (dP - delta),
 //   dQ += dS K.
 // With a softcap, S * scale becomes softcap * tanh(S * scale / softcap) in P, and dS takes
-// the factor 1 - tanh^2.
+// the factor 1 - tanh^2. ALiBi (score_mods.h) adds its bias to the exponent after the cap;
+// the sinks' gradient is the op body's (attention_op.h).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -129,6 +130,13 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
       const bool need_mask = cls == kPartial || k0 + BN > p.Nk || q0 + BM > p.Nq;
       const uint32_t keep = need_mask ? keep_cols<SN>(mask, b, h, k0 + kg * 16 + g, q0 + 2 * t, cls == kPartial) : 0u;
 
+      // the forward's ALiBi (base 2) of entry (nt, e): key row kg * 16 + g + 8 (e >> 1), query 2t + (e & 1)
+      const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;
+      auto bias = [&](int nt, int e) {
+        return slope2 == 0.f ? 0.f
+                             : alibi_bias(slope2, q0 + nt * 8 + 2 * t + (e & 1) + mask.offset,
+                                          k0 + kg * 16 + g + 8 * (e >> 1));
+      };
       // P^T (this warp's 16 keys x BM queries)
       float st[SN][4];
       zero_acc(st);
@@ -138,12 +146,14 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
         for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            st[nt][e] = exp2f(p.softcap_log2 * softcap_tanh(st[nt][e] * p.scale_over_cap) - cL[nt * 8 + 2 * t + (e & 1)]);
+            st[nt][e] = exp2f(p.softcap_log2 * softcap_tanh(st[nt][e] * p.scale_over_cap) + bias(nt, e) -
+                              cL[nt * 8 + 2 * t + (e & 1)]);
       } else {
 #pragma unroll
         for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) st[nt][e] = exp2f(st[nt][e] * p.scale_log2 - cL[nt * 8 + 2 * t + (e & 1)]);
+          for (int e = 0; e < 4; ++e)
+            st[nt][e] = exp2f(st[nt][e] * p.scale_log2 + bias(nt, e) - cL[nt * 8 + 2 * t + (e & 1)]);
       }
       // masked entries may have overflowed above; they are replaced by exact zeros
       if (need_mask) apply_keep(st, keep, 0.f);
@@ -154,13 +164,13 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
         gemm_rb<T, DC / 8, BM / 16, D>(acc_dv, pa, cdO, 0, cpart * (DC / 8), p.dv);
       }
       if (p.softcap_log2 > 0.f) {
-        // dS takes the cap's derivative 1 - tanh^2; tanh is recovered from P (log2 P + lse2 =
-        // softcap_log2 * tanh) rather than kept in registers. P = 0 (masked, underflow) stays 0.
+        // dS takes the cap's derivative 1 - tanh^2; tanh is recovered from P (log2 P + lse2 -
+        // alibi = softcap_log2 * tanh) rather than kept in registers. P = 0 (masked, underflow) stays 0.
 #pragma unroll
         for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float th = (log2f(st[nt][e]) + cL[nt * 8 + 2 * t + (e & 1)]) / p.softcap_log2;
+            const float th = (log2f(st[nt][e]) + cL[nt * 8 + 2 * t + (e & 1)] - bias(nt, e)) / p.softcap_log2;
             st[nt][e] = st[nt][e] > 0.f ? st[nt][e] * (1.f - th * th) : 0.f;
           }
       }
@@ -298,6 +308,7 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
   __syncthreads();  // smask
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
+  const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;  // base 2, 0 = off
   int64_t kt_begin, kt_end;
   key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
@@ -330,6 +341,12 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
 
       const float lr[2] = {sL[warp * 16 + g], sL[warp * 16 + g + 8]};
       const float dr[2] = {sDl[warp * 16 + g], sDl[warp * 16 + g + 8]};
+      // the forward's ALiBi (base 2) of entry (nt, e): query row g + 8 (e >> 1), key 2t + (e & 1)
+      auto bias = [&](int nt, int e) {
+        return slope2 == 0.f ? 0.f
+                             : alibi_bias(slope2, q0 + warp * 16 + g + 8 * (e >> 1) + mask.offset,
+                                          k0 + nt * 8 + 2 * t + (e & 1));
+      };
       float s[SN][4];
       zero_acc(s);
       gemm_abt<T, SN, D>(s, sQ, warp * 16, sK, 0, p.dqk);
@@ -339,13 +356,13 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float th = softcap_tanh(s[nt][e] * p.scale_over_cap);
-            s[nt][e] = exp2f(p.softcap_log2 * th - lr[e >> 1]) * (1.f - th * th);
+            s[nt][e] = exp2f(p.softcap_log2 * th + bias(nt, e) - lr[e >> 1]) * (1.f - th * th);
           }
       } else {
 #pragma unroll
         for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] * p.scale_log2 - lr[e >> 1]);
+          for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] * p.scale_log2 + bias(nt, e) - lr[e >> 1]);
       }
       if (need_mask) apply_keep(s, keep, 0.f);
       float dp[SN][4];

@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
   __syncthreads();  // smask
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
+  const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;  // base 2, 0 = off
   int64_t kt_begin, kt_end;
   key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
@@ -120,6 +121,13 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[m][nt][e] = p.softcap_log2 * softcap_tanh(s[m][nt][e] * inv);
         }
+        if (slope2 != 0.f) {  // ALiBi after the softcap (score_mods.h); rows g + 8 (e >> 1), keys 2t + (e & 1)
+#pragma unroll
+          for (int nt = 0; nt < SN; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              s[m][nt][e] += alibi_bias(slope2, row0 + 16 * m + 8 * (e >> 1) + mask.offset, k0 + nt * 8 + 2 * t + (e & 1));
+        }
         if (need_mask) apply_keep(s[m], keep[m], -INFINITY);
 
         // online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3) of atom m
@@ -166,7 +174,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
   }
   cp_async_wait_all();  // the Q load when no key tile was visited
 
-  // Epilogue: O / l and lse; rows that saw no key (l == 0) get 0 and -inf.
+  // Epilogue: O / l and lse (with the sink folded in); rows that saw no key (l == 0) get 0
+  // and -inf (the sink's logit with sinks).
 #pragma unroll
   for (int m = 0; m < MW; ++m)
 #pragma unroll
@@ -176,8 +185,10 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int64_t i = row0 + 16 * m + 8 * rr;
       if (i >= p.Nq) continue;
+      float mr = m_run[m][rr];
+      const float alpha = p.mods.sinks ? fold_sink(sink_logit<float>(p.mods, h) * 1.4426950408889634f, mr, l) : 1.f;
       const bool none = l == 0.f;
-      const float inv = none ? 0.f : 1.f / l;
+      const float inv = none ? 0.f : alpha / l;
       T* orow = static_cast<T*>(p.out) + (bh * p.Nq + i) * p.out_rs;
 #pragma unroll
       for (int dt = 0; dt < ON; ++dt) {
@@ -186,7 +197,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
           *reinterpret_cast<uint32_t*>(orow + c) =
               MmaOp<T>::pack(acc_o[m][dt][2 * rr] * inv, acc_o[m][dt][2 * rr + 1] * inv);
       }
-      if (t == 0) p.lse[bh * p.Nq + i] = none ? -INFINITY : (m_run[m][rr] + log2f(l)) * kLn2;
+      if (t == 0) p.lse[bh * p.Nq + i] = none ? -INFINITY : (mr + log2f(l)) * kLn2;
     }
 }
 

@@ -69,6 +69,7 @@ void tc_fwd(const AttentionInputs& in, int bucket, const at::Tensor& q, const at
   p.scale_log2 = static_cast<float>(in.scale * 1.4426950408889634);
   p.softcap_log2 = static_cast<float>(in.softcap * 1.4426950408889634);
   p.mask = in.mask;
+  p.mods = in.mods;
   head_dim_switch(bucket, [&](auto d) {
     constexpr int D = decltype(d)::value;
     check_grid(s.B * s.Hq * ((s.Nq + FwdCfg<D>::BM - 1) / FwdCfg<D>::BM));
@@ -90,6 +91,7 @@ void simt_fwd(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& 
   p.scale = in.scale;
   p.softcap = in.softcap;
   p.mask = in.mask;
+  p.mods = in.mods;
   launch_simt_fwd(in.dtype, p, stream);
 }
 
@@ -124,6 +126,7 @@ void tc_bwd(const AttentionInputs& in, int bucket, const at::Tensor& grad_out, c
   p.softcap_log2 = static_cast<float>(in.softcap * 1.4426950408889634);
   p.scale_over_cap = in.softcap > 0 ? static_cast<float>(in.scale / in.softcap) : 0.f;
   p.mask = in.mask;
+  p.mods = in.mods;
   head_dim_switch(bucket, [&](auto d) {
     constexpr int D = decltype(d)::value;
     check_grid(s.B * s.Hkv * ((s.Nk + BwdCfg<D>::BN - 1) / BwdCfg<D>::BN));
@@ -156,6 +159,7 @@ void simt_bwd(const AttentionInputs& in, const at::Tensor& grad_out, const at::T
   p.scale = in.scale;
   p.softcap = in.softcap;
   p.mask = in.mask;
+  p.mods = in.mods;
   launch_simt_bwd(in.dtype, p, stream);
 }
 

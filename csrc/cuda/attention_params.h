@@ -19,6 +19,7 @@
 
 #include "../common/limits.h"
 #include "../common/mask.h"
+#include "../common/score_mods.h"
 
 namespace attention_ext::cuda {
 
@@ -37,6 +38,7 @@ struct TcFwdParams {
   float scale_log2;  // scale * log2(e)
   float softcap_log2;  // softcap * log2(e); 0 = no softcap
   MaskSpec mask;
+  ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
 };
 
 struct TcBwdParams {
@@ -61,6 +63,7 @@ struct TcBwdParams {
   // softcap: P = exp2(softcap_log2 * tanh(S * scale_over_cap) - lse2); softcap_log2 = 0: off
   float softcap_log2, scale_over_cap;
   MaskSpec mask;
+  ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
 };
 
 // Rows of lse2 / delta per (b, h): a multiple of every query tile used by the kernels.
@@ -160,6 +163,7 @@ struct SimtFwdParams {
   double scale;
   double softcap;  // 0 = off
   MaskSpec mask;
+  ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
 };
 
 struct SimtBwdParams {
@@ -173,6 +177,7 @@ struct SimtBwdParams {
   double scale;
   double softcap;  // 0 = off
   MaskSpec mask;
+  ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
 };
 
 // Accumulation in fp32 (fp64 for fp64).

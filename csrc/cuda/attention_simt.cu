@@ -114,6 +114,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
   const T* v = static_cast<const T*>(p.v);
   const A c2 = A(p.scale) * A(1.4426950408889634);
   const A cap2 = A(p.softcap) * A(1.4426950408889634);  // base-2 units, 0 = off
+  const A slope2 = alibi_slope<A>(p.mods, b, h) * A(1.4426950408889634);  // ALiBi in base 2, 0 = off
 
   A qr[NPER], o[NPER];
 #pragma unroll
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
     }
     s = warp_sum(s);
     if (cap2 > A(0)) s = cap2 * softcap_tanh(s / cap2);
+    s += alibi_bias(slope2, i + mask.offset, j);  // after the softcap (score_mods.h)
     const A m_new = s > m ? s : m;  // s is finite, so m_new is
     const A alpha = ex2(m - m_new);  // 0 while m is -inf
     const A pj = ex2(s - m_new);
@@ -147,8 +149,9 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
     }
     m = m_new;
   }
+  const A alpha = p.mods.sinks ? fold_sink(sink_logit<A>(p.mods, h) * A(1.4426950408889634), m, l) : A(1);
   const bool none = l == A(0);
-  const A inv = none ? A(0) : A(1) / l;
+  const A inv = none ? A(0) : alpha / l;
   T* out = static_cast<T*>(p.out) + w * p.Dv;
 #pragma unroll
   for (int c = 0; c < NPER; ++c) {
@@ -173,6 +176,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
   const A cap2 = A(p.softcap) * A(1.4426950408889634), s_cap = p.softcap > 0 ? A(p.scale / p.softcap) : A(0);
   const A l2 = static_cast<const A*>(p.lse2)[bh * p.nq_pad + i];
   const A dl = static_cast<const A*>(p.delta)[bh * p.nq_pad + i];
+  const A slope2 = alibi_slope<A>(p.mods, b, h) * A(1.4426950408889634);
 
   A qr[NPER], dor[NPER];
   BlockedSum<A, NPER> acc;
@@ -198,11 +202,12 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
     s = warp_sum(s);
     dp = warp_sum(dp);
     A ds;
-    if (p.softcap > 0) {  // P = exp2(cap2 t - lse2), t = tanh(scale s / softcap); d(cap t)/d(scale s) = 1 - t^2
+    const A bias = alibi_bias(slope2, i + mask.offset, j);
+    if (p.softcap > 0) {  // P = exp2(cap2 t + alibi - lse2), t = tanh(scale s / softcap); d(cap t)/d(scale s) = 1 - t^2
       const A t = softcap_tanh(s * s_cap);
-      ds = ex2(cap2 * t - l2) * (dp - dl) * (A(1) - t * t);
+      ds = ex2(cap2 * t + bias - l2) * (dp - dl) * (A(1) - t * t);
     } else {
-      ds = ex2(s * c2 - l2) * (dp - dl);
+      ds = ex2(s * c2 + bias - l2) * (dp - dl);
     }
 #pragma unroll
     for (int c = 0; c < NPER; ++c) {
@@ -249,6 +254,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
+    const A slope2 = alibi_slope<A>(p.mods, b, h) * A(1.4426950408889634);
     for (int64_t i = i0; i < i1; ++i) {
       const A l2 = lse2[bh * p.nq_pad + i];
       if (l2 == A(INFINITY) || !allowed(mask, b, h, i, j)) continue;
@@ -266,12 +272,13 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
       s = warp_sum(s);
       dp = warp_sum(dp);
       A pij, ds;
+      const A bias = alibi_bias(slope2, i + mask.offset, j);
       if (p.softcap > 0) {
         const A t = softcap_tanh(s * s_cap);
-        pij = ex2(cap2 * t - l2);
+        pij = ex2(cap2 * t + bias - l2);
         ds = pij * (dp - dl) * (A(1) - t * t);
       } else {
-        pij = ex2(s * c2 - l2);
+        pij = ex2(s * c2 + bias - l2);
         ds = pij * (dp - dl);
       }
 #pragma unroll

@@ -107,6 +107,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
     std::fill(row_max, row_max + mq, kNegInf<acc_t>);
     std::fill(row_sum, row_sum + mq, acc_t(0));
 
+    const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // base 2, 0 = off
     int64_t kt_begin, kt_end;
     key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
     // the document's keys: K^T tiles and V rows
@@ -141,6 +142,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
+        if (slope2 != acc_t(0)) alibi_row(row, nc, slope2, q0 + r + mask.offset, k0 + c0);
         if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
@@ -166,13 +168,17 @@ void fwd_impl(const AttentionFwdArgs& a) {
 
     scalar_t* out_t = out + (bh * a.Nq + row0) * a.Dv;
     acc_t* lse_t = lse + bh * a.Nq + row0;
+    const bool sink = a.mods.sinks != nullptr;
+    const acc_t sink2 = sink ? sink_logit<acc_t>(a.mods, h) * acc_t(kLog2e) : acc_t(0);
     for (int64_t r = 0; r < mq; ++r) {
-      // l == 0: the row saw no key. A NaN l (NaN input) falls through and stays NaN.
-      const acc_t l = row_sum[r];
+      // l == 0: the row saw no key (zeros; lse -inf, or the sink). A NaN l (NaN input)
+      // falls through and stays NaN.
+      acc_t l = row_sum[r], m = row_max[r];
+      const acc_t alpha = sink ? fold_sink(sink2, m, l) : acc_t(1);
       const bool none = l == acc_t(0);
-      const acc_t inv = none ? acc_t(0) : acc_t(1) / l;
+      const acc_t inv = none ? acc_t(0) : alpha / l;
       for (int64_t c = 0; c < a.Dv; ++c) out_t[r * a.Dv + c] = from_acc<scalar_t>(o[r * Dvp + c] * inv);
-      lse_t[r] = none ? kNegInf<acc_t> : lse_from_log2(row_max[r], l);
+      lse_t[r] = none ? kNegInf<acc_t> : lse_from_log2(m, l);
     }
   });
 }

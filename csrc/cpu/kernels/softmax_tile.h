@@ -2,6 +2,7 @@
 #pragma once
 
 #include "../../common/mask.h"
+#include "../../common/score_mods.h"
 #include "tile_util.h"
 
 namespace attention_ext::cpu {
@@ -32,6 +33,26 @@ inline void softcap_row(acc_t* s, int64_t n, acc_t cap) {
   int64_t c = 0;
   for (; c + VL <= n; c += VL) (vc * tanh_fast(V::loadu(s + c) * vinv)).store(s + c);
   if (c < n) (vc * tanh_fast(V::loadu(s + c, n - c) * vinv)).store(s + c, n - c);
+}
+
+// ALiBi terms alibi_bias(slope2, p, j) (score_mods.h) of one vector of position differences
+// p - j = d, d + step, ...: step -1 along a row of keys (the forward), +1 along a column of
+// queries (the backward's transposed tiles). slope2 in base-2 units. Exact positions below
+// 2^24 in float32, so both passes add the same values.
+template <typename acc_t>
+inline Vec<acc_t> alibi_vec(acc_t slope2, int64_t d, int step) {
+  return Vec<acc_t>::arange(acc_t(d), step).abs() * Vec<acc_t>(-slope2);
+}
+
+// ALiBi of one row of base-2 scores: s[c] += alibi_bias(slope2, p, j0 + c), p the query's
+// aligned position. After the softcap, before masking.
+template <typename acc_t>
+inline void alibi_row(acc_t* s, int64_t n, acc_t slope2, int64_t p, int64_t j0) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VL = V::size();
+  int64_t c = 0;
+  for (; c + VL <= n; c += VL) (V::loadu(s + c) + alibi_vec(slope2, p - j0 - c, -1)).store(s + c);
+  if (c < n) (V::loadu(s + c, n - c) + alibi_vec(slope2, p - j0 - c, -1)).store(s + c, n - c);
 }
 
 // Smallest sub-rectangle [*r0, *r1) x [*c0, *c1) (offsets inside the tile q0.. x k0..)
