@@ -314,7 +314,7 @@ class _Ring(torch.autograd.Function):
             if blk is not None:
                 qs, ks, causal = blk
                 kb, vb = _kv_unpack(kv, k, v)
-                bdq, bdk, bdv = torch.ops.attention_ext.attention_bwd(
+                bdq, bdk, bdv, _ = torch.ops.attention_ext.attention_bwd(
                     grad_out[:, :, qs], None, q[:, :, qs], kb[:, :, ks], vb[:, :, ks], out[:, :, qs],
                     lse[:, :, qs], **dataclasses.replace(spec, causal=causal).op_kwargs())
                 dq[:, :, qs] += bdq

@@ -517,15 +517,17 @@ def test_raw_op_huge_window_and_dilation_are_clamped_not_wrapped():
 
 
 @pytest.mark.parametrize("which", ["k", "v", "block_layout", "key_mask", "global_mask", "cu_seqlens_q",
-                                   "cu_seqlens_k", "alibi_slopes", "sinks", "grad_out", "lse"])
+                                   "cu_seqlens_k", "alibi_slopes", "sinks", "dropout_seed", "grad_out", "lse"])
 def test_raw_op_mixing_meta_and_cpu_raises(which):
     q = torch.randn(1, 2, 16, 8)
     cu = torch.tensor([[0, 5, 16]], dtype=torch.int32)
     tensors = dict(k=q, v=q, block_layout=torch.ones(1, 1, 1, dtype=torch.bool), key_mask=torch.ones(1, 16,
                    dtype=torch.bool), global_mask=torch.zeros(1, 16, dtype=torch.bool), cu_seqlens_q=cu,
-                   cu_seqlens_k=cu, alibi_slopes=torch.ones(1, 2), sinks=torch.zeros(2))
-    spec = dict(mask_kind=MASK_KINDS["block_layout"], block_size=16)
-    out, lse = AttentionSpec(scale=0.5, **spec, block_layout=tensors["block_layout"]).forward(q, q, q)
+                   cu_seqlens_k=cu, alibi_slopes=torch.ones(1, 2), sinks=torch.zeros(2),
+                   dropout_seed=torch.tensor([1, 2]))
+    spec = dict(mask_kind=MASK_KINDS["block_layout"], block_size=16, dropout_p=0.1)
+    out, lse = AttentionSpec(scale=0.5, **spec, block_layout=tensors["block_layout"],
+                             dropout_seed=tensors["dropout_seed"]).forward(q, q, q)
     extra = dict(grad_out=out, lse=lse)
     if which in tensors:
         tensors[which] = tensors[which].to("meta")
