@@ -52,6 +52,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def reason(e, width=100):
+    """A failed contender's reason, one line: the exception's type and its first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:width]}"
+
+
 def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
     """Best-of-`rounds` seconds of each callable in `fns` (dict name -> fn), measured in
     interleaved rounds so that machine drift hits every contender alike. A contender
@@ -63,7 +68,7 @@ def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
             fn()
             sync(device)
         except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            errors[name] = reason(e, 120)
     for _ in range(rounds):
         for name, fn in fns.items():
             if name in errors:

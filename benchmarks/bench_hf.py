@@ -58,7 +58,7 @@ def run_case(pattern, n, window, rounds, device, impls):
             U.sync(device)
             times[name] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a failing peer is a result
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            errors[name] = U.reason(e)
     for _ in range(rounds):
         for name, fn in fns.items():
             if name in errors:

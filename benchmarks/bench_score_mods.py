@@ -62,7 +62,7 @@ def run_case(n, dtype, rounds):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         fwd["flex"] = lambda: fx(qd, kd, vd)
     except Exception as e:  # noqa: BLE001
-        errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        errors["flex"] = U.reason(e)
     t_f, t_b, mem, e = U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds, fwd_only=("flex",))
     return t_f, t_b, mem, {**errors, **e}
 

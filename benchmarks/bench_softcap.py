@@ -74,7 +74,7 @@ def run_case(n, window, dtype, rounds):
         qd, kd, vd = q.detach(), k.detach(), v.detach()
         fwd["flex"] = lambda: fx(qd, kd, vd)
     except Exception as e:  # noqa: BLE001
-        errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        errors["flex"] = U.reason(e)
     if n <= 4096:
         allowed = band(n, window)
         fwd["eager"] = lambda: eager(q, k, v, allowed)

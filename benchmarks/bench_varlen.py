@@ -114,7 +114,7 @@ def run_case(n, d, dtype, docs, window, rounds, sdpa_budget):
         qd, kd, vd = q.detach(), k.detach(), v.detach()  # forward only: no autograd graph to trace
         fwd["flex"] = lambda: fx(qd, kd, vd)
     except Exception as e:  # noqa: BLE001 - a failing peer is a result, not a crash
-        errors["flex"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        errors["flex"] = U.reason(e)
     with torch.no_grad():
         want = fwd["ours"]().float()
         diff = max((fn().float() - want).abs().max().item() for name, fn in fwd.items() if name != "ours")
