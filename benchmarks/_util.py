@@ -85,15 +85,16 @@ def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
     return {k: (None if k in errors else v) for k, v in best.items()}, errors
 
 
-def fwd_and_fwd_bwd(fwd, inputs, grad, *, rounds, fwd_only=()):
+def fwd_and_fwd_bwd(fwd, inputs, grad, *, rounds, fwd_only=(), min_time=0.0):
     """Times each forward of `fwd` (name -> fn() -> out) without autograd, then forward +
     backward (gradients of `inputs` for upstream `grad`) of those not in `fwd_only`, and
-    the peak memory of the latter. Returns (t_fwd, t_fwd_bwd, mem_mb, errors)."""
+    the peak memory of the latter. `min_time`: see interleaved (calls of a few ms need
+    repeats to rise above timer noise). Returns (t_fwd, t_fwd_bwd, mem_mb, errors)."""
     with torch.no_grad():
-        t_f, errors = interleaved(fwd, rounds=rounds)
+        t_f, errors = interleaved(fwd, rounds=rounds, min_time=min_time)
     both = {name: (lambda f=f: torch.autograd.grad(f(), inputs, grad)) for name, f in fwd.items()
             if name not in fwd_only}
-    t_b, e = interleaved(both, rounds=rounds)
+    t_b, e = interleaved(both, rounds=rounds, min_time=min_time)
     errors.update(e)
     mem = {name: peak_memory_mb(f) for name, f in both.items() if t_b.get(name)}
     return t_f, t_b, mem, errors

@@ -18,10 +18,15 @@ import attention_ext as ae
 from . import _util as U
 
 CONTENDERS = ("ours", "sdpa", "naive")
-# N, head dims, rounds per mode (--full: the RESULTS.md sizes)
-SIZES = {"quick": dict(sizes=[256, 512], dims=(64,), rounds=1),
-         "default": dict(sizes=[1024, 2048, 4096], dims=(64,), rounds=2),
-         "full": dict(sizes=[1024, 4096, 8192], dims=(64, 128), rounds=3)}
+# N, head dims, rounds per mode (--full: the RESULTS.md sizes); short: the short-sequence
+# table (section "flash-short", with --short or --full), B in short_batches at H=8
+SIZES = {"quick": dict(sizes=[256, 512], dims=(64,), rounds=1, short=[128, 256], short_batches=(1,)),
+         "default": dict(sizes=[1024, 2048, 4096], dims=(64,), rounds=2, short=[128, 512, 1024],
+                         short_batches=(1, 4)),
+         "full": dict(sizes=[1024, 4096, 8192], dims=(64, 128), rounds=3, short=[128, 256, 512, 1024],
+                      short_batches=(1, 4))}
+# a short call takes a few ms: repeat it for at least this long per timed round
+SHORT_MIN_TIME = 0.05
 
 
 def naive(q, k, v, causal):
@@ -49,9 +54,9 @@ def on_isa(isa, fn):
     return run
 
 
-def run_case(dtype, n, d, causal, rounds, with_naive):
-    q, k, v = (torch.randn(1, 8, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
-    g = torch.randn(1, 8, n, d, dtype=dtype)
+def run_case(dtype, n, d, causal, rounds, with_naive, b=1, min_time=0.0):
+    q, k, v = (torch.randn(b, 8, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(b, 8, n, d, dtype=dtype)
     def ours():
         return ae.flash_attention(q, k, v, causal=causal)
 
@@ -66,7 +71,7 @@ def run_case(dtype, n, d, causal, rounds, with_naive):
         fwd["ours"] = on_isa(isa, ours)
         fwd["ours_avx512"] = on_isa("avx512", ours)
     try:
-        return U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds)
+        return U.fwd_and_fwd_bwd(fwd, (q, k, v), g, rounds=rounds, min_time=min_time)
     finally:
         ae.set_cpu_isa(isa)
 
@@ -75,10 +80,15 @@ def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks flash")
     p.add_argument("--sizes", type=int, nargs="*", default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--short", action="store_true", help="only the short-sequence table (flash-short)")
     opts = p.parse_args(rest)
     size = U.sized(args, SIZES)
     sizes = opts.sizes or size["sizes"]
     rounds = opts.rounds or size["rounds"]
+    if opts.short or U.mode(args) == "full":
+        short_table(args, size, opts.rounds or max(rounds, 3))
+    if opts.short:
+        return
     rows = []
     gemm = {}
     cases = [(dtype, d, n, causal) for dtype in (torch.float32, torch.bfloat16) for d in size["dims"]
@@ -109,3 +119,24 @@ def main(args, rest):
               + ". Peak memory: forward+backward, process peak RSS above the start (MiB); the naive "
               "contender runs only where it fits in reasonable time."),
              rows, cols, roofs={str(k).replace("torch.", ""): v for k, v in gemm.items()})
+
+
+def short_table(args, size, rounds):
+    """N <= 1024, where most transformers calls are: per-call costs (packing, dispatch,
+    tile shapes) weigh most here. B*H in {8, 32}."""
+    rows = []
+    cases = [(dtype, d, b, n, causal) for dtype in (torch.float32, torch.bfloat16) for d in (64, 128)
+             for b in size["short_batches"] for n in size["short"] for causal in (False, True)]
+    for dtype, d, b, n, causal in U.progress(
+            cases, lambda c: f"{str(c[0])[6:]} B={c[2]} N={c[3]} D={c[1]} causal={c[4]}",
+            cost=lambda c: c[2] * attention_flops(c[3], c[1], c[4])):
+        t_f, t_b, _, errs = run_case(dtype, n, d, causal, rounds, False, b=b, min_time=SHORT_MIN_TIME)
+        row = {"dtype": str(dtype).replace("torch.", ""), "B": b, "N": n, "D": d, "causal": causal,
+               **U.speed_columns(t_f, t_b, ("sdpa",) + (("ours_avx512",) if "ours_avx512" in t_f else ()))}
+        rows.append(row)
+        U.print_row(row, errs)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    U.report(args, "flash-short", "flash_attention vs SDPA at short sequences (N <= 1024), H=8",
+             (f"CPU tile products: `{ae.cpu_isa()}`. B*H in {{8, 32}}. Ratios are peer time / our time "
+              f"(> 1: ours faster); each timed round repeats a call for at least {SHORT_MIN_TIME * 1e3:.0f} ms, "
+              "best of rounds, contenders interleaved."), rows, cols)

@@ -69,15 +69,22 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const bool softcap = a.softcap > 0;
   const acc_t cap2 = acc_t(a.softcap * kLog2e), inv_cap2 = softcap ? acc_t(1) / cap2 : acc_t(0);
 
-  // Query side, per (query tile, hq) = qh: Q and dO as rows and as transposed tiles, lse
-  // in base 2 and delta_i = dO_i . O_i (- dlse_i). bf16 tiles keep only lse2 and delta
-  // in fp32, and Q^T, dO^T (VNNI pairs along D, Dv) and Q, dO (pairs along queries) in bf16.
-  const int64_t fq = kBf16 ? 0 : 1;
-  const int64_t q_side = BQ * (fq * (Dp + Dvp + D + Dv) + 2);
+  // Inputs already in acc_t, with unit column strides and widths of whole vectors, are
+  // read in place as the row operands: no copies of Q, dO, K and V, so the backward's
+  // memory is little more than its outputs (the copies were 2x Q's size and 2x K's).
+  const bool in_place = std::is_same_v<scalar_t, acc_t> && D == Dp && Dv == Dvp && a.q.stride[3] == 1 &&
+                        a.grad_out.stride[3] == 1 && a.k.stride[3] == 1 && a.v.stride[3] == 1;
+
+  // Query side, per (query tile, hq) = qh: Q and dO as rows (unless in place) and as
+  // transposed tiles, lse in base 2 and delta_i = dO_i . O_i (- dlse_i). bf16 tiles keep
+  // only lse2 and delta in fp32, and Q^T, dO^T (VNNI pairs along D, Dv) and Q, dO (pairs
+  // along queries) in bf16.
+  const int64_t fq = kBf16 ? 0 : 1, fr = kBf16 || in_place ? 0 : 1;
+  const int64_t q_side = BQ * (fr * (Dp + Dvp) + fq * (D + Dv) + 2);
   Buffer<acc_t> qbuf(nqt * a.Hq * q_side);
   auto q_rows = [&](int64_t qh) { return qbuf.get() + qh * q_side; };
-  auto do_rows = [&](int64_t qh) { return q_rows(qh) + fq * BQ * Dp; };
-  auto q_t = [&](int64_t qh) { return do_rows(qh) + fq * BQ * Dvp; };
+  auto do_rows = [&](int64_t qh) { return q_rows(qh) + fr * BQ * Dp; };
+  auto q_t = [&](int64_t qh) { return do_rows(qh) + fr * BQ * Dvp; };
   auto do_t = [&](int64_t qh) { return q_t(qh) + fq * BQ * D; };
   auto lse2 = [&](int64_t qh) { return do_t(qh) + fq * BQ * Dv; };
   auto delta = [&](int64_t qh) { return lse2(qh) + BQ; };
@@ -110,9 +117,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
       pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb(qh), Dvp, BQ, do_bad.get() + qh * BQ);
 #endif
     } else {
-      load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(qh), Dp, BQ, acc_t(1), q_bad.get() + qh * BQ);
-      load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(qh), Dvp, BQ, acc_t(1),
-                do_bad.get() + qh * BQ);
+      if (in_place) {
+        flag_bad_rows(qs, a.q.stride[2], mq, D, q_bad.get() + qh * BQ, BQ);
+        flag_bad_rows(dos, a.grad_out.stride[2], mq, Dv, do_bad.get() + qh * BQ, BQ);
+      } else {
+        load_rows(qs, a.q.stride[2], a.q.stride[3], mq, D, q_rows(qh), Dp, BQ, acc_t(1), q_bad.get() + qh * BQ);
+        load_rows(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_rows(qh), Dvp, BQ, acc_t(1),
+                  do_bad.get() + qh * BQ);
+      }
       load_transposed(qs, a.q.stride[2], a.q.stride[3], mq, D, q_t(qh), BQ, qmult);
       load_transposed(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_t(qh), BQ);
     }
@@ -141,8 +153,10 @@ void bwd_impl(const AttentionBwdArgs& a) {
   // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
   // bf16 tiles: K and V rows in bf16 (A operands, padded to D2, Dv2), K tiles in VNNI
   // pairs along keys [key tile][Hkv][BK2 / 2][Dp][2] (B of dQ), k_bad per such tile.
-  const int64_t k_side = kBf16 ? 0 : a.Nk * (Dp + Dv);
-  const int64_t kb_side = a.Nk * (D2 + Dv2), kpb_tile = BK2 * Dp;
+  const int64_t k_side = kBf16 || in_place ? 0 : a.Nk * (Dp + Dv);
+  // bf16 tiles read K and V rows in place too where they are whole pairs
+  const bool kb_in_place = kBf16 && D == D2 && Dv == Dv2 && a.k.stride[3] == 1 && a.v.stride[3] == 1;
+  const int64_t kb_side = kb_in_place ? 0 : a.Nk * (D2 + Dv2), kpb_tile = BK2 * Dp;
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
   Buffer<bf16_t> kbb(kBf16 ? a.B * a.Hkv * kb_side : 0), kpb(kBf16 ? nkt * a.Hkv * kpb_tile : 0);
   Buffer<uint8_t> k_bad(kBf16 ? nkt * a.Hkv * BK2 : a.B * a.Hkv * a.Nk);
@@ -153,12 +167,17 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
     if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-      bf16_t* base = kbb.get() + bh * kb_side;
-      copy_rows_bf16(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * D2, D2, n);
-      copy_rows_bf16(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * D2 + k0 * Dv2, Dv2, n);
+      if (!kb_in_place) {
+        bf16_t* base = kbb.get() + bh * kb_side;
+        copy_rows_bf16(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * D2, D2, n);
+        copy_rows_bf16(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * D2 + k0 * Dv2, Dv2,
+                       n);
+      }
       pack_vnni(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, kpb.get() + t * kpb_tile, Dp, BK2,
                 k_bad.get() + t * BK2);
 #endif
+    } else if (in_place) {
+      flag_bad_rows(at4(a.k, b, h, k0), a.k.stride[2], n, D, k_bad.get() + bh * a.Nk + k0, n);
     } else {
       acc_t* base = kbuf.get() + bh * k_side;
       load_rows(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * Dp, Dp, n, acc_t(1),
@@ -173,8 +192,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
   int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(segs.max_row_ktiles, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
-  Buffer<acc_t> dq_part(chunks * part);
-  dq_part.zero(chunks * part);
+  // one chunk in acc_t: dQ accumulates in the output itself (the same sums, no partials)
+  auto* dq = static_cast<scalar_t*>(a.dq);
+  const bool dq_in_place = chunks == 1 && std::is_same_v<scalar_t, acc_t> && D == Dp;
+  Buffer<acc_t> dq_part(dq_in_place ? 0 : chunks * part);
+  acc_t* dq_sum = dq_in_place ? reinterpret_cast<acc_t*>(dq) : dq_part.get();
+  std::memset(dq_sum, 0, size_t(chunks * part) * sizeof(acc_t));
 
   auto* dk = static_cast<scalar_t*>(a.dk);
   auto* dv = static_cast<scalar_t*>(a.dv);
@@ -204,12 +227,19 @@ void bwd_impl(const AttentionBwdArgs& a) {
       const TileRef& tile = segs.ktiles[kti];
       const Segment& sg = segs.seg[tile.seg];
       const MaskSpec& mask = sg.mask;
-      // the document's K and V rows; k0 counts from the document's start
-      const acc_t* k_rows = kbuf.get() + bh * k_side + sg.span.k0 * Dp;
-      const acc_t* v_rows = kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
+      // the document's K and V rows (ldk, ldv apart); k0 counts from the document's start
+      const acc_t* k_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.k, b, hk, sg.span.k0))
+                                     : kbuf.get() + bh * k_side + sg.span.k0 * Dp;
+      const acc_t* v_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.v, b, hk, sg.span.k0))
+                                     : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
+      const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
       const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
-      [[maybe_unused]] const bf16_t* kb_rows = kbb.get() + bh * kb_side + sg.span.k0 * D2;
-      [[maybe_unused]] const bf16_t* vb_rows = kbb.get() + bh * kb_side + a.Nk * D2 + sg.span.k0 * Dv2;
+      [[maybe_unused]] const bf16_t* kb_rows = kb_in_place
+          ? reinterpret_cast<const bf16_t*>(at4(a.k, b, hk, sg.span.k0)) : kbb.get() + bh * kb_side + sg.span.k0 * D2;
+      [[maybe_unused]] const bf16_t* vb_rows = kb_in_place
+          ? reinterpret_cast<const bf16_t*>(at4(a.v, b, hk, sg.span.k0))
+          : kbb.get() + bh * kb_side + a.Nk * D2 + sg.span.k0 * Dv2;
+      [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
       [[maybe_unused]] const bf16_t* k_pairs = kpb.get() + (kti * a.Hkv + hk) * kpb_tile;
       [[maybe_unused]] const uint8_t* kb_bad = k_bad.get() + (kti * a.Hkv + hk) * BK2;
       const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
@@ -219,9 +249,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // the forward's ALiBi, 0 = off
-        acc_t* dq_acc = dq_part.get() + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
+        acc_t* dq_acc = dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
         for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
           const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
+          // this tile's Q and dO rows, ldq and ldo apart
+          const acc_t* q_r = in_place ? reinterpret_cast<const acc_t*>(at4(a.q, b, h, sg.span.q0 + q0)) : q_rows(qh);
+          const acc_t* do_r =
+              in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
+          const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
           const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
           if (cls == kEmpty) continue;
           // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
@@ -236,13 +271,13 @@ void bwd_impl(const AttentionBwdArgs& a) {
           acc_t* dpt0 = dpt + j0 * BQ + i0;
           if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            gemm_bf16(nj, ni_vec, D, kb_rows + (k0 + j0) * D2, D2, q_tb(qh) + 2 * i0, 2 * BQ, st0, BQ, false,
+            gemm_bf16(nj, ni_vec, D, kb_rows + (k0 + j0) * ldkb, ldkb, q_tb(qh) + 2 * i0, 2 * BQ, st0, BQ, false,
                       float(qmult));
-            gemm_bf16(nj, ni_vec, Dv, vb_rows + (k0 + j0) * Dv2, Dv2, do_tb(qh) + 2 * i0, 2 * BQ, dpt0, BQ, false);
+            gemm_bf16(nj, ni_vec, Dv, vb_rows + (k0 + j0) * ldvb, ldvb, do_tb(qh) + 2 * i0, 2 * BQ, dpt0, BQ, false);
 #endif
           } else {
-            gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * Dp, Dp, 1, q_t(qh) + i0, BQ, st0, BQ, false);
-            gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * Dv, Dv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+            gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
+            gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * ldv, ldv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
           }
           const acc_t* l2 = lse2(qh) + i0;
           const acc_t* dl = delta(qh) + i0;
@@ -313,12 +348,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
                          }, dq_acc + (q0 + i0) * Dp, Dp);
 #endif
           } else {
-            gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_rows(qh) + i0 * Dvp, Dvp, dv_part + j0 * Dvp, Dvp, true,
+            gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_r + i0 * ldo, ldo, dv_part + j0 * Dvp, Dvp, true,
                                 do_bad.get() + qh * BQ + i0);
-            gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_rows(qh) + i0 * Dp, Dp, dk_part + j0 * Dp, Dp, true,
+            gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_r + i0 * ldq, ldq, dk_part + j0 * Dp, Dp, true,
                                 q_bad.get() + qh * BQ + i0);
             dkv.added(used);
-            gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * Dp, Dp, dq_acc + (q0 + i0) * Dp, Dp,
+            gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * ldk, ldk, dq_acc + (q0 + i0) * Dp, Dp,
                                 true, k_bad_doc + k0 + j0);
           }
         }
@@ -336,7 +371,6 @@ void bwd_impl(const AttentionBwdArgs& a) {
     }
   });
 
-  auto* dq = static_cast<scalar_t*>(a.dq);
   const int64_t rows_per_task = 64;
   const int64_t q_tasks = (a.Nq + rows_per_task - 1) / rows_per_task;
   parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
@@ -346,7 +380,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t x = 0; x < D; ++x) {
         acc_t sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += dq_part.get()[c * part + (bh * a.Nq + r) * Dp + x];
+        for (int64_t c = 0; c < chunks; ++c) sum += dq_sum[c * part + (bh * a.Nq + r) * Dp + x];
         dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
       }
   });

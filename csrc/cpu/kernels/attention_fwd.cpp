@@ -41,8 +41,11 @@ void fwd_impl(const AttentionFwdArgs& a) {
   const int64_t kt_tile = D * BK;
   const int64_t nkt = int64_t(segs.ktiles.size());
   const int64_t D2 = round_up(D, 2), ktb_tile = D2 * BK, vb_tile = BK * Dvp;
+  // V already in acc_t, with unit column stride and whole vectors per row, is read in
+  // place as the P.V operand (a copy would be V's size again)
+  const bool v_in_place = std::is_same_v<scalar_t, acc_t> && a.Dv == Dvp && a.v.stride[3] == 1;
   Buffer<acc_t> kT(kBf16 ? 0 : nkt * a.Hkv * kt_tile);
-  Buffer<acc_t> vP(kBf16 ? 0 : a.B * a.Hkv * a.Nk * Dvp);
+  Buffer<acc_t> vP(kBf16 || v_in_place ? 0 : a.B * a.Hkv * a.Nk * Dvp);
   Buffer<c10::BFloat16> kTb(kBf16 ? nkt * a.Hkv * ktb_tile : 0), vPb(kBf16 ? nkt * a.Hkv * vb_tile : 0);
   // rows of V holding NaN/inf: [B][Hkv][Nk]; bf16 tiles: [key tile][Hkv][BK]
   Buffer<uint8_t> v_bad(kBf16 ? nkt * a.Hkv * BK : a.B * a.Hkv * a.Nk);
@@ -60,7 +63,10 @@ void fwd_impl(const AttentionFwdArgs& a) {
 #endif
     } else {
       load_transposed(ks, a.k.stride[2], a.k.stride[3], n, D, kT.get() + t * kt_tile, BK);
-      load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n, acc_t(1),
+      if (v_in_place)
+        flag_bad_rows(vs, a.v.stride[2], n, a.Dv, v_bad.get() + bh * a.Nk + k0, n);
+      else
+        load_rows(vs, a.v.stride[2], a.v.stride[3], n, a.Dv, vP.get() + (bh * a.Nk + k0) * Dvp, Dvp, n, acc_t(1),
                 v_bad.get() + bh * a.Nk + k0);
     }
   });
@@ -112,12 +118,14 @@ void fwd_impl(const AttentionFwdArgs& a) {
     key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
     // the document's keys: K^T tiles and V rows
     const acc_t* kT_doc = kT.get() + sg.kt0 * a.Hkv * kt_tile + hk * kt_tile;
-    const acc_t* v_doc = vP.get() + ((b * a.Hkv + hk) * a.Nk + sg.span.k0) * Dvp;
+    [[maybe_unused]] const scalar_t* v_src = v + b * a.v.stride[0] + hk * a.v.stride[1] + sg.span.k0 * a.v.stride[2];
+    const acc_t* v_doc = v_in_place ? reinterpret_cast<const acc_t*>(v_src)
+                                    : vP.get() + ((b * a.Hkv + hk) * a.Nk + sg.span.k0) * Dvp;
+    const int64_t ldv = v_in_place ? a.v.stride[2] : Dvp;
     const uint8_t* v_bad_doc = v_bad.get() + (b * a.Hkv + hk) * a.Nk + sg.span.k0;
     [[maybe_unused]] const c10::BFloat16* kTb_doc = kTb.get() + (sg.kt0 * a.Hkv + hk) * ktb_tile;
     [[maybe_unused]] const c10::BFloat16* vb_doc = vPb.get() + (sg.kt0 * a.Hkv + hk) * vb_tile;
     [[maybe_unused]] const uint8_t* vb_bad_doc = v_bad.get() + (sg.kt0 * a.Hkv + hk) * BK;
-    [[maybe_unused]] const scalar_t* v_src = v + b * a.v.stride[0] + hk * a.v.stride[1] + sg.span.k0 * a.v.stride[2];
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
       const int64_t k0 = kt * BK, nk = std::min(BK, mask.nk - k0);
       const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
@@ -161,7 +169,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
                      }, o + r0 * Dvp, Dvp);
 #endif
       } else {
-        gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * Dvp, Dvp, o + r0 * Dvp, Dvp,
+        gemm_guarded<acc_t>(r1 - r0, Dvp, nc, s0 + r0 * BK, BK, 1, v_doc + (k0 + c0) * ldv, ldv, o + r0 * Dvp, Dvp,
                             true, v_bad_doc + k0 + c0);
       }
     }

@@ -46,6 +46,14 @@ inline float to_acc(c10::Half x) { return float(x); }
 template <typename S, typename T>
 inline S from_acc(T x) { return static_cast<S>(x); }
 
+// True when x[0, n) holds a NaN or infinity: x * 0 is NaN exactly for non-finite x.
+template <typename T>
+inline bool row_is_bad(const T* x, int64_t n) {
+  T z = 0;
+  for (int64_t c = 0; c < n; ++c) z += x[c] * T(0);
+  return z != z;
+}
+
 // Copy rows [r0, r0 + rows) x cols [0, cols) of a strided (seq, dim) matrix into a dense
 // acc_t block with leading dimension ld, zero-filling cols..ld and rows..rows_pad.
 // With `bad`, bad[r] = 1 marks rows holding a NaN or infinity (see gemm_guarded).
@@ -60,16 +68,20 @@ void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, 
     else
       for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c * s_col])) * mult;
     for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
-    if (bad) {
-      acc_t z = 0;  // x * 0 is NaN exactly for non-finite x
-      for (int64_t c = 0; c < cols; ++c) z += d[c] * acc_t(0);
-      bad[r] = z != z;
-    }
+    if (bad) bad[r] = row_is_bad(d, cols);
   }
   for (int64_t r = rows; r < rows_pad; ++r) {
     for (int64_t c = 0; c < ld; ++c) dst[r * ld + c] = acc_t(0);
     if (bad) bad[r] = 0;
   }
+}
+
+// The flags load_rows computes, for rows read in place (unit column stride) instead of
+// copied: bad[r] for rows [0, rows), 0 for rows..rows_pad.
+template <typename T>
+void flag_bad_rows(const T* src, int64_t s_row, int64_t rows, int64_t cols, uint8_t* bad, int64_t rows_pad) {
+  for (int64_t r = 0; r < rows; ++r) bad[r] = row_is_bad(src + r * s_row, cols);
+  for (int64_t r = rows; r < rows_pad; ++r) bad[r] = 0;
 }
 
 // Transposed copy: dst[c * ld + r] = src[r][c] * mult for rows [0, rows), cols [0, cols);
