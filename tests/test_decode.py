@@ -357,3 +357,20 @@ def test_kernel_value_dim_differs_from_key_dim():
     (out, lse), _ = run_counted(q, kc, vc, torch.tensor(lens, dtype=torch.int32), window=100, return_lse=True)
     check_rows(out, lse, *reference_rows(q, [kc[b, :, :lens[b]] for b in range(2)],
                                          [vc[b, :, :lens[b]] for b in range(2)], window=100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("D", [24, 100], ids=["D24", "D100"])
+def test_kernel_head_dim_tails_and_row_blocks(dtype, group, D):
+    # D not a multiple of the vector widths (16 / 32 lanes); group * Nq query rows per kv
+    # head in blocks of 4 (Nq 5: a partial block for every group); a window and a ragged
+    # batch, so chunks that every row sees whole and chunks with a boundary both run
+    lens = [530, 61]
+    for nq in (1, 5):
+        q, kc, vc, k, v, cs = make(2, 2 * group, 2, nq, 600, D, dtype, "cpu", lens)
+        hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(2)]
+        hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(2)]
+        for window in (None, 200):
+            (out, lse), _ = run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v, window=window, return_lse=True)
+            check_rows(out, lse, *reference_rows(q, hk, hv, window=window))

@@ -2,23 +2,26 @@
 // storage dtype.
 //
 // One task = (batch row b, kv head hk, key split s). It reads its slice of K and V once
-// (bf16/fp16 become acc_t in registers; nothing of the cache is packed) and serves every
-// query row of the GQA group from that read: R = (Hq / Hkv) * Nq rows. It keeps per-row
-// partials (max, sum, unnormalised output) of its split. A second pass combines each
-// row's splits in split order, so the result (and lse) is bitwise the same for any thread
-// count. Splits depend on the shapes only: small enough that a split's K/V fits in L2 and
-// that a batch of one still has tasks for every thread.
+// (in the cache's dtype; nothing of the cache is packed) and serves every query row of
+// the GQA group from that read: R = (Hq / Hkv) * Nq rows, RB at a time (decode_rows.h).
+// It keeps per-row partials (max, sum, unnormalised output) of its split. A second pass
+// combines each row's splits in split order, so the result (and lse) is bitwise the same
+// for any thread count. Splits depend on the shapes only: small enough that a split's K/V
+// fits in L2 and that a batch of one still has tasks for every thread.
 //
 // Keys are logical positions t in [first[b], length[b]); the cache slot of t is t
 // (contiguous), t % slots (rolling) or slot t % page_size of page block_table[b][t / page_size]
 // (paged): the kernel never reads a key outside the row's range. Causality and windows
 // come from mask.h's row_interval() at the row's own length, the key mask from
-// key_allowed(); a key no row of a block may see is never applied to its output, so a
-// non-finite value there cannot leak (as gemm_guarded does in the flash kernels).
+// key_allowed(). A chunk every row sees whole (the common case) runs without a check per
+// key; in the others a masked key's score is -inf, its probability 0, and a zero
+// probability never applies a value row (pv_rows), so a non-finite value there cannot
+// leak (as gemm_guarded does in the flash kernels).
 #include <type_traits>
 #include <vector>
 
 #include "../../common/mask.h"
+#include "decode_rows.h"
 #include "kernels.h"
 #include "softmax_tile.h"
 #include "tile_util.h"
@@ -28,85 +31,9 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kChunk = 64;              // keys per online-softmax step
+constexpr int64_t kAhead = 16;              // keys between a key row's prefetch and its use
 constexpr int64_t kSplitBytes = 256 << 10;  // K + V of one split: well inside L2
 constexpr int64_t kMinTasks = 8;            // splits enough for this many tasks at any B * Hkv
-constexpr int RB = 4;                       // query rows served by one load of a key / value row
-
-template <typename acc_t, typename S>
-inline Vec<acc_t> load_acc(const S* p) {
-  if constexpr (std::is_same_v<S, acc_t>) {
-    return Vec<acc_t>::loadu(p);
-  } else {
-    Vec<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-
-// n < VL lanes; the others are zero
-template <typename acc_t, typename S>
-inline Vec<acc_t> load_acc(const S* p, int64_t n) {
-  acc_t tmp[Vec<acc_t>::size()] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = acc_t(to_acc(p[i]));
-  return Vec<acc_t>::loadu(tmp);
-}
-
-// s[r * lds] = q_r . k for the NR (<= RB) query rows q_r = q + r * ldq (zero-padded).
-template <int NR, typename acc_t, typename S>
-inline void dot_rows(const S* k, const acc_t* q, int64_t ldq, int64_t D, acc_t* s, int64_t lds) {
-  constexpr int64_t VL = Vec<acc_t>::size();
-  Vec<acc_t> acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = Vec<acc_t>(acc_t(0));
-  int64_t d = 0;
-  for (; d + VL <= D; d += VL) {
-    const Vec<acc_t> kv = load_acc<acc_t>(k + d);
-    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(Vec<acc_t>::loadu(q + r * ldq + d), kv, acc[r]);
-  }
-  if (d < D) {
-    const Vec<acc_t> kv = load_acc<acc_t>(k + d, D - d);
-    for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(Vec<acc_t>::loadu(q + r * ldq + d), kv, acc[r]);
-  }
-  for (int r = 0; r < NR; ++r) s[r * lds] = hsum(acc[r]);
-}
-
-// o_r += sum over keys[0, n) of p[r * ldp + t] * v[t] for NR rows (o rows padded to VL).
-template <int NR, typename acc_t, typename S>
-inline void pv_rows(const S* const* v, const int64_t* keys, int64_t n, const acc_t* p, int64_t ldp, int64_t Dv,
-                    acc_t* o, int64_t ldo) {
-  constexpr int64_t VL = Vec<acc_t>::size();
-  for (int64_t d = 0; d < Dv; d += VL) {
-    Vec<acc_t> acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = Vec<acc_t>::loadu(o + r * ldo + d);
-    const bool tail = d + VL > Dv;
-    for (int64_t x = 0; x < n; ++x) {
-      const int64_t t = keys[x];
-      const Vec<acc_t> vv = tail ? load_acc<acc_t>(v[t] + d, Dv - d) : load_acc<acc_t>(v[t] + d);
-      for (int r = 0; r < NR; ++r) acc[r] = at::vec::fmadd(Vec<acc_t>(p[r * ldp + t]), vv, acc[r]);
-    }
-    for (int r = 0; r < NR; ++r) acc[r].store(o + r * ldo + d);
-  }
-}
-
-// The NR-row kernels above for 1 <= nr <= RB rows.
-template <typename acc_t, typename S>
-inline void dot_block(int nr, const S* k, const acc_t* q, int64_t ldq, int64_t D, acc_t* s, int64_t lds) {
-  switch (nr) {
-    case 1: return dot_rows<1>(k, q, ldq, D, s, lds);
-    case 2: return dot_rows<2>(k, q, ldq, D, s, lds);
-    case 3: return dot_rows<3>(k, q, ldq, D, s, lds);
-    default: return dot_rows<RB>(k, q, ldq, D, s, lds);
-  }
-}
-template <typename acc_t, typename S>
-inline void pv_block(int nr, const S* const* v, const int64_t* keys, int64_t n, const acc_t* p, int64_t ldp,
-                     int64_t Dv, acc_t* o, int64_t ldo) {
-  switch (nr) {
-    case 1: return pv_rows<1>(v, keys, n, p, ldp, Dv, o, ldo);
-    case 2: return pv_rows<2>(v, keys, n, p, ldp, Dv, o, ldo);
-    case 3: return pv_rows<3>(v, keys, n, p, ldp, Dv, o, ldo);
-    default: return pv_rows<RB>(v, keys, n, p, ldp, Dv, o, ldo);
-  }
-}
 
 // The terms a score gets after q . k (base-2 units, scale folded into q): the softcap.
 // A per-head alibi_slopes term would add slope * (key - query position) here.
@@ -143,9 +70,10 @@ int64_t split_size(const DecodeFwdArgs& a, int64_t elem_bytes) {
 
 template <typename scalar_t, typename acc_t>
 void decode_impl(DecodeFwdArgs& a) {
+  using q_t = decode_q_t<scalar_t, acc_t>;
   constexpr int64_t VL = Vec<acc_t>::size();
   const int64_t G = a.Hq / a.Hkv, R = G * a.Nq, D = a.D, Dv = a.Dv;
-  const int64_t Dp = round_up(D, VL), Dvp = round_up(Dv, VL), part = R * Dvp + 2 * R;
+  const int64_t Dp = round_up(D, decode_q_pad<scalar_t, acc_t>()), Dvp = round_up(Dv, VL), part = R * Dvp + 2 * R;
   const int64_t split = split_size(a, sizeof(scalar_t));
   a.split = split;
 
@@ -160,6 +88,8 @@ void decode_impl(DecodeFwdArgs& a) {
 
   const acc_t qmult = acc_t(a.scale * kLog2e);    // softmax in base 2
   const acc_t cap2 = acc_t(a.softcap * kLog2e);  // softcap in base-2 units, 0 = off
+  // the scale goes into acc_t query rows, or onto the scores of raw bf16 ones
+  const acc_t smult = std::is_same_v<q_t, acc_t> ? acc_t(1) : qmult;
   const auto* q = static_cast<const scalar_t*>(a.q.data);
 
   parallel_tasks(ntasks, [&](int64_t task) {
@@ -169,19 +99,17 @@ void decode_impl(DecodeFwdArgs& a) {
 
     thread_local std::unique_ptr<Buffer<uint8_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    const int64_t need = (R * Dp + R * kChunk) * sizeof(acc_t) + 2 * kChunk * sizeof(void*) +
-                         2 * kChunk * sizeof(int64_t) + 2 * a.Nq * sizeof(int64_t) + kChunk;
+    const int64_t need = R * Dp * sizeof(q_t) + R * kChunk * sizeof(acc_t) +
+                         (2 * kChunk + kAhead) * sizeof(void*) + 2 * a.Nq * sizeof(int64_t) + kChunk + 64;
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<uint8_t>>(need);
       scratch_size = need;
     }
-    auto* qs = reinterpret_cast<acc_t*>(scratch->get());  // (R, Dp), row r = g * Nq + i
-    acc_t* s = qs + R * Dp;                                // (R, kChunk) scores, then probabilities
-    auto** kp = reinterpret_cast<const scalar_t**>(s + R * kChunk);
-    const scalar_t** vp = kp + kChunk;
-    auto* dense = reinterpret_cast<int64_t*>(vp + kChunk);  // keys every row of a block uses
-    int64_t* mixed = dense + kChunk;                        // keys only some rows use
-    int64_t* iv0 = mixed + kChunk;                          // query i sees keys [iv0[i], iv1[i])
+    auto* qs = reinterpret_cast<q_t*>(scratch->get());                 // (R, Dp), row r = g * Nq + i
+    auto* s = reinterpret_cast<acc_t*>(qs + round_up(R * Dp, 64 / sizeof(q_t)));  // (R, kChunk) scores, then probabilities
+    auto** kp = reinterpret_cast<const scalar_t**>(s + R * kChunk);  // key rows of the chunk, kAhead more
+    const scalar_t** vp = kp + kChunk + kAhead;
+    auto* iv0 = reinterpret_cast<int64_t*>(vp + kChunk);  // query i sees keys [iv0[i], iv1[i])
     int64_t* iv1 = iv0 + a.Nq;
     auto* ok = reinterpret_cast<uint8_t*>(iv1 + a.Nq);  // key mask of the chunk
 
@@ -193,9 +121,16 @@ void decode_impl(DecodeFwdArgs& a) {
       iv0[i] = std::max(j0, k0), iv1[i] = std::min(j1, k1);
     }
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = hk * G + g;
-      load_rows(q + b * a.q.stride[0] + h * a.q.stride[1], a.q.stride[2], a.q.stride[3], a.Nq, D,
-                qs + g * a.Nq * Dp, Dp, a.Nq, qmult);
+      const scalar_t* src = q + b * a.q.stride[0] + (hk * G + g) * a.q.stride[1];
+      for (int64_t i = 0; i < a.Nq; ++i) {
+        q_t* dst = qs + (g * a.Nq + i) * Dp;
+        for (int64_t c = 0; c < D; ++c) {
+          const scalar_t x = src[i * a.q.stride[2] + c * a.q.stride[3]];
+          if constexpr (std::is_same_v<q_t, acc_t>) dst[c] = acc_t(to_acc(x)) * qmult;
+          else dst[c] = x;
+        }
+        std::fill(dst + D, dst + Dp, q_t(0));
+      }
     }
     acc_t* o = partials.get() + task * part;  // (R, Dvp), then max (R), sum (R)
     acc_t* row_max = o + R * Dvp;
@@ -206,46 +141,43 @@ void decode_impl(DecodeFwdArgs& a) {
 
     for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
       const int64_t n = std::min(kChunk, k1 - c0);
-      bool seen = false;
-      for (int64_t i = 0; i < a.Nq; ++i) seen |= std::max(iv0[i], c0) < std::min(iv1[i], c0 + n);
-      int64_t nok = 0;
-      for (int64_t t = 0; t < n; ++t) nok += ok[t] = key_allowed(a, b, c0 + t);
-      if (!seen || nok == 0) continue;
-      for (int64_t t = 0; t < n; ++t) {
-        kp[t] = token<scalar_t>(a, a.k_cache, b, hk, c0 + t);
-        vp[t] = token<scalar_t>(a, a.v_cache, b, hk, c0 + t);
+      // full: every row sees every key of the chunk, so nothing below checks a key
+      bool seen = false, full = true;
+      for (int64_t i = 0; i < a.Nq; ++i) {
+        seen |= std::max(iv0[i], c0) < std::min(iv1[i], c0 + n);
+        full &= iv0[i] <= c0 && c0 + n <= iv1[i];
       }
+      if (!seen) continue;
+      if (a.key_mask) {
+        int64_t nok = 0;
+        for (int64_t t = 0; t < n; ++t) nok += ok[t] = key_allowed(a, b, c0 + t);
+        if (nok == 0) continue;
+        full &= nok == n;
+      }
+      const int64_t nk = std::min(n + kAhead, k1 - c0);  // key rows to prefetch
+      for (int64_t t = 0; t < nk; ++t) kp[t] = token<scalar_t>(a, a.k_cache, b, hk, c0 + t);
+      for (int64_t t = 0; t < n; ++t) vp[t] = token<scalar_t>(a, a.v_cache, b, hk, c0 + t);
       for (int64_t t = 0; t < n; ++t) {
-        if (!ok[t]) continue;  // masked out: its score is set below, its key never read
+        if (t + kAhead < nk) prefetch_row(kp[t + kAhead], D);
+        prefetch_row(vp[t], Dv);  // used after the chunk's scores
+        if (!full && a.key_mask && !ok[t]) continue;  // masked out: its score is set below, its key never read
         for (int64_t r0 = 0; r0 < R; r0 += RB)
-          dot_block(int(std::min<int64_t>(RB, R - r0)), kp[t], qs + r0 * Dp, Dp, D, s + r0 * kChunk + t, kChunk);
+          dot_block(int(std::min<int64_t>(RB, R - r0)), kp[t], qs + r0 * Dp, Dp, D, smult, s + r0 * kChunk + t,
+                    kChunk);
       }
       for (int64_t r = 0; r < R; ++r) {
         acc_t* row = s + r * kChunk;
         const int64_t i = r % a.Nq;
         score_terms(row, n, cap2);
-        for (int64_t t = 0; t < n; ++t)
-          if (!ok[t] || c0 + t < iv0[i] || c0 + t >= iv1[i]) row[t] = kNegInf<acc_t>;
+        if (!full)
+          for (int64_t t = 0; t < n; ++t)
+            if ((a.key_mask && !ok[t]) || c0 + t < iv0[i] || c0 + t >= iv1[i]) row[t] = kNegInf<acc_t>;
         const acc_t alpha = online_softmax_row(row, n, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
-      for (int64_t r0 = 0; r0 < R; r0 += RB) {
-        const int nr = int(std::min<int64_t>(RB, R - r0));
-        const acc_t* p = s + r0 * kChunk;
-        int64_t nd = 0, nm = 0;
-        for (int64_t t = 0; t < n; ++t) {
-          int used = 0;
-          for (int r = 0; r < nr; ++r) used += p[r * kChunk + t] != acc_t(0);
-          if (used == nr) dense[nd++] = t;
-          else if (used > 0) mixed[nm++] = t;
-        }
-        acc_t* orow = o + r0 * Dvp;
-        pv_block(nr, vp, dense, nd, p, kChunk, Dv, orow, Dvp);
-        for (int r = 0; r < nr; ++r)  // a zero probability never touches the output
-          for (int64_t x = 0; x < nm; ++x)
-            if (p[r * kChunk + mixed[x]] != acc_t(0)) pv_rows<1>(vp, mixed + x, 1, p + r * kChunk, 0, Dv,
-                                                                 orow + r * Dvp, 0);
-      }
+      // a masked key's probability is 0: it reaches no output (pv_rows)
+      for (int64_t r0 = 0; r0 < R; r0 += RB)
+        pv_group(int(std::min<int64_t>(RB, R - r0)), vp, n, s + r0 * kChunk, kChunk, Dv, o + r0 * Dvp, Dvp);
     }
   });
 
