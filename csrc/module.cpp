@@ -51,6 +51,22 @@ py::tuple cpu_tile_shapes(int64_t kind, int64_t block_size, int64_t nq, int64_t 
   return py::make_tuple(py::make_tuple(t[0], t[1]), py::make_tuple(t[2], t[3]));
 }
 
+// The active build's VNNI pack of a bf16 (kn, nn) matrix: ((k_pad / 2, ldn, 2) pairs,
+// (k_pad,) non-finite flags), for the round-trip tests of the bf16 tiles.
+py::tuple pack_vnni(const at::Tensor& x, int64_t ldn, int64_t k_pad) {
+  const auto fn = attention_ext::cpu::active_kernels().pack_vnni;
+  TORCH_CHECK(fn != nullptr, "the active CPU build has no bf16 tile products");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "x must be a 2-D bfloat16 CPU tensor");
+  TORCH_CHECK(ldn >= x.size(1) && k_pad >= x.size(0) && k_pad % 2 == 0, "need ldn >= nn and an even k_pad >= kn");
+  auto xc = x.contiguous();
+  auto dst = at::full({k_pad / 2, ldn, 2}, 7.0, xc.options());  // 7: what the pack must overwrite
+  auto bad = at::full({k_pad}, 9, xc.options().dtype(at::kByte));
+  fn(xc.data_ptr<at::BFloat16>(), xc.size(0), xc.size(1), dst.data_ptr<at::BFloat16>(), ldn, k_pad,
+     bad.data_ptr<uint8_t>());
+  return py::make_tuple(dst, bad);
+}
+
 #ifdef AE_WITH_CUDA
 // (tensor_core, bucket, reason) for an exact-attention call on q's CUDA device.
 py::tuple cuda_attention_path(const at::Tensor& q, int64_t head_dim, int64_t value_dim, bool backward,
@@ -72,6 +88,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_tile_shapes", &cpu_tile_shapes, "((fwd BQ, BK), (bwd BQ, BK)) of the CPU kernels (for tests)");
   m.def("_cpu_decode_kernel_stats", &attention_ext::cpu::decode_kernel_stats,
         "(calls, last split in keys) of the CPU decode kernel (for tests)");
+  m.def("_pack_vnni", &pack_vnni, "The bf16 tiles' VNNI pack of the active CPU build (for tests)");
   m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
   namespace ae = attention_ext;
   py::dict limits;

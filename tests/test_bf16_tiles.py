@@ -135,3 +135,32 @@ def test_without_bf16_dot_products_avx512bf16_is_not_chosen(monkeypatch):
     assert first != "avx512bf16"
     if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512"):
         assert first == "avx512"
+
+
+@needs_bf16
+@pytest.mark.parametrize("kn,nn", [(1, 1), (5, 3), (37, 19), (64, 16)])
+def test_vnni_pack_round_trips_with_padding(bf16_path, kn, nn):
+    # odd kn pads the last pair with a zero row; ldn > nn pads every pair row with zeros
+    x = torch.randn(kn, nn).to(torch.bfloat16)
+    x[kn // 2, nn - 1] = float("nan")  # a non-finite row is flagged and packed as zeros
+    ldn, k_pad = nn + 5, kn + kn % 2 + 2
+    packed, bad = ae._C._pack_vnni(x, ldn, k_pad)
+    assert packed.shape == (k_pad // 2, ldn, 2)
+    rows = packed.permute(0, 2, 1).reshape(k_pad, ldn)  # row k = pair k // 2, lane k % 2
+    want = torch.zeros(k_pad, ldn, dtype=torch.bfloat16)
+    want[:kn, :nn] = x
+    want[kn // 2] = 0
+    assert torch.equal(rows, want)
+    flags = torch.zeros(k_pad, dtype=torch.uint8)
+    flags[kn // 2] = 1
+    assert torch.equal(bad, flags)
+
+
+def test_vnni_pack_refused_without_bf16_tiles():
+    before = ae.cpu_isa()
+    try:
+        ae.set_cpu_isa("default")
+        with pytest.raises(RuntimeError, match="no bf16 tile products"):
+            ae._C._pack_vnni(torch.zeros(2, 2, dtype=torch.bfloat16), 2, 2)
+    finally:
+        ae.set_cpu_isa(before)

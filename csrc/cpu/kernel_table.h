@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include <c10/util/BFloat16.h>
+
 #include "../common/documents.h"
 #include "../common/dropout.h"
 #include "../common/limits.h"
@@ -139,8 +141,13 @@ struct KernelTable {
   // size of their per-thread scratch), so tests can bound them.
   void (*tile_shapes)(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out);
   void (*decode_fwd)(DecodeFwdArgs&);
+  // The bf16 tiles' VNNI packing (gemm_bf16.h pack_vnni) of a contiguous bf16 (kn, nn)
+  // matrix into (k_pad / 2, ldn, 2) pairs plus its non-finite row flags, so tests can
+  // round-trip it; nullptr in builds without bf16 tile products.
+  void (*pack_vnni)(const c10::BFloat16* src, int64_t kn, int64_t nn, c10::BFloat16* dst, int64_t ldn,
+                    int64_t k_pad, uint8_t* bad);
 };
 
-constexpr int kKernelAbiVersion = 9;
+constexpr int kKernelAbiVersion = 10;
 
 }  // namespace attention_ext::cpu

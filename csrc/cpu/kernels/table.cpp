@@ -1,3 +1,4 @@
+#include "gemm_bf16.h"
 #include "kernels.h"
 #include "tile_util.h"
 #include "vec_math.h"
@@ -27,10 +28,20 @@ void tile_shapes(const MaskSpec& m, int64_t nq, int64_t nk, int64_t* out) {
   out[0] = f.bq, out[1] = f.bk, out[2] = b.bq, out[3] = b.bk;
 }
 
+#if defined(AE_BF16_TILES)
+void pack_vnni_rows(const c10::BFloat16* src, int64_t kn, int64_t nn, c10::BFloat16* dst, int64_t ldn, int64_t k_pad,
+                    uint8_t* bad) {
+  pack_vnni(src, nn, int64_t(1), kn, nn, dst, ldn, k_pad, bad);
+}
+constexpr auto kPackVnni = &pack_vnni_rows;
+#else
+constexpr decltype(KernelTable::pack_vnni) kPackVnni = nullptr;
+#endif
+
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
                                  &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
-                                 &tanh_array,       &tile_shapes,           &decode_fwd};
+                                 &tanh_array,       &tile_shapes,           &decode_fwd,    kPackVnni};
   return &table;
 }
 
