@@ -3,6 +3,10 @@
 // Python checks read them from here), the CPU kernel build switch and the CUDA path.
 #include <torch/extension.h>
 
+#include <ATen/native/CPUBlas.h>
+
+#include <chrono>
+
 #include "common/limits.h"
 #include "common/linear.h"
 #include "common/mask.h"
@@ -67,6 +71,54 @@ py::tuple pack_vnni(const at::Tensor& x, int64_t ldn, int64_t k_pad) {
   return py::make_tuple(dst, bad);
 }
 
+// Seconds per call of one bf16 tile product C (M x N) += A (M x K) * B (K x N), best of
+// `rounds` interleaved rounds of `reps` calls each: ours (the active build's gemm_bf16, B
+// in our VNNI pairs) and oneDNN's brgemm through ATen (B packed once with cpublas::pack
+// where it can), single-threaded as inside our kernels. Returns (ours, brgemm, largest
+// |difference| of their C).
+py::tuple tile_product_seconds(int64_t M, int64_t N, int64_t K, int64_t rounds, int64_t reps) {
+  const auto ours = attention_ext::cpu::active_kernels().tile_product_bf16;
+  const auto pack = attention_ext::cpu::active_kernels().pack_vnni;
+  TORCH_CHECK(ours != nullptr && pack != nullptr, "the active CPU build has no bf16 tile products");
+  TORCH_CHECK(M > 0 && N > 0 && K > 0 && N % 16 == 0 && rounds > 0 && reps > 0,
+              "need M, K > 0, N a positive multiple of 16, rounds and reps > 0");
+  const at::NoGradGuard no_grad;
+  const int64_t K2 = (K + 1) / 2 * 2;
+  auto a = at::zeros({M, K2}, at::kBFloat16);
+  a.narrow(1, 0, K).normal_();
+  auto b = at::randn({K, N}).to(at::kBFloat16);
+  auto b_ours = at::empty({K2 / 2, N, 2}, at::kBFloat16);
+  auto flags = at::empty({K2}, at::kByte);
+  pack(b.data_ptr<at::BFloat16>(), K, N, b_ours.data_ptr<at::BFloat16>(), N, K2, flags.data_ptr<uint8_t>());
+  const bool packed = at::native::cpublas::could_pack(at::kBFloat16);
+  auto b_onednn = b;
+  if (packed) {
+    b_onednn = at::empty({K2 / 2, N, 2}, at::kBFloat16);
+    at::native::cpublas::pack(K, N, N, N, at::kBFloat16, at::kBFloat16, b.data_ptr(), b_onednn.data_ptr());
+  }
+  auto c_ours = at::zeros({M, N}), c_onednn = at::zeros({M, N});
+  auto run_ours = [&] {
+    ours(M, N, K, a.data_ptr<at::BFloat16>(), b_ours.data_ptr<at::BFloat16>(), c_ours.data_ptr<float>(), false);
+  };
+  auto run_onednn = [&] {
+    at::native::cpublas::brgemm(M, N, K, K2, N, N, false, a.data_ptr<at::BFloat16>(),
+                                b_onednn.data_ptr<at::BFloat16>(), c_onednn.data_ptr<float>(), packed);
+  };
+  auto seconds = [&](auto& fn) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t r = 0; r < reps; ++r) fn();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
+  };
+  run_ours(), run_onednn();  // warm-up: oneDNN generates its kernel on the first call
+  double best_ours = 1e30, best_onednn = 1e30;
+  for (int64_t r = 0; r < rounds; ++r) {
+    best_ours = std::min(best_ours, seconds(run_ours));
+    best_onednn = std::min(best_onednn, seconds(run_onednn));
+  }
+  at::native::cpublas::brgemm_release(packed);
+  return py::make_tuple(best_ours, best_onednn, (c_ours - c_onednn).abs().max().item<double>());
+}
+
 #ifdef AE_WITH_CUDA
 // (tensor_core, bucket, reason) for an exact-attention call on q's CUDA device.
 py::tuple cuda_attention_path(const at::Tensor& q, int64_t head_dim, int64_t value_dim, bool backward,
@@ -89,6 +141,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_decode_kernel_stats", &attention_ext::cpu::decode_kernel_stats,
         "(calls, last split in keys) of the CPU decode kernel (for tests)");
   m.def("_pack_vnni", &pack_vnni, "The bf16 tiles' VNNI pack of the active CPU build (for tests)");
+  m.def("_tile_product_seconds", &tile_product_seconds,
+        "Our bf16 tile product against oneDNN's brgemm, seconds per call (for benchmarks/bench_tile_products.py)");
   m.def("_cpu_isa", &cpu_isa, "Name of the ISA build the CPU ops currently run");
   namespace ae = attention_ext;
   py::dict limits;

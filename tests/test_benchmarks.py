@@ -120,3 +120,23 @@ def test_routing_quick(capsys):
     for row in rows:
         for col in ("fwd dense/ours", "fwd window/ours", "f+b dense/ours", "f+b window/ours", "mem ours MiB"):
             assert row[col] != "–", row  # every contender ran
+
+
+def test_tile_products_quick(capsys):
+    """Our bf16 tile product and oneDNN's brgemm compute the same C at every tile shape."""
+    import attention_ext as ae
+    from benchmarks.__main__ import main
+
+    if "avx512bf16" not in ae.available_cpu_isas():
+        pytest.skip("no bf16 tile products on this CPU")
+    main(["tile_products", "--quick", "--no-write"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| product"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in out.splitlines()
+            if line.startswith("| fwd") or line.startswith("| bwd")]
+    assert len(rows) == 4, out
+    for row in rows:
+        assert float(row["ours us"]) > 0 and float(row["brgemm us"]) > 0, row
+        # the same bf16 products summed in fp32 in another order: |C| ~ sqrt(K) ~ 10
+        assert float(row["max diff"]) < 1e-3, row

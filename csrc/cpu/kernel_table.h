@@ -146,6 +146,11 @@ struct KernelTable {
   // round-trip it; nullptr in builds without bf16 tile products.
   void (*pack_vnni)(const c10::BFloat16* src, int64_t kn, int64_t nn, c10::BFloat16* dst, int64_t ldn,
                     int64_t k_pad, uint8_t* bad);
+  // One bf16 tile product C (M x N, ld N) (+)= A (M x K rows, ld K rounded to even) * B
+  // (VNNI pairs, ld 2N) on the kernels' gemm_bf16, for the tile-product benchmark against
+  // oneDNN's brgemm; nullptr without bf16 tile products.
+  void (*tile_product_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, const c10::BFloat16* b,
+                            float* c, bool accumulate);
 };
 
 constexpr int kKernelAbiVersion = 10;

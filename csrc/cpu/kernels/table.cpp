@@ -33,15 +33,22 @@ void pack_vnni_rows(const c10::BFloat16* src, int64_t kn, int64_t nn, c10::BFloa
                     uint8_t* bad) {
   pack_vnni(src, nn, int64_t(1), kn, nn, dst, ldn, k_pad, bad);
 }
+void tile_product_bf16(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, const c10::BFloat16* b, float* c,
+                       bool accumulate) {
+  gemm_bf16(M, N, K, a, round_up(K, 2), b, 2 * N, c, N, accumulate);
+}
 constexpr auto kPackVnni = &pack_vnni_rows;
+constexpr auto kTileProductBf16 = &tile_product_bf16;
 #else
 constexpr decltype(KernelTable::pack_vnni) kPackVnni = nullptr;
+constexpr decltype(KernelTable::tile_product_bf16) kTileProductBf16 = nullptr;
 #endif
 
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
                                  &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
-                                 &tanh_array,       &tile_shapes,           &decode_fwd,    kPackVnni};
+                                 &tanh_array,       &tile_shapes,           &decode_fwd,    kPackVnni,
+                                 kTileProductBf16};
   return &table;
 }
 
