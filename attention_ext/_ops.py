@@ -208,9 +208,10 @@ register_batch_vmap(f"{_lib}::linear_step", {"q", "k", "v", "S", "z"})
 
 @torch.library.register_fake(f"{_lib}::attention_decode")
 def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, scale, k=None, v=None, block_table=None,
-                           rolling=False, softcap=0.0, causal=True, window_left=-1, window_right=-1, key_mask=None):
+                           rolling=False, softcap=0.0, causal=True, window_left=-1, window_right=-1, key_mask=None,
+                           alibi_slopes=None, sinks=None):
     _one_device("attention_decode", q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
-                block_table=block_table, key_mask=key_mask)
+                block_table=block_table, key_mask=key_mask, alibi_slopes=alibi_slopes, sinks=sinks)
     torch._check(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, lambda: "q and the caches must be 4-D")
     B, Hq, Nq, _ = q.shape
     return q.new_empty((B, Hq, Nq, v_cache.shape[-1])), q.new_empty((B, Hq, Nq), dtype=_acc_dtype(q.dtype))

@@ -27,7 +27,8 @@ def _cache_shape(k_cache, v_cache, fn):
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, block_table=None, rolling=False,
-                           window=None, causal=True, softcap=None, scale=None, key_mask=None, return_lse=False):
+                           window=None, causal=True, softcap=None, scale=None, key_mask=None, alibi_slopes=None,
+                           sinks=None, return_lse=False):
     """Attention of new queries over a KV cache, appending their keys and values first.
 
     Forward only: there is no backward (a gradient through it raises).
@@ -60,6 +61,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
         key_mask: bool ``(B, M)``: False marks logical positions ``t < M`` no query may
             attend (the left padding of a batched prompt); positions ``>= M`` are always
             attendable, so a rolling cache can generate past M.
+        alibi_slopes, sinks: as in :func:`attention_ext.flash_attention` (FlashAttention's
+            ``alibi_slopes`` in ``flash_attn_with_kvcache``): each scaled score of query i of
+            row b, at position ``L_b - Nq + i``, and the key at logical position j gains
+            ``-slope * |p - j|`` after the softcap; ``sinks`` ``(Hq,)`` add ``exp(sinks[h])``
+            to every row's softmax denominator (and lse). No gradient (forward only).
         return_lse: also return the logsumexp ``(B, Hq, Nq)``.
 
     Returns:
@@ -93,10 +99,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None
         if key_mask.dtype != torch.bool:
             raise TypeError(f"{fn}: key_mask must be a bool tensor, got dtype {key_mask.dtype}")
     _checks.boolean(return_lse, "return_lse", fn)
+    B, Hq = q.shape[:2]
     out, lse = torch.ops.attention_ext.attention_decode(
         q, k_cache, v_cache, cache_seqlens, _checks.scale(scale, q.shape[-1], fn), k, v, block_table, rolling,
-        _checks.softcap(softcap, fn), causal, left, right, key_mask)
-    inputs = [t for t in (q, k, v, k_cache, v_cache) if t is not None and t.requires_grad]
+        _checks.softcap(softcap, fn), causal, left, right, key_mask, _checks.alibi_slopes(alibi_slopes, B, Hq, q, fn),
+        _checks.sinks(sinks, Hq, q, fn))
+    inputs = [t for t in (q, k, v, k_cache, v_cache, sinks) if t is not None and t.requires_grad]
     if inputs and torch.is_grad_enabled():
         out, lse = _ops.DecodeForwardOnly.apply(out, lse, *inputs)
     return (out, lse) if return_lse else out

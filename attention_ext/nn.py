@@ -134,8 +134,8 @@ class Attention(nn.Module):
         bias: biases in the q/k/v/out projections.
         rope: rotary position embedding on q and k (``rope_base``), default True.
         position: how positions enter: ``"rope"`` (default, when ``rope``), ``"alibi"``
-            (ALiBi biases with :func:`attention_ext.alibi_slopes`, no RoPE; softmax layers
-            without a KVCache) or ``"none"``.
+            (ALiBi biases with :func:`attention_ext.alibi_slopes`, no RoPE; softmax layers,
+            decoding through a KVCache too) or ``"none"``.
         backend: ``"attention_ext"`` or ``"sdpa"`` (PyTorch built-ins, for comparisons).
         dropout: attention dropout on the probabilities in training (as
             ``nn.MultiheadAttention``'s ``dropout``; the kernels' ``dropout_p``), never in eval
@@ -232,9 +232,6 @@ class Attention(nn.Module):
         elif self.kind == "linear":
             out = self._linear(q, k, v, cache.extra[self.layer_idx] if kv else cache)
         elif kv:
-            if self.alibi is not None:
-                raise NotImplementedError("position='alibi' with a KVCache is not supported yet; use the dict "
-                                          "cache (backend='sdpa') or no cache")
             out = self._cached(q, k, v, cache)
         else:
             if cache is not None:
@@ -289,7 +286,7 @@ class Attention(nn.Module):
         if cache.windows[self.layer_idx] != window:
             raise ValueError(f"layer {self.layer_idx}: the KVCache has window {cache.windows[self.layer_idx]}, "
                              f"the layer {window}")
-        return attention_with_kvcache(q, **cache.update(self.layer_idx, k, v), causal=True)
+        return attention_with_kvcache(q, **cache.update(self.layer_idx, k, v), causal=True, alibi_slopes=self.alibi)
 
     def _linear(self, q, k, v, cache):
         state = None if cache is None else cache.get("state")

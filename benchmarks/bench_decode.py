@@ -2,15 +2,15 @@
 
 One step appends Nq new tokens per row to a cache of `context` tokens and attends over it:
 Nq = 1 (a decoding step) and Nq = 128 (a prefill chunk). B in {1, 8}, context in {4096, 32768},
-Hq=32, Hkv=8, D=128, bf16 and fp32. Ours: a contiguous cache, paged with pages of 16 and 256
-(a shuffled page table), and a rolling cache of window 4096 (its ring holds 4096 + Nq slots,
-so it reads at most the window). Peers, interleaved in the same rounds: SDPA over the
-concatenated cache (DynamicCache: `torch.cat` of the past and the new keys every step) and
-SDPA over StaticCache's whole buffer (`index_copy_` of the new keys, a mask of the written
-slots). Reported: time per step, tokens per second, and the K/V bytes our contiguous step
-reads per second next to the machine's memory bandwidth measured in the same run (a large
-tensor copy: bytes read + written per second). Then end to end: a tiny transformers Mistral
-generating 256 tokens greedily on attention_ext and on sdpa.
+Hq=32, Hkv=8, D=128, bf16 and fp32. Ours: a contiguous cache (also with ALiBi, for its
+cost), paged with pages of 16 and 256 (a shuffled page table), and a rolling cache of window
+4096 (its ring holds 4096 + Nq slots, so it reads at most the window). Peers, interleaved in
+the same rounds: SDPA over the concatenated cache (DynamicCache: `torch.cat` of the past and
+the new keys every step) and SDPA over StaticCache's whole buffer (`index_copy_` of the new
+keys, a mask of the written slots). Reported: time per step, tokens per second, and the K/V
+bytes our contiguous step reads per second next to the machine's memory bandwidth measured in
+the same run (a large tensor copy: bytes read + written per second). Then end to end: a tiny
+transformers Mistral generating 256 tokens greedily on attention_ext and on sdpa.
 """
 
 import argparse
@@ -26,7 +26,7 @@ from . import _util as U
 HQ, HKV, D = 32, 8, 128
 GEN_ROOM = 512  # StaticCache's buffer (and our contiguous cache) hold `context` + this many slots
 WINDOW = 4096
-CONTENDERS = ("ours", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static")
+CONTENDERS = ("ours", "alibi", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static")
 # per mode: cache lengths, batches, Nq (a decoding step, a prefill chunk), rounds, end-to-end tokens
 SIZES = {"quick": dict(contexts=[512], batches=[1], chunks=(1, 16), rounds=1, new_tokens=16, e2e_rounds=1),
          "default": dict(contexts=[4096], batches=[1], chunks=(1, 128), rounds=3, new_tokens=64, e2e_rounds=1),
@@ -81,9 +81,10 @@ def run_case(dtype, B, context, nq, rounds, device, gen):
     static_mask[..., :context + nq] = bottom_right_causal(nq, context + nq, device)
     concat_mask = None if nq == 1 else bottom_right_causal(nq, context + nq, device)
 
-    def ours(kcache, vcache, table=None, rolling=False):
+    def ours(kcache, vcache, table=None, rolling=False, alibi=None):
         return lambda: ae.attention_with_kvcache(q, kcache, vcache, seqlens, k=k, v=v, block_table=table,
-                                                 rolling=rolling, window=WINDOW if rolling else None)
+                                                 rolling=rolling, window=WINDOW if rolling else None,
+                                                 alibi_slopes=alibi)
 
     def sdpa_concat():
         K, V = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
@@ -94,7 +95,7 @@ def run_case(dtype, B, context, nq, rounds, device, gen):
         vc.index_copy_(2, slots, v)
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=static_mask, enable_gqa=True)
 
-    fns = {"ours": ours(kc, vc)}
+    fns = {"ours": ours(kc, vc), "alibi": ours(kc, vc, alibi=ae.alibi_slopes(HQ).to(device))}
     fns.update({f"paged{size}": ours(paged(kc, t), paged(vc, t), t) for size, t in tables.items()})
     fns.update(rolling=ours(kr, vr, rolling=True), sdpa_concat=sdpa_concat, sdpa_static=sdpa_static)
     outs = {}
@@ -192,6 +193,7 @@ def main(args, rest):
         row.update({f"{n} ms": (times[n] * 1e3 if times.get(n) else None) for n in times})
         row["concat/ours"] = U.ratio(times, "sdpa_concat")
         row["static/ours"] = U.ratio(times, "sdpa_static")
+        row["alibi/ours"] = U.ratio(times, "alibi")
         row["ours tok/s"] = B * nq / t if t else None
         row["ours K/V GB/s"] = read / t / 1e9 if t else None
         row["% of copy"] = 100 * read / t / 1e9 / bw if t else None
@@ -202,7 +204,7 @@ def main(args, rest):
         U.print_row(row, errors)
     e2e = end_to_end(device, size["new_tokens"], rounds=size["e2e_rounds"])
     cols = ["dtype", "B", "context", "Nq", "ours ms", "paged16 ms", "paged256 ms", "rolling ms", "sdpa_concat ms",
-            "sdpa_static ms", "concat/ours", "static/ours", "ours tok/s", "ours K/V GB/s", "% of copy",
+            "sdpa_static ms", "concat/ours", "static/ours", "alibi/ours", "ours tok/s", "ours K/V GB/s", "% of copy",
             "max diff vs ours"]
     if any("notes" in r for r in rows):
         cols.append("notes")
@@ -215,7 +217,8 @@ def main(args, rest):
              "`sdpa_concat`: DynamicCache's way, `torch.cat` of past and new keys, then SDPA (a bottom-right causal "
              "mask for Nq > 1); `sdpa_static`: StaticCache's way, `index_copy_` into the buffer, then SDPA over the "
              "whole buffer with a mask of the written slots (mask built once, not per step). Ratios: peer time / "
-             "our contiguous time (> 1: ours faster). K/V GB/s: the bytes of the keys and values a contiguous step "
+             "our contiguous time (> 1: ours faster); `alibi/ours`: the cost of ALiBi, the contiguous step with "
+             "`alibi_slopes` (the paper's slopes) over the plain one (target <= 1.10). K/V GB/s: the bytes of the keys and values a contiguous step "
              f"must read, per second; the machine's copy bandwidth measured in this run: {bw:.1f} GB/s (read + "
              "written). `max diff vs ours`: the largest difference of the paged, SDPA (and, where the window "
              "covers the context, rolling) outputs from ours. Best of rounds, interleaved. "

@@ -25,6 +25,7 @@ def test_decode_quick(capsys):
     for row in rows:
         for name in ("ours", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static"):
             assert row[f"{name} ms"] != "–", row  # every contender ran
+        assert row["alibi/ours"] != "–", row  # and the ALiBi step
         # every contender's output as ours: fp32 to accumulation-order rounding, bf16 to its 8-bit mantissa
         assert float(row["max diff vs ours"]) <= (1e-4 if row["dtype"] == "float32" else 5e-2), row
     e2e_header = next(line for line in lines if line.startswith("| cache"))

@@ -374,3 +374,133 @@ def test_kernel_head_dim_tails_and_row_blocks(dtype, group, D):
         for window in (None, 200):
             (out, lse), _ = run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v, window=window, return_lse=True)
             check_rows(out, lse, *reference_rows(q, hk, hv, window=window))
+
+
+# ---- ALiBi and sinks (score_mods.h) --------------------------------------------------
+
+def bias_rows(alibi, nq, lengths):
+    """Per row b: R.alibi_bias (1, Hq, nq, L_b) of its slopes: query i at its aligned
+    position L_b - nq + i, key j at its logical position."""
+    return [R.alibi_bias(alibi[b] if alibi.dim() == 2 else alibi, nq, L) for b, L in enumerate(lengths)]
+
+
+def paged_copy(kc, vc, page_size, seed=1):
+    """The contiguous caches as pools of shuffled pages, and their block table."""
+    B, Hkv, ncache, _ = kc.shape
+    pages = -(-ncache // page_size)
+    table = torch.randperm(B * pages, generator=torch.Generator().manual_seed(seed)).view(B, pages).to(torch.int32)
+    pools = []
+    for c in (kc, vc):
+        pool = torch.zeros(B * pages, Hkv, page_size, c.shape[3], dtype=c.dtype, device=c.device)
+        for b in range(B):
+            for p in range(pages):
+                n = min(page_size, ncache - p * page_size)
+                pool[table[b, p], :, :n] = c[b, :, p * page_size:p * page_size + n]
+        pools.append(pool)
+    return pools[0], pools[1], table.to(kc.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("nq", [1, 7, 40])
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "rolling"])
+def test_alibi_and_sinks_match_reference(device, dtype, nq, layout):
+    # ragged lengths, GQA (8 query heads over 2); Nq 40 x 4 rows per kv head takes the
+    # per-row path on CPU, 1 and 7 the decode kernel
+    lens, B, Hq, Hkv, D, ncache = [0, 37, 150, 3], 4, 8, 2, 32, 300
+    q, kc, vc, k, v, cs = make(B, Hq, Hkv, nq, ncache, D, dtype, device, lens)
+    g = torch.Generator().manual_seed(11)
+    sinks = torch.randn(Hq, generator=g).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(B)]
+    hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(B)]
+    window = 60 if layout == "rolling" else None
+    for alibi in (ae.alibi_slopes(Hq).to(device), torch.rand(B, Hq, generator=g).to(device) * 0.3):
+        kw = dict(k=k, v=v, window=window, alibi_slopes=alibi, sinks=sinks, return_lse=True)
+        if layout == "contiguous":
+            out, lse = ae.attention_with_kvcache(q, kc.clone(), vc.clone(), cs, **kw)
+        elif layout == "paged":
+            pk, pv, table = paged_copy(kc, vc, 16)
+            out, lse = ae.attention_with_kvcache(q, pk, pv, cs, block_table=table, **kw)
+        else:  # a ring of window + nq slots holding each row's last tokens
+            slots = window + nq
+            ring_k = torch.zeros(B, Hkv, slots, D, dtype=dtype, device=device)
+            ring_v = torch.zeros_like(ring_k)
+            for b in range(B):
+                pos = torch.arange(max(0, lens[b] - slots), lens[b])
+                ring_k[b, :, pos % slots], ring_v[b, :, pos % slots] = kc[b, :, pos], vc[b, :, pos]
+            out, lse = ae.attention_with_kvcache(q, ring_k, ring_v, cs, rolling=True, **kw)
+        biases = bias_rows(alibi, nq, [L + nq for L in lens])
+        refs, lowps = [], []
+        for b in range(B):
+            m = R.window_mask(nq, lens[b] + nq, window, 0, causal=True) if window else R.causal_mask(nq, lens[b] + nq)
+            args = (q[b:b + 1], hk[b].unsqueeze(0), hv[b].unsqueeze(0), m)
+            refs.append(R.attention(*args, bias=biases[b], sinks=sinks))
+            lowps.append(R.attention_lowp(*args, bias=biases[b], sinks=sinks)
+                         if dtype in LOWP else None)
+        check_rows(out, lse, refs, lowps)
+
+
+def test_kernel_alibi_sinks_window_key_mask_softcap():
+    # the decode kernel with every term at once, splits and chunk edges included
+    lens, nq = [2999, 60, 0], 2
+    q, kc, vc, k, v, cs = make(3, 8, 2, nq, 3100, 40, torch.float32, "cpu", lens)
+    km = torch.ones(3, 400, dtype=torch.bool)
+    km[1, :20] = False
+    km[0, 100:400:3] = False
+    alibi = torch.rand(3, 8, generator=torch.Generator().manual_seed(2)) * 0.05
+    sinks = torch.linspace(-2, 3, 8)
+    hk = [torch.cat((kc[b, :, :lens[b]], k[b]), 1) for b in range(3)]
+    hv = [torch.cat((vc[b, :, :lens[b]], v[b]), 1) for b in range(3)]
+    for window in (None, 700):
+        (out, lse), _ = run_counted(q, kc.clone(), vc.clone(), cs, k=k, v=v, window=window, key_mask=km,
+                                    softcap=4.0, alibi_slopes=alibi, sinks=sinks, return_lse=True)
+        biases = bias_rows(alibi, nq, [L + nq for L in lens])
+        refs = []
+        for b in range(3):
+            L = lens[b] + nq
+            m = R.window_mask(nq, L, window, 0, causal=True) if window else R.causal_mask(nq, L)
+            ok = torch.ones(L, dtype=torch.bool)
+            ok[:min(400, L)] = km[b, :min(400, L)]
+            refs.append(R.attention(q[b:b + 1], hk[b].unsqueeze(0), hv[b].unsqueeze(0), m & ok, softcap=4.0,
+                                    bias=biases[b], sinks=sinks))
+        check_rows(out, lse, refs, [None] * 3)
+
+
+def test_sinks_row_without_keys():
+    # a row that may attend nothing: zeros, lse = its head's sink (kernel and per-row path)
+    sinks = torch.linspace(-1, 1, 4)
+    for nq in (1, 40):
+        q, kc, vc, k, v, cs = make(2, 4, 2, nq, 300, 16, torch.float32, "cpu", [250, 10])
+        km = torch.ones(2, 300, dtype=torch.bool)
+        km[1] = False
+        out, lse = ae.attention_with_kvcache(q, kc, vc, cs, k=k, v=v, key_mask=km, sinks=sinks, return_lse=True)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        torch.testing.assert_close(lse[1], sinks.view(-1, 1).expand(4, nq))
+
+
+@pytest.mark.parametrize("over, exc, fragment", [
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(Hq=4,\)"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.int32)), TypeError, "alibi_slopes must be float32"),
+    (dict(alibi_slopes=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError, "alibi_slopes must hold finite"),
+    (dict(sinks=torch.ones(2, 4)), ValueError, r"sinks must have shape \(Hq=4,\)"),
+    (dict(sinks=torch.ones(4, dtype=torch.int64)), TypeError, "sinks must be a floating-point"),
+    (dict(sinks=torch.tensor([0.0, float("inf"), 0.0, 0.0])), ValueError, "sinks must hold finite"),
+])
+def test_bad_alibi_and_sinks(over, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        ae.attention_with_kvcache(**_args(**over))
+
+
+def test_bad_alibi_and_sinks_raw_op():
+    a = _args()
+    for kw, fragment in ((dict(alibi_slopes=torch.ones(2, 3)), "alibi_slopes has shape"),
+                         (dict(sinks=torch.ones(4, dtype=torch.float64)), "sinks must be Float")):
+        with pytest.raises((ValueError, TypeError), match=fragment):
+            torch.ops.attention_ext.attention_decode(a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], 0.3,
+                                                     a["k"], a["v"], **kw)
+
+
+def test_opcheck_alibi_and_sinks(device):
+    q, kc, vc, k, v, cs = make(2, 4, 2, 1, 32, 16, torch.float32, device, [3, 10])
+    torch.library.opcheck(torch.ops.attention_ext.attention_decode.default, (q, kc.clone(), vc.clone(), cs, 0.25),
+                          dict(k=k, v=v, alibi_slopes=torch.rand(2, 4, device=device),
+                               sinks=torch.randn(4, device=device)))

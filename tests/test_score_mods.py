@@ -277,3 +277,25 @@ def test_vmap_and_func_grad():
         f(qi, k[0], v[0], si).square().sum().backward()
         torch.testing.assert_close(grads[0][i], qi.grad)
         torch.testing.assert_close(grads[1][i], si.grad)
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_nn_attention_alibi_decodes_through_a_kvcache(kind, page_size):
+    # a prompt chunk, then one token at a time, equals the full forward; every single-token
+    # step runs the CPU decode kernel (no per-row fallback, no concatenation)
+    torch.manual_seed(0)
+    layer = ae.nn.Attention(64, 4, num_kv_heads=2, kind=kind, window=9, position="alibi").eval()
+    x = torch.randn(2, 30, 64)
+    window = (layer.left, 0) if kind == "local" else None
+    cache = ae.KVCache(2, 2, 16, 30, windows=[window], chunk=8, page_size=page_size)
+    with torch.no_grad():
+        full = layer(x)
+        parts = [layer(x[:, :8], cache)]
+        cache.advance(8)
+        calls = ae._C._cpu_decode_kernel_stats()[0]
+        for t in range(8, 30):
+            parts.append(layer(x[:, t:t + 1], cache))
+            cache.advance(1)
+        assert ae._C._cpu_decode_kernel_stats()[0] == calls + 22
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=2e-5)

@@ -146,21 +146,27 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
                       ": neighborhood attention needs the same documents for queries and keys "
                       "(cu_seqlens_q == cu_seqlens_k)");
   }
-  in.mods.hq = s.Hq;
-  if (a.alibi_slopes.has_value()) {
-    in.alibi = check_score_tensor(op, "alibi_slopes", *a.alibi_slopes, q, {{s.Hq}, {s.B, s.Hq}}, "(Hq,) or (B, Hq)")
-                   .expand({s.B, s.Hq})
-                   .contiguous();
-    in.mods.alibi = in.alibi.data_ptr();
-  }
-  if (a.sinks.has_value()) {
-    in.sinks = check_score_tensor(op, "sinks", *a.sinks, q, {{s.Hq}}, "(Hq,)");
-    in.mods.sinks = in.sinks.data_ptr();
-  }
+  check_score_mods(op, a.alibi_slopes, a.sinks, q, s.B, s.Hq, &in.mods, &in.alibi, &in.sinks);
   return in;
 }
 
 }  // namespace
+
+void check_score_mods(const char* op, const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks, const at::Tensor& q, int64_t B, int64_t Hq,
+                      ScoreMods* mods, at::Tensor* alibi, at::Tensor* sinks_kept) {
+  mods->hq = Hq;
+  if (alibi_slopes.has_value()) {
+    *alibi = check_score_tensor(op, "alibi_slopes", *alibi_slopes, q, {{Hq}, {B, Hq}}, "(Hq,) or (B, Hq)")
+                 .expand({B, Hq})
+                 .contiguous();
+    mods->alibi = alibi->data_ptr();
+  }
+  if (sinks.has_value()) {
+    *sinks_kept = check_score_tensor(op, "sinks", *sinks, q, {{Hq}}, "(Hq,)");
+    mods->sinks = sinks_kept->data_ptr();
+  }
+}
 
 Documents AttentionInputs::documents() const {
   Documents d;

@@ -101,6 +101,13 @@ AttentionInputs check_attention_bwd_inputs(const at::Tensor& grad_out, const std
                                            const at::Tensor& out, const at::Tensor& lse,
                                            const AttentionSpecArgs& spec);
 
+// alibi_slopes ((Hq,) or (B, Hq)) and sinks ((Hq,)) of a call of B rows and Hq query heads:
+// the lse dtype, q's device, finite values. *alibi becomes (B, Hq) contiguous, *sinks_kept
+// (Hq,); *mods points at them (null = off). attention_decode takes them too.
+void check_score_mods(const char* op, const std::optional<at::Tensor>& alibi_slopes,
+                      const std::optional<at::Tensor>& sinks, const at::Tensor& q, int64_t B, int64_t Hq,
+                      ScoreMods* mods, at::Tensor* alibi, at::Tensor* sinks_kept);
+
 // Largest head dim the exact-attention ops take on q's device (limits.h).
 int64_t attention_max_head_dim(const at::Device& device);
 

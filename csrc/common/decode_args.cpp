@@ -126,6 +126,7 @@ DecodeInputs check_attention_decode_inputs(AE_DECODE_PARAMS) {
                       ": key_mask must have shape (batch=", in.B, ", M), got ", key_mask->sizes());
     in.key_mask = *key_mask;
   }
+  check_score_mods(op, alibi_slopes, sinks, q, in.B, in.Hq, &in.mods, &in.alibi, &in.sinks);
   return in;
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mask.h"
+#include "score_mods.h"
 #include "tensor_checks.h"
 
 namespace attention_ext {
@@ -24,17 +25,19 @@ namespace attention_ext {
 #define AE_DECODE_SCHEMA                                                                                      \
   "attention_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, float scale, "   \
   "Tensor? k=None, Tensor? v=None, Tensor? block_table=None, bool rolling=False, float softcap=0.0, "         \
-  "bool causal=True, int window_left=-1, int window_right=-1, Tensor? key_mask=None) -> (Tensor out, Tensor lse)"
+  "bool causal=True, int window_left=-1, int window_right=-1, Tensor? key_mask=None, Tensor? alibi_slopes=None, " \
+  "Tensor? sinks=None) -> (Tensor out, Tensor lse)"
 
 #define AE_DECODE_PARAMS                                                                                     \
   const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens, double scale, \
       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,                                  \
       const std::optional<at::Tensor>& block_table, bool rolling, double softcap, bool causal,                 \
-      int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& key_mask
+      int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& key_mask,                 \
+      const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks
 
 #define AE_DECODE_ARGS                                                                                     \
   q, k_cache, v_cache, cache_seqlens, scale, k, v, block_table, rolling, softcap, causal, window_left, \
-      window_right, key_mask
+      window_right, key_mask, alibi_slopes, sinks
 
 struct DecodeInputs {
   int64_t B, Hq, Hkv, Nq, D, Dv;
@@ -48,6 +51,10 @@ struct DecodeInputs {
   std::vector<int64_t> lengths;  // per row, after the append
   at::Tensor block_table;        // host int32 (B, max_pages), or undefined
   at::Tensor key_mask;           // bool (B, M) on q's device, or undefined
+  // ALiBi and sinks as in flash_attention (score_mods.h), query i of row b at its aligned
+  // position lengths[b] - Nq + i, key t at its logical position
+  ScoreMods mods;
+  at::Tensor alibi, sinks;  // (B, Hq) / (Hq,) in the lse dtype, or undefined
 };
 
 DecodeInputs check_attention_decode_inputs(AE_DECODE_PARAMS);

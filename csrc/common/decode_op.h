@@ -21,7 +21,7 @@
 namespace attention_ext {
 
 // Row b's call: a batch of one, keys [lo, lengths[b]) in local positions (the mask is
-// relative, so only the offset moves), and the key mask of those positions.
+// relative, so only the offset moves), the key mask of those positions, row b's slopes.
 inline AttentionInputs decode_row_inputs(const DecodeInputs& in, int64_t b, int64_t lo, const at::Tensor& q) {
   const int64_t n = in.lengths[b] - lo;
   AttentionInputs sub;
@@ -39,6 +39,12 @@ inline AttentionInputs decode_row_inputs(const DecodeInputs& in, int64_t b, int6
     sub.key_prefix = at::zeros({1, n + 1}, q.options().dtype(at::kInt));
     sub.key_prefix.narrow(1, 1, n).copy_(ok.to(at::kInt).cumsum(1));
     sub.mask.key_prefix = sub.key_prefix.data_ptr<int32_t>();
+  }
+  // local positions keep |p - t|: both move by lo
+  sub.mods = in.mods, sub.sinks = in.sinks;
+  if (in.alibi.defined()) {
+    sub.alibi = in.alibi.narrow(0, b, 1);
+    sub.mods.alibi = sub.alibi.data_ptr();
   }
   return sub;
 }

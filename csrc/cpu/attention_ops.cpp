@@ -76,6 +76,7 @@ struct CpuBackend {
     a.key_mask_len = key_mask.defined() ? key_mask.size(1) : 0;
     a.mask = in.mask;
     a.scale = in.scale, a.softcap = in.softcap;
+    a.mods = in.mods;
     a.out = out.data_ptr(), a.lse = lse.data_ptr();
     active_kernels().decode_fwd(a);
     decode_calls.fetch_add(1);

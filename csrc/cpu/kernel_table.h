@@ -120,6 +120,7 @@ struct DecodeFwdArgs {
   MaskSpec mask;               // kind (dense / window), causal, left, right; nq, nk, offset set per row
   double scale;
   double softcap;              // 0 = off
+  ScoreMods mods;              // ALiBi slopes (B, Hq), sinks (score_mods.h); positions as the mask's
   void* out;                   // contiguous (B, Hq, Nq, Dv), dtype
   void* lse;                   // contiguous (B, Hq, Nq), float32 (float64 for float64 inputs)
   int64_t split;               // out: the keys per split the kernel used (tests aim at its edges)

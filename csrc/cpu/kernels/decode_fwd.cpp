@@ -35,11 +35,12 @@ constexpr int64_t kAhead = 16;              // keys between a key row's prefetch
 constexpr int64_t kSplitBytes = 256 << 10;  // K + V of one split: well inside L2
 constexpr int64_t kMinTasks = 8;            // splits enough for this many tasks at any B * Hkv
 
-// The terms a score gets after q . k (base-2 units, scale folded into q): the softcap.
-// A per-head alibi_slopes term would add slope * (key - query position) here.
+// The terms a score gets after q . k (base-2 units, scale folded in), in flash_attention's
+// order: the softcap, then ALiBi (slope2 0 = off) of query position p against keys j0...
 template <typename acc_t>
-inline void score_terms(acc_t* s, int64_t n, acc_t cap2) {
+inline void score_terms(acc_t* s, int64_t n, acc_t cap2, acc_t slope2, int64_t p, int64_t j0) {
   if (cap2 > acc_t(0)) softcap_row(s, n, cap2);
+  if (slope2 != acc_t(0)) alibi_row(s, n, slope2, p, j0);
 }
 
 // Key mask: logical positions at or past its width are attendable (decode_args.h).
@@ -99,7 +100,7 @@ void decode_impl(DecodeFwdArgs& a) {
 
     thread_local std::unique_ptr<Buffer<uint8_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    const int64_t need = R * Dp * sizeof(q_t) + R * kChunk * sizeof(acc_t) +
+    const int64_t need = R * Dp * sizeof(q_t) + (R * kChunk + G) * sizeof(acc_t) +
                          (2 * kChunk + kAhead) * sizeof(void*) + 2 * a.Nq * sizeof(int64_t) + kChunk + 64;
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<uint8_t>>(need);
@@ -111,7 +112,8 @@ void decode_impl(DecodeFwdArgs& a) {
     const scalar_t** vp = kp + kChunk + kAhead;
     auto* iv0 = reinterpret_cast<int64_t*>(vp + kChunk);  // query i sees keys [iv0[i], iv1[i])
     int64_t* iv1 = iv0 + a.Nq;
-    auto* ok = reinterpret_cast<uint8_t*>(iv1 + a.Nq);  // key mask of the chunk
+    auto* slope2 = reinterpret_cast<acc_t*>(iv1 + a.Nq);  // (G,) ALiBi slopes of the group's heads
+    auto* ok = reinterpret_cast<uint8_t*>(slope2 + G);    // key mask of the chunk
 
     MaskSpec m = a.mask;
     m.nq = a.Nq, m.nk = L, m.offset = L - a.Nq;
@@ -121,6 +123,7 @@ void decode_impl(DecodeFwdArgs& a) {
       iv0[i] = std::max(j0, k0), iv1[i] = std::min(j1, k1);
     }
     for (int64_t g = 0; g < G; ++g) {
+      slope2[g] = alibi_slope<acc_t>(a.mods, b, hk * G + g) * acc_t(kLog2e);  // base 2, 0 = off
       const scalar_t* src = q + b * a.q.stride[0] + (hk * G + g) * a.q.stride[1];
       for (int64_t i = 0; i < a.Nq; ++i) {
         q_t* dst = qs + (g * a.Nq + i) * Dp;
@@ -168,7 +171,7 @@ void decode_impl(DecodeFwdArgs& a) {
       for (int64_t r = 0; r < R; ++r) {
         acc_t* row = s + r * kChunk;
         const int64_t i = r % a.Nq;
-        score_terms(row, n, cap2);
+        score_terms(row, n, cap2, slope2[r / a.Nq], L - a.Nq + i, c0);
         if (!full)
           for (int64_t t = 0; t < n; ++t)
             if ((a.key_mask && !ok[t]) || c0 + t < iv0[i] || c0 + t >= iv1[i]) row[t] = kNegInf<acc_t>;
@@ -201,9 +204,11 @@ void decode_impl(DecodeFwdArgs& a) {
           l += P[R * Dvp + R + r] * w;
           for (int64_t c = 0; c < Dv; ++c) acc[c] += P[r * Dvp + c] * w;
         }
-      // l == 0: the row saw no key (zeros, lse -inf). A NaN l (NaN input) stays NaN.
+      // l == 0: the row saw no key (zeros; lse -inf, or the sink). A NaN l (NaN input)
+      // stays NaN.
+      const acc_t alpha = a.mods.sinks ? fold_sink(sink_logit<acc_t>(a.mods, h) * acc_t(kLog2e), mx, l) : acc_t(1);
       const bool none = l == acc_t(0);
-      const acc_t inv = none ? acc_t(0) : acc_t(1) / l;
+      const acc_t inv = none ? acc_t(0) : alpha / l;
       scalar_t* dst = out + ((b * a.Hq + h) * a.Nq + i) * Dv;
       for (int64_t c = 0; c < Dv; ++c) dst[c] = from_acc<scalar_t>(acc[c] * inv);
       lse[(b * a.Hq + h) * a.Nq + i] = none ? kNegInf<acc_t> : lse_from_log2(mx, l);
