@@ -93,8 +93,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
             keep decision of (batch, head, query, key) is Philox4x32-10 of those indices
             under a seed drawn from ``generator``; the backward regenerates it, nothing
             ``Nq x Nk`` is stored, and the same generator state gives bitwise the same
-            result on any thread count. ``lse`` is that of the probabilities before
-            dropout. CPU only for now (CUDA raises NotImplementedError).
+            result on any thread count; CPU and CUDA keep the same elements. ``lse`` is
+            that of the probabilities before dropout.
         generator: the ``torch.Generator`` the seed is drawn from (default: the default
             generator of q's device).
         return_lse: also return the logsumexp ``(B, Hq, Nq)`` of the (capped, biased)

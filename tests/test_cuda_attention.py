@@ -30,10 +30,11 @@ ALL = (torch.bfloat16, torch.float16, torch.float32)
 
 class Spec:
     """The fields of an AttentionSpec (all but scale) plus the explicit (B or 1, H or 1,
-    Nq, Nk) bool mask of the float64 reference."""
+    Nq, Nk) bool mask of the float64 reference and, with dropout, its (B, H, Nq, Nk)
+    multiplier (reference.dropout_multiplier)."""
 
-    def __init__(self, mask=None, **fields):
-        self.fields, self.mask = fields, mask
+    def __init__(self, mask=None, dropout=None, **fields):
+        self.fields, self.mask, self.dropout = fields, mask, dropout
 
     def at(self, scale):
         """The AttentionSpec with this scale, its tensors on DEV."""
@@ -84,7 +85,7 @@ def make(B, Hq, Hkv, Nq, Nk, D, Dv=None):
 def reference(q, k, v, spec, scale, g, glse=None):
     """float64 out, lse and gradients of sum(out * g) (+ sum(lse * glse))."""
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = R.attention(q, k, v, spec.mask, scale=scale)
+    out, lse = R.attention(q, k, v, spec.mask, scale=scale, dropout=spec.dropout)
     outs, grads = [out], [g]
     if glse is not None:
         fin = torch.isfinite(lse)
@@ -97,7 +98,8 @@ def reference(q, k, v, spec, scale, g, glse=None):
 def lowp_grads(q, k, v, spec, scale, g):
     """PyTorch's own same-dtype math (on the GPU): the yardstick of the bf16/fp16 rule."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = R.attention_lowp(q, k, v, None if spec.mask is None else spec.mask.to(DEV), scale=scale)
+    out = R.attention_lowp(q, k, v, None if spec.mask is None else spec.mask.to(DEV), scale=scale,
+                           dropout=None if spec.dropout is None else spec.dropout.to(DEV))
     return (out,) + torch.autograd.grad(out, (q, k, v), g)
 
 
@@ -386,3 +388,92 @@ def test_other_stream():
         out = spec.at(0.1).forward(q, k, v)
     torch.cuda.current_stream().wait_stream(s)
     assert torch.equal(out[0], ref[0])
+
+
+# ---- dropout ---------------------------------------------------------------------------
+# The kernels regenerate common/dropout.h's keep decisions (csrc/cuda/dropout.cuh): the
+# same elements as the CPU's, bitwise, in the forward and in both backward kernels.
+
+SEED = torch.tensor([0x0123456789ABCDEF, 77], dtype=torch.int64)
+
+
+def with_dropout(spec, p, B, Hq, Nq, Nk, seed=SEED):
+    return Spec(mask=spec.mask, dropout=R.dropout_multiplier(seed, p, B, Hq, Nq, Nk), dropout_p=p, dropout_seed=seed,
+                **spec.fields)
+
+
+# (head dim, spec, Nq, Nk): every tensor-core bucket, odd sizes, Nq != Nk, windows and
+# global tokens (Partial tiles), a head dim past the tensor-core limit (SIMT in bf16)
+DROPOUT_CASES = [
+    (64, dense(300, 300, True), 300, 300),
+    (128, dense(257, 300, False), 257, 300),
+    (256, dense(130, 150, True), 130, 150),
+    (64, window(400, 400, 40, 0, causal=True), 400, 400),
+    (32, window(300, 300, 8, 8, num_global=3), 300, 300),
+    (320, dense(40, 70, True), 40, 70),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=["d64", "d128", "d256", "window", "global", "simt_d320"])
+def test_dropout_matches_reference(case, deterministic):
+    D, spec, Nq, Nk = case
+    q, k, v = make(2, 4, 2, Nq, Nk, D)
+    check(q, k, v, with_dropout(spec, 0.2, 2, 4, Nq, Nk), deterministic=deterministic)
+
+
+def keep_read_back(device, dtype, B, H, Nq, Nk, p, **kw):
+    """The kernel's keep decisions, read back: uniform probabilities (q = 0) over an
+    identity V give out[i, j] = keep_ij / (Nk (1 - p)) (exact enough in 16 bits to round)."""
+    q = torch.zeros(B, H, Nq, 8, device=device, dtype=dtype)
+    k = torch.randn(B, H, Nk, 8).to(device, dtype)
+    v = torch.eye(Nk).expand(B, H, Nk, Nk).to(device, dtype).contiguous()
+    out, _ = torch.ops.attention_ext.attention_fwd(q, k, v, scale=1.0, dropout_p=p, dropout_seed=SEED.to(device), **kw)
+    scaled = out.float().cpu() * Nk * (1 - p)
+    assert torch.allclose(scaled, scaled.round(), atol=0.05)
+    return scaled.round().bool()
+
+
+# Nk keys = the value dim: the tensor-core buckets 64, 128, 256 (bf16) and the SIMT path (fp32)
+@pytest.mark.parametrize("dtype,Nk", [(torch.bfloat16, 64), (torch.bfloat16, 120), (torch.bfloat16, 200),
+                                      (torch.float32, 200)], ids=["tc64", "tc128", "tc256", "simt"])
+def test_dropout_keeps_what_the_cpu_keeps(dtype, Nk):
+    B, H, Nq, p = 2, 3, 150, 0.3
+    cuda = keep_read_back(DEV, dtype, B, H, Nq, Nk, p)
+    cpu = keep_read_back("cpu", torch.float32, B, H, Nq, Nk, p)
+    assert torch.equal(cuda, cpu)
+    assert torch.equal(cuda, R.dropout_keep(SEED, p, B, H, Nq, Nk))
+
+
+def test_dropout_float64_matches_the_cpu():
+    # float64 (SIMT) forward and backward against the CPU kernels: any keep decision of
+    # either backward kernel that differed would show far above this tolerance
+    q, k, v = make(1, 4, 2, 190, 210, 64)
+    spec = with_dropout(dense(190, 210, True), 0.25, 1, 4, 190, 210)
+    g = bf16_exact(1, 4, 190, 64)
+    outs = {}
+    for dev in (DEV, "cpu"):
+        at = AttentionSpec(scale=0.125, **{n: x.to(dev) if torch.is_tensor(x) else x for n, x in spec.fields.items()})
+        qd, kd, vd, gd = (t.to(dev) for t in (q, k, v, g))
+        out, lse = at.forward(qd, kd, vd)
+        outs[dev] = (out, lse) + tuple(at.backward(gd, None, qd, kd, vd, out, lse)[:3])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), outs[DEV], outs["cpu"]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_dropout_repeats_bitwise_and_p_zero_is_no_dropout():
+    q, k, v = (t.to(DEV, torch.bfloat16) for t in make(1, 4, 2, 200, 200, 64))
+    g = torch.randn(1, 4, 200, 64, device=DEV, dtype=torch.bfloat16)
+    runs = []
+    for p in (0.1, 0.1, 0.0):
+        spec = AttentionSpec(scale=0.125, causal=True, dropout_p=p, dropout_seed=SEED.to(DEV) if p else None)
+        out, lse = spec.forward(q, k, v)
+        runs.append((out, lse) + tuple(spec.backward(g, None, q, k, v, out, lse)[:3]))
+    plain = AttentionSpec(scale=0.125, causal=True)
+    out, lse = plain.forward(q, k, v)
+    runs.append((out, lse) + tuple(plain.backward(g, None, q, k, v, out, lse)[:3]))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[2][0])
+    for a, b in zip(runs[2], runs[3]):
+        assert torch.equal(a, b)

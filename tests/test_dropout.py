@@ -21,8 +21,8 @@ P = 0.3
 
 def seed_of(generator):
     """The (seed, offset) tensor a call with this generator draws (from a copy of its state)."""
-    g = torch.Generator().set_state(generator.get_state())
-    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=g)
+    g = torch.Generator(generator.device).set_state(generator.get_state())
+    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=g, device=generator.device).cpu()
 
 
 def test_philox_known_answers():
@@ -35,22 +35,22 @@ def test_philox_known_answers():
         assert tuple(int(w) for w in R.philox4x32_10(*ctr, *key)) == want
 
 
-def kernel_keep(seed, p, B, H, Nq, Nk, **kw):
+def kernel_keep(seed, p, B, H, Nq, Nk, device="cpu", **kw):
     """The kernel's own keep decisions, read back: uniform probabilities (q = 0) over an
     identity V give out[i, j] = keep_ij / (Nk (1 - p))."""
-    q = torch.zeros(B, H, Nq, 8)
-    k = torch.randn(B, H, Nk, 8)
-    v = torch.eye(Nk).expand(B, H, Nk, Nk).contiguous()
+    q = torch.zeros(B, H, Nq, 8, device=device)
+    k = torch.randn(B, H, Nk, 8, device=device)
+    v = torch.eye(Nk, device=device).expand(B, H, Nk, Nk).contiguous()
     out, _ = torch.ops.attention_ext.attention_fwd(q, k, v, scale=1.0, dropout_p=p, dropout_seed=seed, **kw)
-    scaled = out * Nk * (1 - p)
+    scaled = out.cpu() * Nk * (1 - p)
     assert torch.allclose(scaled, scaled.round(), atol=1e-4)
     return scaled.round().bool()
 
 
-def test_kernel_mask_is_the_reference_mask_and_keeps_1_minus_p():
+def test_kernel_mask_is_the_reference_mask_and_keeps_1_minus_p(device):
     seed = torch.tensor([0x0123456789ABCDEF, 77], dtype=torch.int64)
     B, H, Nq, Nk = 2, 3, 130, 200  # odd key offsets and several key tiles
-    keep = kernel_keep(seed, P, B, H, Nq, Nk)
+    keep = kernel_keep(seed.to(device), P, B, H, Nq, Nk, device=device)
     assert torch.equal(keep, R.dropout_keep(seed, P, B, H, Nq, Nk))
     # the keep rate over 156000 decisions is within 4 sigma of 1 - p
     n = keep.numel()
@@ -66,43 +66,45 @@ def test_kernel_mask_is_the_reference_mask_and_keeps_1_minus_p():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_reference(case, dtype):
+def test_matches_reference(device, case, dtype):
     _, fn, mask, nq = case
-    q, k, v = make_qkv(1, 4, 2, nq, N, 32, dtype=dtype)
-    g = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(1, 4, 2, nq, N, 32, dtype=dtype, device=device)
+    g = torch.Generator(device).manual_seed(5)
     Z = R.dropout_multiplier(seed_of(g), P, 1, 4, nq, N)
     check_attention(lambda q, k, v: fn(q, k, v, dropout_p=P, generator=g), q, k, v, mask, dropout=Z)
 
 
-def test_gqa_key_mask_softcap_and_cross_lengths():
-    q, k, v = make_qkv(2, 6, 2, 40, 90, 16)
-    key_mask = torch.rand(2, 90) > 0.3
-    g = torch.Generator().manual_seed(11)
+def test_gqa_key_mask_softcap_and_cross_lengths(device):
+    q, k, v = make_qkv(2, 6, 2, 40, 90, 16, device=device)
+    key_mask = (torch.rand(2, 90) > 0.3).to(device)
+    g = torch.Generator(device).manual_seed(11)
     Z = R.dropout_multiplier(seed_of(g), 0.5, 2, 6, 40, 90)
-    mask = key_mask[:, None, None, :] & R.causal_mask(40, 90)
+    mask = key_mask.cpu()[:, None, None, :] & R.causal_mask(40, 90)
     check_attention(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, key_mask=key_mask, softcap=2.0,
                                                        dropout_p=0.5, generator=g, return_lse=True),
                     q, k, v, mask, softcap=2.0, dropout=Z)
 
 
-def test_packed_documents_key_the_rows_of_the_tensors():
+def test_packed_documents_key_the_rows_of_the_tensors(device):
+    # CUDA runs one call per document, keyed by the spec's row bases
     cu = torch.tensor([0, 13, 13, 50, 64], dtype=torch.int32)
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
-    g = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, device=device)
+    g = torch.Generator(device).manual_seed(3)
     Z = R.dropout_multiplier(seed_of(g), P, 1, 2, 64, 64)
     mask = R.packed_mask(cu[None], cu[None], R.causal_mask)
-    check_attention(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, cu_seqlens=cu, dropout_p=P,
+    check_attention(lambda q, k, v: ae.flash_attention(q, k, v, causal=True, cu_seqlens=cu.to(device), dropout_p=P,
                                                        generator=g, return_lse=True), q, k, v, mask, dropout=Z)
 
 
 def run(q, k, v, seed, p=P):
-    out = ae.flash_attention(q, k, v, causal=True, dropout_p=p, generator=torch.Generator().manual_seed(seed))
+    out = ae.flash_attention(q, k, v, causal=True, dropout_p=p,
+                             generator=torch.Generator(q.device).manual_seed(seed))
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     return (out,) + grads
 
 
-def test_same_seed_is_bitwise_repeatable_and_seeds_differ():
-    q, k, v = make_qkv(1, 2, 1, 100, 100, 32)
+def test_same_seed_is_bitwise_repeatable_and_seeds_differ(device):
+    q, k, v = make_qkv(1, 2, 1, 100, 100, 32, device=device)
     a, b, c = run(q, k, v, 1), run(q, k, v, 1), run(q, k, v, 2)
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y)
@@ -119,8 +121,8 @@ def test_default_generator_is_used_and_advanced():
     assert not torch.equal(a, b)
 
 
-def test_p_zero_is_bitwise_no_dropout():
-    q, k, v = make_qkv(1, 2, 2, 90, 90, 32)
+def test_p_zero_is_bitwise_no_dropout(device):
+    q, k, v = make_qkv(1, 2, 2, 90, 90, 32, device=device)
     state = torch.get_rng_state()
     a = run(q, k, v, 0, p=0.0)
     assert torch.equal(torch.get_rng_state(), state)  # nothing drawn

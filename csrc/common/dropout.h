@@ -30,13 +30,13 @@ struct DropoutSpec {
   // (per packed document, per batch row) keys the generator by the full indices.
   int64_t b0 = 0, q0 = 0, k0 = 0;
 
-  bool on() const { return p > 0.0; }
+  AE_HD bool on() const { return p > 0.0; }
   // keep iff word < threshold; p in (0, 1) so the threshold is in [1, 2^32 - 1]
-  uint32_t threshold() const {
+  AE_HD uint32_t threshold() const {
     const double t = (1.0 - p) * 4294967296.0 + 0.5;
     return t >= 4294967295.0 ? 4294967295u : t < 1.0 ? 1u : uint32_t(t);
   }
-  double inv_keep() const { return 1.0 / (1.0 - p); }
+  AE_HD double inv_keep() const { return 1.0 / (1.0 - p); }
 };
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
@@ -55,13 +55,30 @@ AE_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
 // The first counter word of key j (its word is (j >> 4) & 3).
 AE_HD uint32_t dropout_counter(int64_t j) { return uint32_t(((j >> 6) << 4) | (j & 15)); }
 
+// The generator's third counter word: the full-problem (batch, head).
+AE_HD uint32_t dropout_bh(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h) {
+  return uint32_t((b + d.b0) * Hq + h);
+}
+
+// The four words of the counter holding full-problem key jj of full-problem query row ii
+// (keys 64 (jj >> 6) + 16 w + (jj & 15), w < 4, in word w).
+AE_HD void dropout_words(const DropoutSpec& d, uint32_t bh, int64_t ii, int64_t jj, uint32_t c[4]) {
+  c[0] = dropout_counter(jj), c[1] = uint32_t(ii), c[2] = bh, c[3] = d.offset;
+  philox4x32_10(c, uint32_t(d.seed), uint32_t(d.seed >> 32));
+}
+
+// Word w of c without a dynamic index (which would put c in local memory on CUDA).
+AE_HD uint32_t dropout_pick(const uint32_t c[4], int64_t w) {
+  return w == 0 ? c[0] : w == 1 ? c[1] : w == 2 ? c[2] : c[3];
+}
+
 // The keep decision of one (b, h, i, j) (indices relative to the call; the spec's bases
 // are added), for hosts, CUDA and tests. CPU kernels generate 16 counters at a time.
 AE_HD bool dropout_keep(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h, int64_t i, int64_t j) {
   const int64_t jj = j + d.k0;
-  uint32_t c[4] = {dropout_counter(jj), uint32_t(i + d.q0), uint32_t((b + d.b0) * Hq + h), d.offset};
-  philox4x32_10(c, uint32_t(d.seed), uint32_t(d.seed >> 32));
-  return c[(jj >> 4) & 3] < d.threshold();
+  uint32_t c[4];
+  dropout_words(d, dropout_bh(d, Hq, b, h), i + d.q0, jj, c);
+  return dropout_pick(c, (jj >> 4) & 3) < d.threshold();
 }
 
 }  // namespace attention_ext

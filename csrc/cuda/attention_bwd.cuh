@@ -16,7 +16,8 @@
 //   dQ += dS K.
 // With a softcap, S * scale becomes softcap * tanh(S * scale / softcap) in P, and dS takes
 // the factor 1 - tanh^2. ALiBi (score_mods.h) adds its bias to the exponent after the cap;
-// the sinks' gradient is the op body's (attention_op.h).
+// the sinks' gradient is the op body's (attention_op.h). Dropout (dropout.cuh): the forward
+// used P o Z (Z = keep / (1 - p)), so dV takes P o Z and dS = P o (dP o Z - delta).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -24,11 +25,13 @@
 #include "attention_device.cuh"
 #include "attention_launch.cuh"
 #include "attention_params.h"
+#include "dropout.cuh"
 #include "softcap.cuh"
 
 namespace attention_ext::cuda {
 
-template <typename T, int D>
+// DROP: dropout on (a separate instantiation, so that the kernels without it keep their registers)
+template <typename T, int D, bool DROP>
 __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const TcBwdParams p) {
   using Cfg = BwdCfg<D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NTHREADS, WK = Cfg::WK, STAGES = Cfg::STAGES;
@@ -104,6 +107,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
   zero_acc(acc_dk);
   zero_acc(acc_dv);
   const bool with_dq = p.dq_accum != nullptr;
+  const DropoutDev drop(p.dropout);
   int stage = 0;
 
   int64_t pos = 0;
@@ -129,6 +133,9 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
       const float* cDl = sDl + stage * BM;
       const bool need_mask = cls == kPartial || k0 + BN > p.Nk || q0 + BM > p.Nq;
       const uint32_t keep = need_mask ? keep_cols<SN>(mask, b, h, k0 + kg * 16 + g, q0 + 2 * t, cls == kPartial) : 0u;
+      const uint32_t kept = DROP ? dropout_bits_cols<SN>(drop, dropout_bh(p.dropout, p.Hq, b, h), k0 + kg * 16 + g,
+                                                              q0 + 2 * t)
+                                      : 0u;
 
       // the forward's ALiBi (base 2) of entry (nt, e): key row kg * 16 + g + 8 (e >> 1), query 2t + (e & 1)
       const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;
@@ -158,9 +165,10 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
       // masked entries may have overflowed above; they are replaced by exact zeros
       if (need_mask) apply_keep(st, keep, 0.f);
 
-      {  // dV += P^T dO
+      {  // dV += P^T dO (P o Z: the dropped elements here, 1 / (1 - p) on dV at the end)
         uint32_t pa[BM / 16][4];
-        acc_to_a<T, BM / 16>(pa, st);
+        if constexpr (DROP) acc_to_a_kept<T, BM / 16>(pa, st, kept);
+        else acc_to_a<T, BM / 16>(pa, st);
         gemm_rb<T, DC / 8, BM / 16, D>(acc_dv, pa, cdO, 0, cpart * (DC / 8), p.dv);
       }
       if (p.softcap_log2 > 0.f) {
@@ -182,7 +190,10 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
 #pragma unroll
       for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) ds[nt][e] = st[nt][e] * (ds[nt][e] - cDl[nt * 8 + 2 * t + (e & 1)]);
+        for (int e = 0; e < 4; ++e) {
+          const float dp = DROP ? ((kept >> (4 * nt + e)) & 1u ? ds[nt][e] * drop.scale : 0.f) : ds[nt][e];
+          ds[nt][e] = st[nt][e] * (dp - cDl[nt * 8 + 2 * t + (e & 1)]);
+        }
 
       uint32_t da[BM / 16][4];
       acc_to_a<T, BM / 16>(da, ds);
@@ -251,7 +262,8 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
   }
   cp_async_wait_all();  // the K / V loads when no query tile was visited
 
-  // dK, dV rows of this warp; dK carries the softmax scale of S = scale * Q K^T.
+  // dK, dV rows of this warp; dK carries the softmax scale of S = scale * Q K^T, dV dropout's 1 / (1 - p).
+  const float dv_scale = DROP ? drop.scale : 1.f;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int64_t j = k0 + kg * 16 + g + 8 * rr;
@@ -265,12 +277,13 @@ __global__ void __launch_bounds__(BwdCfg<D>::NTHREADS) tc_bwd_dkdv_kernel(const 
         *reinterpret_cast<uint32_t*>(dkr + c) =
             MmaOp<T>::pack(acc_dk[dt][2 * rr] * p.scale, acc_dk[dt][2 * rr + 1] * p.scale);
       if (c < p.dv)
-        *reinterpret_cast<uint32_t*>(dvr + c) = MmaOp<T>::pack(acc_dv[dt][2 * rr], acc_dv[dt][2 * rr + 1]);
+        *reinterpret_cast<uint32_t*>(dvr + c) =
+            MmaOp<T>::pack(acc_dv[dt][2 * rr] * dv_scale, acc_dv[dt][2 * rr + 1] * dv_scale);
     }
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROP>
 __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcBwdParams p) {
   using Cfg = DqCfg<D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NTHREADS;
@@ -309,6 +322,8 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
   const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;  // base 2, 0 = off
+  const DropoutDev drop(p.dropout);
+  const uint32_t drop_bh = dropout_bh(p.dropout, p.Hq, b, h);
   int64_t kt_begin, kt_end;
   key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
@@ -336,6 +351,7 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
       const bool need_mask = cls == kPartial || k0 + BN > p.Nk || q0 + BM > p.Nq;
       const uint32_t keep =
           need_mask ? keep_rows<SN>(mask, b, h, q0 + warp * 16 + g, k0 + 2 * t, cls == kPartial) : 0u;
+      const uint32_t kept = DROP ? dropout_bits_rows<SN>(drop, drop_bh, q0 + warp * 16 + g, k0 + 2 * t) : 0u;
       cp_async_wait_all();
       __syncthreads();  // K, V (and Q, dO, lse2, delta) landed
 
@@ -371,7 +387,10 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
 #pragma unroll
       for (int nt = 0; nt < SN; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - dr[e >> 1]);
+        for (int e = 0; e < 4; ++e) {
+          const float z = DROP ? ((kept >> (4 * nt + e)) & 1u ? dp[nt][e] * drop.scale : 0.f) : dp[nt][e];
+          dp[nt][e] = s[nt][e] * (z - dr[e >> 1]);
+        }
       uint32_t da[BN / 16][4];
       acc_to_a<T, BN / 16>(da, dp);
       gemm_rb<T, ON, BN / 16, D>(acc_dq, da, sK, 0, 0, p.dqk);
@@ -399,13 +418,15 @@ __global__ void __launch_bounds__(DqCfg<D>::NTHREADS) tc_bwd_dq_kernel(const TcB
 template <typename T, int D>
 void launch_tc_bwd_dkdv(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<D>;
-  launch_tiles(tc_bwd_dkdv_kernel<T, D>, p, p.B * p.Hkv, p.Nk, Cfg::BN, Cfg::NTHREADS, int(Cfg::SMEM), stream);
+  launch_tiles(p.dropout.on() ? tc_bwd_dkdv_kernel<T, D, true> : tc_bwd_dkdv_kernel<T, D, false>, p, p.B * p.Hkv,
+               p.Nk, Cfg::BN, Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 template <typename T, int D>
 void launch_tc_bwd_dq(const TcBwdParams& p, cudaStream_t stream) {
   using Cfg = DqCfg<D>;
-  launch_tiles(tc_bwd_dq_kernel<T, D>, p, p.B * p.Hq, p.Nq, Cfg::BM, Cfg::NTHREADS, int(Cfg::SMEM), stream);
+  launch_tiles(p.dropout.on() ? tc_bwd_dq_kernel<T, D, true> : tc_bwd_dq_kernel<T, D, false>, p, p.B * p.Hq, p.Nq,
+               Cfg::BM, Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 }  // namespace attention_ext::cuda

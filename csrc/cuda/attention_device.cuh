@@ -265,6 +265,20 @@ AE_DEV void acc_to_a(uint32_t (&a)[KS][4], const float (&c)[2 * KS][4]) {
   }
 }
 
+// acc_to_a with the elements whose bit 4 nt + e is clear (a keep mask of the layout below)
+// replaced by zeros.
+template <typename T, int KS>
+AE_DEV void acc_to_a_kept(uint32_t (&a)[KS][4], const float (&c)[2 * KS][4], uint32_t bits) {
+  auto v = [&](int nt, int e) { return (bits >> (4 * nt + e)) & 1u ? c[nt][e] : 0.f; };
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    a[ks][0] = MmaOp<T>::pack(v(2 * ks, 0), v(2 * ks, 1));
+    a[ks][1] = MmaOp<T>::pack(v(2 * ks, 2), v(2 * ks, 3));
+    a[ks][2] = MmaOp<T>::pack(v(2 * ks + 1, 0), v(2 * ks + 1, 1));
+    a[ks][3] = MmaOp<T>::pack(v(2 * ks + 1, 2), v(2 * ks + 1, 3));
+  }
+}
+
 template <int NT>
 AE_DEV void zero_acc(float (&c)[NT][4]) {
 #pragma unroll

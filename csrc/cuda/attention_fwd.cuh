@@ -15,11 +15,13 @@
 #include "attention_device.cuh"
 #include "attention_launch.cuh"
 #include "attention_params.h"
+#include "dropout.cuh"
 #include "softcap.cuh"
 
 namespace attention_ext::cuda {
 
-template <typename T, int D>
+// DROP: dropout on (a separate instantiation, so that the kernel without it keeps its registers)
+template <typename T, int D, bool DROP>
 __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwdParams p) {
   using Cfg = FwdCfg<D>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NTHREADS, MW = Cfg::MW;
@@ -56,6 +58,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
   const MaskSpec& mask = *reinterpret_cast<const MaskSpec*>(smask_raw);
 
   const float slope2 = alibi_slope<float>(p.mods, b, h) * 1.4426950408889634f;  // base 2, 0 = off
+  const DropoutDev drop(p.dropout);
+  const uint32_t drop_bh = dropout_bh(p.dropout, p.Hq, b, h);
   int64_t kt_begin, kt_end;
   key_tile_range(mask, q0, q0 + mq, BN, &kt_begin, &kt_end);
   auto tile_class = [&](int64_t kt) {
@@ -100,6 +104,9 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
 #pragma unroll
       for (int m = 0; m < MW; ++m)
         keep[m] = need_mask ? keep_rows<SN>(mask, b, h, row0 + 16 * m, k0 + 2 * t, cls == kPartial) : 0u;
+      uint32_t kept[MW];  // dropout: the elements of P that reach O
+#pragma unroll
+      for (int m = 0; m < MW; ++m) kept[m] = DROP ? dropout_bits_rows<SN>(drop, drop_bh, row0 + 16 * m, k0 + 2 * t) : 0u;
 
       float s[MW][SN][4];
 #pragma unroll
@@ -160,6 +167,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
             acc_o[m][dt][2 * rr + 1] *= alpha;
           }
         }
+        // after the row sum: dropout acts on the normalised probabilities (its 1 / (1 - p) in the epilogue)
+        if (DROP) apply_keep(s[m], kept[m], 0.f);
         acc_to_a<T, BN / 16>(pa[m], s[m]);
       }
 
@@ -188,7 +197,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
       float mr = m_run[m][rr];
       const float alpha = p.mods.sinks ? fold_sink(sink_logit<float>(p.mods, h) * 1.4426950408889634f, mr, l) : 1.f;
       const bool none = l == 0.f;
-      const float inv = none ? 0.f : alpha / l;
+      const float inv = none ? 0.f : (DROP ? alpha / l * drop.scale : alpha / l);
       T* orow = static_cast<T*>(p.out) + (bh * p.Nq + i) * p.out_rs;
 #pragma unroll
       for (int dt = 0; dt < ON; ++dt) {
@@ -204,7 +213,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::NTHREADS) tc_fwd_kernel(const TcFwd
 template <typename T, int D>
 void launch_tc_fwd(const TcFwdParams& p, cudaStream_t stream) {
   using Cfg = FwdCfg<D>;
-  launch_tiles(tc_fwd_kernel<T, D>, p, p.B * p.Hq, p.Nq, Cfg::BM, Cfg::NTHREADS, int(Cfg::SMEM), stream);
+  launch_tiles(p.dropout.on() ? tc_fwd_kernel<T, D, true> : tc_fwd_kernel<T, D, false>, p, p.B * p.Hq, p.Nq, Cfg::BM,
+               Cfg::NTHREADS, int(Cfg::SMEM), stream);
 }
 
 }  // namespace attention_ext::cuda

@@ -70,6 +70,7 @@ void tc_fwd(const AttentionInputs& in, int bucket, const at::Tensor& q, const at
   p.softcap_log2 = static_cast<float>(in.softcap * 1.4426950408889634);
   p.mask = in.mask;
   p.mods = in.mods;
+  p.dropout = in.dropout;
   head_dim_switch(bucket, [&](auto d) {
     constexpr int D = decltype(d)::value;
     check_grid(s.B * s.Hq * ((s.Nq + FwdCfg<D>::BM - 1) / FwdCfg<D>::BM));
@@ -92,6 +93,7 @@ void simt_fwd(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& 
   p.softcap = in.softcap;
   p.mask = in.mask;
   p.mods = in.mods;
+  p.dropout = in.dropout;
   launch_simt_fwd(in.dtype, p, stream);
 }
 
@@ -127,6 +129,7 @@ void tc_bwd(const AttentionInputs& in, int bucket, const at::Tensor& grad_out, c
   p.scale_over_cap = in.softcap > 0 ? static_cast<float>(in.scale / in.softcap) : 0.f;
   p.mask = in.mask;
   p.mods = in.mods;
+  p.dropout = in.dropout;
   head_dim_switch(bucket, [&](auto d) {
     constexpr int D = decltype(d)::value;
     check_grid(s.B * s.Hkv * ((s.Nk + BwdCfg<D>::BN - 1) / BwdCfg<D>::BN));
@@ -160,13 +163,13 @@ void simt_bwd(const AttentionInputs& in, const at::Tensor& grad_out, const at::T
   p.softcap = in.softcap;
   p.mask = in.mask;
   p.mods = in.mods;
+  p.dropout = in.dropout;
   launch_simt_bwd(in.dtype, p, stream);
 }
 
 struct CudaBackend {
   static void fwd(const AttentionInputs& in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& out, at::Tensor& lse) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!in.dropout.on(), "attention_fwd: dropout_p > 0 is not implemented on CUDA yet");
     const c10::cuda::OptionalCUDAGuard guard(q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const CudaPath path = attention_path(q.scalar_type(), in.shape.D, in.shape.Dv, false, deterministic());
@@ -177,7 +180,6 @@ struct CudaBackend {
   static void bwd(const AttentionInputs& in, const at::Tensor& grad_out, const at::Tensor& grad_lse,
                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!in.dropout.on(), "attention_bwd: dropout_p > 0 is not implemented on CUDA yet");
     const c10::cuda::OptionalCUDAGuard guard(q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const QkvShape& s = in.shape;

@@ -19,6 +19,7 @@
 
 #include "../common/limits.h"
 #include "../common/mask.h"
+#include "../common/dropout.h"
 #include "../common/score_mods.h"
 
 namespace attention_ext::cuda {
@@ -39,6 +40,7 @@ struct TcFwdParams {
   float softcap_log2;  // softcap * log2(e); 0 = no softcap
   MaskSpec mask;
   ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
+  DropoutSpec dropout;  // p = 0: off (dropout.h; dropout.cuh)
 };
 
 struct TcBwdParams {
@@ -64,6 +66,7 @@ struct TcBwdParams {
   float softcap_log2, scale_over_cap;
   MaskSpec mask;
   ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
+  DropoutSpec dropout;  // p = 0: off (dropout.h; dropout.cuh)
 };
 
 // Rows of lse2 / delta per (b, h): a multiple of every query tile used by the kernels.
@@ -164,6 +167,7 @@ struct SimtFwdParams {
   double softcap;  // 0 = off
   MaskSpec mask;
   ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
+  DropoutSpec dropout;  // p = 0: off (dropout.h; dropout.cuh)
 };
 
 struct SimtBwdParams {
@@ -178,6 +182,7 @@ struct SimtBwdParams {
   double softcap;  // 0 = off
   MaskSpec mask;
   ScoreMods mods;  // ALiBi slopes, sinks (device pointers; score_mods.h)
+  DropoutSpec dropout;  // p = 0: off (dropout.h; dropout.cuh)
 };
 
 // Accumulation in fp32 (fp64 for fp64).

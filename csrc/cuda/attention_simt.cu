@@ -7,7 +7,9 @@
 // over the lanes (d = lane + 32 c), dot products are warp reductions, and the loop
 // visits only the keys (queries) of the row's band, with the per-element mask test
 // unless row_interval() gives the row's allowed keys as one run. Every sum runs in a
-// fixed order and no atomics are used: results are deterministic.
+// fixed order and no atomics are used: results are deterministic. Dropout: the forward
+// weights V by P o Z (Z = keep / (1 - p), dropout.cuh); the backward's dV takes P o Z and
+// dS = P o (dP o Z - delta).
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +19,7 @@
 #include <type_traits>
 
 #include "attention_params.h"
+#include "dropout.cuh"
 #include "softcap.cuh"
 
 namespace attention_ext::cuda {
@@ -125,6 +128,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
   }
   int64_t j0, j1;
   const bool interval = row_keys(mask, i, &j0, &j1);
+  const DropoutDev drop(p.dropout);
+  DropoutRowWalk<A> zw(drop, dropout_bh(p.dropout, p.Hq, b, h), i);
 
   A m = -INFINITY, l = A(0);
   for (int64_t j = j0; j < j1; ++j) {
@@ -142,10 +147,11 @@ __global__ void __launch_bounds__(32 * kWarps) simt_fwd_kernel(const SimtFwdPara
     const A alpha = ex2(m - m_new);  // 0 while m is -inf
     const A pj = ex2(s - m_new);
     l = l * alpha + pj;
+    const A pz = drop.on() ? pj * zw.factor(j) : pj;  // the row sum counts every key, O the kept ones
 #pragma unroll
     for (int c = 0; c < NPER; ++c) {
       const int64_t d = lane + 32 * c;
-      if (d < p.Dv) o[c] = o[c] * alpha + pj * to_acc(v[off4(p.vs, b, hk, j, d)]);
+      if (d < p.Dv) o[c] = o[c] * alpha + pz * to_acc(v[off4(p.vs, b, hk, j, d)]);
     }
     m = m_new;
   }
@@ -189,6 +195,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
   int64_t j0, j1;
   const bool interval = row_keys(mask, i, &j0, &j1);
   if (l2 == A(INFINITY)) j1 = j0;  // the row saw no key: all of its P are 0
+  const DropoutDev drop(p.dropout);
+  DropoutRowWalk<A> zw(drop, dropout_bh(p.dropout, p.Hq, b, h), i);
 
   for (int64_t j = j0; j < j1; ++j) {
     if (!interval && !allowed(mask, b, h, i, j)) continue;
@@ -201,6 +209,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dq_kernel(const SimtBwdP
     }
     s = warp_sum(s);
     dp = warp_sum(dp);
+    if (drop.on()) dp *= zw.factor(j);
     A ds;
     const A bias = alibi_bias(slope2, i + mask.offset, j);
     if (p.softcap > 0) {  // P = exp2(cap2 t + alibi - lse2), t = tanh(scale s / softcap); d(cap t)/d(scale s) = 1 - t^2
@@ -251,10 +260,13 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
   }
   int64_t i0, i1;
   query_tile_range(mask, j, j + 1, 1, &i0, &i1);  // tiles of one query: the rows that may see key j
+  const DropoutDev drop(p.dropout);
+  DropoutColWalk<A> zw(drop, j);
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = b * p.Hq + h;
     const A slope2 = alibi_slope<A>(p.mods, b, h) * A(1.4426950408889634);
+    zw.reset(dropout_bh(p.dropout, p.Hq, b, h));
     for (int64_t i = i0; i < i1; ++i) {
       const A l2 = lse2[bh * p.nq_pad + i];
       if (l2 == A(INFINITY) || !allowed(mask, b, h, i, j)) continue;
@@ -271,6 +283,8 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
       }
       s = warp_sum(s);
       dp = warp_sum(dp);
+      const A z = drop.on() ? zw.factor(i) : A(1);
+      dp *= z;
       A pij, ds;
       const A bias = alibi_bias(slope2, i + mask.offset, j);
       if (p.softcap > 0) {
@@ -284,7 +298,7 @@ __global__ void __launch_bounds__(32 * kWarps) simt_bwd_dkdv_kernel(const SimtBw
 #pragma unroll
       for (int c = 0; c < NPER; ++c) {
         dkv.lo[c] += ds * qv[c];
-        dkv.lo[NPER + c] += pij * dov[c];
+        dkv.lo[NPER + c] += pij * z * dov[c];
       }
       dkv.tick();
     }

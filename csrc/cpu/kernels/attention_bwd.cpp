@@ -249,6 +249,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // the forward's ALiBi, 0 = off
+        AlibiRamp<acc_t> alibi(slope2, 1);
         acc_t* dq_acc = dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
         for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
           const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
@@ -292,11 +293,11 @@ void bwd_impl(const AttentionBwdArgs& a) {
             for (int64_t r = 0; r < nj; ++r) {
               acc_t* pr = st0 + r * BQ;
               acc_t* dr = dpt0 + r * BQ;
-              const int64_t d0 = q0 + i0 + mask.offset - (k0 + j0 + r);  // p - j of column 0
+              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));  // p - j of column 0
               for (int64_t i = 0; i < ni_vec; i += VL) {
                 const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
                 V z = V(cap2) * t;
-                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i, 1);
+                if (slope2 != acc_t(0)) z = alibi.add(z);
                 const V p = exp2_poly(z - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
@@ -306,10 +307,10 @@ void bwd_impl(const AttentionBwdArgs& a) {
             for (int64_t r = 0; r < nj; ++r) {
               acc_t* pr = st0 + r * BQ;
               acc_t* dr = dpt0 + r * BQ;
-              const int64_t d0 = q0 + i0 + mask.offset - (k0 + j0 + r);
+              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));
               for (int64_t i = 0; i < ni_vec; i += VL) {
                 V z = V::loadu(pr + i);
-                if (slope2 != acc_t(0)) z = z + alibi_vec(slope2, d0 + i, 1);
+                if (slope2 != acc_t(0)) z = alibi.add(z);
                 const V p = exp2_poly(z - V::loadu(l2 + i));
                 p.store(pr + i);
                 (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);

@@ -114,6 +114,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
     std::fill(row_sum, row_sum + mq, acc_t(0));
 
     const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // base 2, 0 = off
+    AlibiRamp<acc_t> alibi(slope2, -1);
     int64_t kt_begin, kt_end;
     key_tile_range(mask, q0, q0 + mq, BK, &kt_begin, &kt_end);
     // the document's keys: K^T tiles and V rows
@@ -150,7 +151,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
-        if (slope2 != acc_t(0)) alibi_row(row, nc, slope2, q0 + r + mask.offset, k0 + c0);
+        if (slope2 != acc_t(0)) alibi_row(row, nc, alibi, q0 + r + mask.offset, k0 + c0);
         if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);

@@ -89,7 +89,7 @@ struct DropoutTile {
     for (int l = 0; l < kPhiloxLanes; ++l) c0[l] = c0_base + (same_c0 ? 0 : uint32_t(l));
     philox_lanes(c0, c1, bh, d.offset, uint32_t(d.seed), uint32_t(d.seed >> 32), out);
   }
-  uint32_t bh(int64_t b, int64_t h) const { return uint32_t((b + d.b0) * Hq + h); }
+  uint32_t bh(int64_t b, int64_t h) const { return dropout_bh(d, Hq, b, h); }
 
   // Forward: probabilities s[0, n) of query row i, keys j0 .. j0 + n - 1 (rows of the call).
   template <typename acc_t>

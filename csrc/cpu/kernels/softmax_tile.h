@@ -35,24 +35,37 @@ inline void softcap_row(acc_t* s, int64_t n, acc_t cap) {
   if (c < n) (vc * tanh_fast(V::loadu(s + c, n - c) * vinv)).store(s + c, n - c);
 }
 
-// ALiBi terms alibi_bias(slope2, p, j) (score_mods.h) of one vector of position differences
-// p - j = d, d + step, ...: step -1 along a row of keys (the forward), +1 along a column of
-// queries (the backward's transposed tiles). slope2 in base-2 units. Exact positions below
-// 2^24 in float32, so both passes add the same values.
+// ALiBi terms alibi_bias(slope2, p, j) (score_mods.h) along a run of position differences
+// p - j = d0, d0 + step, ...: step -1 along a row of keys (the forward), +1 along a column
+// of queries (the backward's transposed tiles); slope2 in base-2 units. The differences
+// stay in a vector advanced by one add per vector (exact below 2^24 in float32, so both
+// passes add the same values), and each term is one abs and one fused multiply-add: no
+// per-vector lane setup (Vectorized::arange builds its lanes one by one).
 template <typename acc_t>
-inline Vec<acc_t> alibi_vec(acc_t slope2, int64_t d, int step) {
-  return Vec<acc_t>::arange(acc_t(d), step).abs() * Vec<acc_t>(-slope2);
-}
+struct AlibiRamp {
+  using V = Vec<acc_t>;
+  V iota, inc, neg, d;
+  AlibiRamp(acc_t slope2, int step)
+      : iota(V::arange(acc_t(0), step)), inc(acc_t(step * V::size())), neg(-slope2), d(acc_t(0)) {}
+  void start(int64_t d0) { d = V(acc_t(d0)) + iota; }
+  // s + the next vector of terms
+  V add(const V& s) {
+    const V r = at::vec::fmadd(d.abs(), neg, s);
+    d = d + inc;
+    return r;
+  }
+};
 
 // ALiBi of one row of base-2 scores: s[c] += alibi_bias(slope2, p, j0 + c), p the query's
 // aligned position. After the softcap, before masking.
 template <typename acc_t>
-inline void alibi_row(acc_t* s, int64_t n, acc_t slope2, int64_t p, int64_t j0) {
+inline void alibi_row(acc_t* s, int64_t n, AlibiRamp<acc_t>& ramp, int64_t p, int64_t j0) {
   using V = Vec<acc_t>;
   constexpr int64_t VL = V::size();
+  ramp.start(p - j0);
   int64_t c = 0;
-  for (; c + VL <= n; c += VL) (V::loadu(s + c) + alibi_vec(slope2, p - j0 - c, -1)).store(s + c);
-  if (c < n) (V::loadu(s + c, n - c) + alibi_vec(slope2, p - j0 - c, -1)).store(s + c, n - c);
+  for (; c + VL <= n; c += VL) ramp.add(V::loadu(s + c)).store(s + c);
+  if (c < n) ramp.add(V::loadu(s + c, n - c)).store(s + c, n - c);
 }
 
 // Smallest sub-rectangle [*r0, *r1) x [*c0, *c1) (offsets inside the tile q0.. x k0..)
