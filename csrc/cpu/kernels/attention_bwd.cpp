@@ -45,6 +45,10 @@ void mask_tile_t(const MaskSpec& m, int64_t b, int64_t h, int64_t q0, int64_t mq
       const int64_t a = std::clamp<int64_t>(j0 - k0, 0, nk), e = std::clamp<int64_t>(j1 - k0, a, nk);
       for (int64_t r = 0; r < a; ++r) pt[r * ld + c] = acc_t(0);
       for (int64_t r = e; r < nk; ++r) pt[r * ld + c] = acc_t(0);
+    } else if (m.kind == kNeighborhood && m.na_nd && !m.key_prefix) {
+      na_masked_runs(m, q0 + c, k0, nk, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) pt[r * ld + c] = acc_t(0);
+      });
     } else {
       for (int64_t r = 0; r < nk; ++r)
         if (!allowed(m, b, h, q0 + c, k0 + r)) pt[r * ld + c] = acc_t(0);
