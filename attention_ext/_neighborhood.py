@@ -86,6 +86,13 @@ def orders(spatial, dilation, tile, device):
     return order, inverse
 
 
+def gather(t, index):
+    """t[:, :, index] for t (B, H, N, ...): as rows of a (B * H, N, ...) view, which
+    index_select runs ~10x faster than along dim 2 of the 4-D tensor."""
+    B, H, N = t.shape[:3]
+    return t.reshape(B * H, N, *t.shape[3:]).index_select(1, index).view(t.shape)
+
+
 def is_identity(spatial, dilation):
     """The order is the row-major one: a 1-D grid without dilation."""
     return len(spatial) == 1 and dilation[0] == 1

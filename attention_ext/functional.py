@@ -203,7 +203,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, causal
     identity = _neighborhood.is_identity(spatial, dil)
     if not identity:
         order, inverse = _neighborhood.orders(spatial, dil, tile, q.device)
-        flat = [t.index_select(2, order) for t in flat]
+        flat = [_neighborhood.gather(t, order) for t in flat]
         if fields["key_mask"] is not None:
             fields["key_mask"] = fields["key_mask"].index_select(1, order)
     spec = AttentionSpec(mask_kind=MASK_KINDS["neighborhood"], spatial_shape=spatial, na_kernel_size=ks,
@@ -211,7 +211,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, causal
                          **fields)
     out, lse = spec.forward(*flat)
     if not identity:
-        out, lse = out.index_select(2, inverse), lse.index_select(2, inverse)
+        out, lse = _neighborhood.gather(out, inverse), _neighborhood.gather(lse, inverse)
     out = out.reshape(B, Hq, *spatial, out.shape[-1])
     return (out, lse.reshape(B, Hq, *spatial)) if return_lse else out
 

@@ -70,6 +70,26 @@ def test_matches_reference(device, dtype, case):
                     R.natten_mask(spatial, ks, dil, st, causal))
 
 
+# grids whose dilation groups are whole boxes (8x8, 4x4x4): tile pairs are classified Full or
+# trimmed to the rows and columns they need (csrc/cpu/kernels/na_tiles.h)
+ALIGNED = [
+    ((32, 32), (7, 7), (1, 1), (1, 1), (False, False)),
+    ((16, 32), (8, 8), (1, 1), (8, 8), (False, False)),   # blocked: Full pairs only
+    ((16, 16), (7, 7), (2, 2), (3, 1), (False, True)),
+    ((8, 8, 8), (3, 5, 3), (1, 1, 1), (1, 2, 1), (False, False, True)),
+    ((8, 16, 8), (4, 4, 4), (2, 1, 1), (1, 4, 1), (True, False, False)),
+]
+
+
+@pytest.mark.parametrize("case", ALIGNED, ids=case_id)
+def test_aligned_boxes(device, case):
+    spatial, ks, dil, st, causal = case
+    N = math.prod(spatial)
+    q, k, v = make_qkv(1, 2, 1, N, N, 16, device=device)
+    check_attention(run(spatial, dict(kernel_size=ks, dilation=dil, stride=st, causal=causal)), q, k, v,
+                    R.natten_mask(spatial, ks, dil, st, causal))
+
+
 def test_many_tiles_and_int_arguments(device):
     # ints broadcast to every dim; a grid of several boxes per dim, with partial edge boxes
     spatial = (37, 29)

@@ -296,34 +296,6 @@ AE_HD void na_query_band(const MaskSpec& s, int64_t k0, int64_t k1, int64_t* q0,
   na_bounds_range(s, a, b, q0, q1);
 }
 
-// Calls off(c0, c1) for every run [c0, c1) of keys k0 + c (0 <= c < n) that query i may not
-// see, walking the keys box by box along the grid's last dim (no per-key decoding).
-template <class F>
-inline void na_masked_runs(const MaskSpec& s, int64_t i, int64_t k0, int64_t n, F&& off) {
-  int64_t w0[3], w1[3];
-  na_row_window(s, i, w0, w1);
-  const int64_t end = k0 + n;
-  for (int64_t k = k0; k < end;) {
-    int64_t lo[3], bn[3];
-    const int64_t first = na_box(s, k, lo, bn), stop = ae_min(first + bn[0] * bn[1] * bn[2], end);
-    const int64_t a2 = ae_min(ae_max(w0[2] - lo[2], 0), bn[2]), b2 = ae_min(ae_max(w1[2] - lo[2], a2), bn[2]);
-    auto emit = [&](int64_t u, int64_t v) {
-      u = ae_max(u, k), v = ae_min(v, stop);
-      if (u < v) off(u - k0, v - k0);
-    };
-    for (int64_t r = (k - first) / bn[2], base = first + r * bn[2]; base < stop; ++r, base += bn[2]) {
-      const int64_t x0 = lo[0] + r / bn[1], x1 = lo[1] + r % bn[1];
-      if (x0 >= w0[0] && x0 < w1[0] && x1 >= w0[1] && x1 < w1[1]) {
-        emit(base, base + a2);
-        emit(base + b2, base + bn[2]);
-      } else {
-        emit(base, base + bn[2]);
-      }
-    }
-    k = stop;
-  }
-}
-
 AE_HD int na_classify(const MaskSpec& s, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
   int64_t qa[3], qb[3], ka[3], kb[3];
   bool q_exact, k_exact;

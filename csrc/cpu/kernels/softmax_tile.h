@@ -18,10 +18,6 @@ inline void mask_row(const MaskSpec& m, int64_t b, int64_t h, int64_t i, int64_t
     for (int64_t c = e; c < n; ++c) row[c] = kNegInf<acc_t>;
     return;
   }
-  if (m.kind == kNeighborhood && m.na_nd && !m.key_prefix) {
-    na_masked_runs(m, i, k0, n, [&](int64_t c0, int64_t c1) { std::fill(row + c0, row + c1, kNegInf<acc_t>); });
-    return;
-  }
   for (int64_t c = 0; c < n; ++c)
     if (!allowed(m, b, h, i, k0 + c)) row[c] = kNegInf<acc_t>;
 }
