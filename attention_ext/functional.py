@@ -192,6 +192,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, causal
         if x is not None:
             raise ValueError(f"{fn}: {name} needs a 1-D neighborhood with an odd kernel_size and stride 1, got "
                              f"spatial shape {spatial}, kernel_size={ks}, stride={st}")
+    spatial = tuple(int(n) for n in spatial)  # torch.compile(dynamic=True): the grid specializes (its token order)
     _neighborhood.check_against_extents(spatial, ks, dil, st, fn)
     B, Hq, N = q.shape[0], q.shape[1], math.prod(spatial)
     if key_mask is not None and isinstance(key_mask, torch.Tensor) and tuple(key_mask.shape[1:]) == spatial:

@@ -168,6 +168,14 @@ def test_compiles(device):
     check_compiles(loss, q, k, v)
 
 
+def test_compiles_dynamic():
+    fn = torch.compile(lambda q: ae.neighborhood_attention(q, q, q, (3, 4), stride=(1, 2)), fullgraph=True,
+                       dynamic=True, backend="aot_eager")
+    for shape in ((1, 2, 6, 8, 8), (2, 2, 7, 9, 8)):  # the grid specializes: one graph per grid
+        q = torch.randn(shape)
+        torch.testing.assert_close(fn(q), ae.neighborhood_attention(q, q, q, (3, 4), stride=(1, 2)))
+
+
 BAD = [
     (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size must be an int or a tuple of 2"),
     (dict(kernel_size=9), ValueError, r"kernel_size\[0\] = 9 exceeds the extent 8 of spatial dim 0"),
