@@ -50,6 +50,10 @@ class AttentionSpec:
     dropout_p, dropout_seed: attention dropout (SDPA's dropout_p) and the int64 (2,)
         Philox (seed, offset) its keep decisions come from (csrc/common/dropout.h); the
         backward regenerates the same mask from it.
+    spatial_shape, na_kernel_size, na_dilation, na_stride, na_causal, tile_shape: the
+        neighborhood kind on a 1-3-D token grid (NATTEN's rule per dim; na_causal 0/1),
+        tokens in the tile-major order of tile_shape boxes (csrc/common/mask.h, built by
+        _neighborhood.py); all empty for the 1-D kind of kernel_size / dilation / causal.
     """
 
     scale: float
@@ -71,6 +75,12 @@ class AttentionSpec:
     sinks: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     dropout_seed: Optional[torch.Tensor] = None
+    spatial_shape: tuple = ()
+    na_kernel_size: tuple = ()
+    na_dilation: tuple = ()
+    na_stride: tuple = ()
+    na_causal: tuple = ()
+    tile_shape: tuple = ()
 
     # fields that hold tensors (saved for backward through save_for_backward), and those of
     # them whose dim 0 is the batch (torch.vmap folds its dim into that batch)

@@ -13,9 +13,11 @@ gets a zero output and ``lse = -inf`` (its sink's logit with ``sinks``), never N
 fp16/bf16 inputs accumulate in fp32.
 """
 
+import math
+
 import torch
 
-from . import _checks, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
+from . import _checks, _neighborhood, _ops  # noqa: F401  (_ops registers fake kernels and autograd)
 from ._spec import MASK_KINDS, AttentionSpec
 
 
@@ -147,35 +149,82 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     return _run(q, k, v, spec, return_lse)
 
 
-def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False, scale=None, softcap=None,
+def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, stride=1, causal=False, scale=None, softcap=None,
                            key_mask=None, cu_seqlens=None, alibi_slopes=None, sinks=None, dropout_p=0.0, generator=None,
                            return_lse=False):
-    """1-D neighborhood attention with NATTEN's semantics (self-attention, Nq == Nk).
+    """Neighborhood attention in 1, 2 or 3 dims with NATTEN's semantics (self-attention).
 
-    Within the dilation group of query ``i`` (positions with the same ``i % dilation``),
-    ``i`` sees the ``kernel_size`` group members centred on it; at the sequence edges
-    the window shifts inwards, so every query sees exactly ``kernel_size`` keys. With
-    ``causal``, it sees the ``kernel_size`` members ending at itself (fewer at the start).
+    Along every spatial dim, inside the dilation group of the query (coordinates with the
+    same ``x % dilation``), the query sees the ``kernel_size`` group members around it; at
+    the edges the window shifts inwards, so it always holds ``kernel_size`` members. An even
+    kernel reaches one member less ahead than behind. ``stride`` groups queries: the
+    ``stride`` queries of a group share the window of their group's centre (NATTEN's
+    generalized neighborhood attention; ``stride == kernel_size`` is blocked attention).
+    ``causal`` (per dim): the window ends at the query; its start is the one of the group's
+    last query. A key is seen when it is in the window along every dim.
 
     Args:
-        kernel_size: odd int >= 1 with ``kernel_size * dilation <= N``.
-        dilation: int >= 1.
-        cu_seqlens: packed documents, as in :func:`flash_attention`: each document is a
-            sequence of its own, with its own edges. A document shorter than
-            ``kernel_size * dilation`` has queries that see their whole dilation group.
-        scale, softcap, key_mask, alibi_slopes, sinks, dropout_p, generator, return_lse: as
-            in :func:`flash_attention`.
+        q: ``(B, Hq, *spatial, D)`` with 1 to 3 spatial dims; k, v: ``(B, Hkv, *spatial, D)``
+            and ``(B, Hkv, *spatial, Dv)``. The output is ``(B, Hq, *spatial, Dv)``, lse
+            ``(B, Hq, *spatial)``.
+        kernel_size, dilation, stride: an int or a tuple of one per spatial dim, with
+            ``kernel_size * dilation <= extent`` and ``1 <= stride <= kernel_size``.
+        causal: a bool or a tuple of one per spatial dim.
+        key_mask: bool ``(B, *spatial)`` or ``(B, N)``, as in :func:`flash_attention`.
+        cu_seqlens: packed 1-D documents, as in :func:`flash_attention` (1-D, odd kernel,
+            stride 1 only): each document is a sequence of its own, with its own edges. A
+            document shorter than ``kernel_size * dilation`` has queries that see their
+            whole dilation group.
+        alibi_slopes: 1-D, odd kernel, stride 1 only.
+        scale, softcap, sinks, dropout_p, generator, return_lse: as in :func:`flash_attention`.
     """
     fn = "neighborhood_attention"
+    spatial = _neighborhood.grid_qkv(q, k, v, fn)
+    nd = len(spatial)
+    ks = _neighborhood.per_dim(kernel_size, "kernel_size", nd, fn)
+    dil = _neighborhood.per_dim(dilation, "dilation", nd, fn)
+    st = _neighborhood.per_dim(stride, "stride", nd, fn)
+    cz = _neighborhood.per_dim(causal, "causal", nd, fn, boolean=True)
+    if nd == 1 and ks[0] % 2 == 1 and st[0] == 1:  # the 1-D kind of mask.h: packed documents, ALiBi
+        return _neighborhood_1d(q, k, v, ks[0], dil[0], cz[0], scale, softcap, key_mask, cu_seqlens, alibi_slopes,
+                                sinks, dropout_p, generator, return_lse, fn)
+    for name, x in (("cu_seqlens", cu_seqlens), ("alibi_slopes", alibi_slopes)):
+        if x is not None:
+            raise ValueError(f"{fn}: {name} needs a 1-D neighborhood with an odd kernel_size and stride 1, got "
+                             f"spatial shape {spatial}, kernel_size={ks}, stride={st}")
+    spatial = tuple(int(n) for n in spatial)  # torch.compile(dynamic=True): the grid specializes (its token order)
+    _neighborhood.check_against_extents(spatial, ks, dil, st, fn)
+    B, Hq, N = q.shape[0], q.shape[1], math.prod(spatial)
+    if key_mask is not None and isinstance(key_mask, torch.Tensor) and tuple(key_mask.shape[1:]) == spatial:
+        key_mask = key_mask.reshape(key_mask.shape[0], N)
+    flat = [t.reshape(t.shape[0], t.shape[1], N, t.shape[-1]) for t in (q, k, v)]
+    _, fields = _common(*flat, fn, False, scale, softcap, key_mask, return_lse, sinks=sinks, dropout_p=dropout_p,
+                        generator=generator)
+    tile = _neighborhood.tile_shape(spatial, dil)
+    identity = _neighborhood.is_identity(spatial, dil)
+    if not identity:
+        order, inverse = _neighborhood.orders(spatial, dil, tile, q.device)
+        flat = [_neighborhood.gather(t, order) for t in flat]
+        if fields["key_mask"] is not None:
+            fields["key_mask"] = fields["key_mask"].index_select(1, order)
+    spec = AttentionSpec(mask_kind=MASK_KINDS["neighborhood"], spatial_shape=spatial, na_kernel_size=ks,
+                         na_dilation=dil, na_stride=st, na_causal=tuple(int(c) for c in cz), tile_shape=tile,
+                         **fields)
+    out, lse = spec.forward(*flat)
+    if not identity:
+        out, lse = _neighborhood.gather(out, inverse), _neighborhood.gather(lse, inverse)
+    out = out.reshape(B, Hq, *spatial, out.shape[-1])
+    return (out, lse.reshape(B, Hq, *spatial)) if return_lse else out
+
+
+def _neighborhood_1d(q, k, v, kernel_size, dilation, causal, scale, softcap, key_mask, cu_seqlens, alibi_slopes,
+                     sinks, dropout_p, generator, return_lse, fn):
+    """The 1-D kind (mask.h's kernel_size / dilation / causal): odd kernel, stride 1."""
     (_, _, _, Nq, Nk), fields = _common(q, k, v, fn, causal, scale, softcap, key_mask, return_lse, cu_seqlens,
                                         alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
                                         generator=generator)
     if Nq != Nk:
         raise ValueError(f"{fn}: q and k must have the same sequence length, got Nq={Nq}, Nk={Nk}")
-    kernel_size = _checks.integer(kernel_size, "kernel_size", fn, minimum=1)
-    if kernel_size % 2 == 0:
-        raise ValueError(f"{fn}: kernel_size must be odd, got {kernel_size}")
-    dilation = _checks.integer(dilation, "dilation", fn, minimum=1)
     if Nk > 0 and kernel_size * dilation > Nk:
         raise ValueError(f"{fn}: kernel_size * dilation = {kernel_size * dilation} exceeds the sequence length {Nk}")
     spec = AttentionSpec(mask_kind=MASK_KINDS["neighborhood"], kernel_size=kernel_size, dilation=dilation, **fields)

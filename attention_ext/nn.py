@@ -37,6 +37,7 @@ from . import _content_layers, _layers
 from . import alibi as _alibi
 from . import functional as _fn
 from . import linear as _linear
+from ._na_modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D  # noqa: F401
 from .decode import attention_with_kvcache
 from .kvcache import KVCache
 

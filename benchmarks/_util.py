@@ -57,6 +57,15 @@ def reason(e, width=100):
     return f"{type(e).__name__}: {str(e).splitlines()[0][:width]}"
 
 
+def add_peer(fwd, errors, name, build):
+    """fwd[name] = build(), or errors[name] = why building it failed (a peer that cannot be
+    built, e.g. a FlexAttention that does not compile, is a result, not a crash)."""
+    try:
+        fwd[name] = build()
+    except Exception as e:  # noqa: BLE001
+        errors[name] = reason(e)
+
+
 def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
     """Best-of-`rounds` seconds of each callable in `fns` (dict name -> fn), measured in
     interleaved rounds so that machine drift hits every contender alike. A contender

@@ -65,6 +65,45 @@ def neighborhood_mask(n, kernel_size, *, dilation=1, causal=False):
     return m
 
 
+def natten_window_1d(n, kernel_size, dilation, stride, causal):
+    """(n, n) bool: NATTEN's rule along one dim (csrc/include/natten/cuda/reference/mask.hpp,
+    written out per query): inside the query's dilation group (index i, length L), the
+    window of its stride group's leader, kernel_size members, shifted inwards at the edges
+    (an even kernel reaches one less ahead); causal: from the window start of the group's
+    last member up to the query itself."""
+    m = torch.zeros(n, n, dtype=torch.bool)
+    left, right = kernel_size // 2, kernel_size // 2 + kernel_size % 2 - 1
+    for x in range(n):
+        members = list(range(x % dilation, n, dilation))
+        L, i = len(members), members.index(x)
+        if causal:
+            leader = min((i // stride) * stride + stride - 1, L - 1)
+            lo, hi = max(leader - left - right, 0), min(i + 1, L)
+        else:
+            leader = min((i // stride) * stride + stride // 2, L - 1)
+            lo = max(leader - left, 0)
+            if leader + right >= L:
+                lo += L - right - leader - 1
+            hi = lo + kernel_size
+        m[x, members[lo:hi]] = True
+    return m
+
+
+def natten_mask(spatial, kernel_size, dilation=None, stride=None, causal=None):
+    """(N, N) bool over the row-major tokens of a 1-3-D grid: a key is seen when it is in
+    the query's window along every dim (per-dim arguments are tuples)."""
+    nd = len(spatial)
+    dilation, stride, causal = (x or (d,) * nd for x, d in ((dilation, 1), (stride, 1), (causal, False)))
+    m = torch.ones((1,) * (2 * nd), dtype=torch.bool)
+    for d, n in enumerate(spatial):
+        w = natten_window_1d(n, kernel_size[d], dilation[d], stride[d], causal[d])
+        shape = [1] * (2 * nd)
+        shape[d], shape[nd + d] = n, n  # (query coords..., key coords...)
+        m = m & w.view(shape)
+    N = math.prod(spatial)
+    return m.reshape(N, N)
+
+
 def block_mask(layout, block_size, nq, nk):
     """Expand a (H, nqb, nkb) block layout to (H, nq, nk)."""
     m = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)

@@ -79,6 +79,38 @@ DropoutSpec check_dropout(const char* op, const AttentionSpecArgs& a) {
   return d;
 }
 
+// The grid neighborhood's fields (mask.h, na_nd > 0), padded in front to 3 dims. The public
+// function (attention_ext/_neighborhood.py) checks them with messages naming its arguments;
+// this keeps a raw op call from reading out of bounds.
+void check_grid(const char* op, const QkvShape& s, const AttentionSpecArgs& a, MaskSpec& m) {
+  const int64_t nd = int64_t(a.spatial_shape.size());
+  TORCH_CHECK_VALUE(a.mask_kind == kNeighborhood, op, ": spatial_shape needs mask_kind ", kNeighborhood);
+  TORCH_CHECK_VALUE(nd >= 1 && nd <= 3, op, ": spatial_shape must have 1 to 3 dims, got ", a.spatial_shape);
+  for (const auto& [name, v] : {std::pair<const char*, at::IntArrayRef>{"na_kernel_size", a.na_kernel_size},
+                                {"na_dilation", a.na_dilation}, {"na_stride", a.na_stride},
+                                {"na_causal", a.na_causal}, {"tile_shape", a.tile_shape}})
+    TORCH_CHECK_VALUE(int64_t(v.size()) == nd, op, ": ", name, " must have ", nd, " entries, got ", v);
+  TORCH_CHECK_VALUE(s.Nq == s.Nk, op, ": neighborhood attention needs Nq == Nk, got ", s.Nq, " and ", s.Nk);
+  TORCH_CHECK_VALUE(!a.causal, op, ": a grid neighborhood takes na_causal, not causal");
+  TORCH_CHECK_VALUE(!a.cu_seqlens_q.has_value() && !a.alibi_slopes.has_value(), op,
+                    ": a grid neighborhood takes neither cu_seqlens nor alibi_slopes");
+  int64_t n = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    const int64_t E = a.spatial_shape[d], K = a.na_kernel_size[d], D = a.na_dilation[d], S = a.na_stride[d];
+    TORCH_CHECK_VALUE(E >= 1 && K >= 1 && D >= 1 && S >= 1 && S <= K && K <= E / D && a.tile_shape[d] >= 1, op,
+                      ": grid dim ", d, ": need extent >= kernel_size * dilation, 1 <= stride <= kernel_size and "
+                      "tile >= 1, got extent ", E, ", kernel_size ", K, ", dilation ", D, ", stride ", S, ", tile ",
+                      a.tile_shape[d]);
+    TORCH_CHECK_VALUE(n <= s.Nk / E, op, ": spatial_shape ", a.spatial_shape, " has more tokens than Nk = ", s.Nk);
+    n *= E;
+    const int64_t p = 3 - nd + d;
+    m.na_extent[p] = E, m.na_kernel[p] = K, m.na_dilation[p] = D, m.na_stride[p] = S;
+    m.na_tile[p] = a.tile_shape[d], m.na_causal[p] = a.na_causal[d] != 0;
+  }
+  TORCH_CHECK_VALUE(n == s.Nk, op, ": spatial_shape ", a.spatial_shape, " holds ", n, " tokens, but Nk = ", s.Nk);
+  m.na_nd = nd;
+}
+
 AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& q, const AttentionSpecArgs& a) {
   check_numbers(op, a);
   AttentionInputs in;
@@ -101,7 +133,8 @@ AttentionInputs check_spec(const char* op, const QkvShape& s, const at::Tensor& 
   m.nk = s.Nk;
   m.offset = s.Nk - s.Nq;
   m.prefix_stride = s.Nk + 1;
-  if (a.mask_kind == kNeighborhood) {
+  if (!a.spatial_shape.empty()) check_grid(op, s, a, m);
+  else if (a.mask_kind == kNeighborhood) {
     TORCH_CHECK(s.Nq == s.Nk, op, ": neighborhood attention needs Nq == Nk, got ", s.Nq, " and ", s.Nk);
     TORCH_CHECK(a.kernel_size % 2 == 1, op, ": kernel_size must be odd, got ", a.kernel_size);
     // kernel_size * dilation <= Nk, without the product (it may not fit in int64)

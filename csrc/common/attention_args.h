@@ -43,7 +43,13 @@ namespace attention_ext {
   "Tensor? alibi_slopes=None, "       \
   "Tensor? sinks=None, "              \
   "float dropout_p=0.0, "             \
-  "Tensor? dropout_seed=None"
+  "Tensor? dropout_seed=None, "       \
+  "int[] spatial_shape=[], "          \
+  "int[] na_kernel_size=[], "         \
+  "int[] na_dilation=[], "            \
+  "int[] na_stride=[], "              \
+  "int[] na_causal=[], "              \
+  "int[] tile_shape=[]"
 
 #define AE_ATTENTION_SPEC_PARAMS                                                                                 \
   double scale, double softcap, int64_t mask_kind, bool causal, int64_t window_left, int64_t window_right,     \
@@ -51,11 +57,13 @@ namespace attention_ext {
       const std::optional<at::Tensor>& block_layout, int64_t block_size, const std::optional<at::Tensor>& key_mask, \
       const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,             \
       const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double dropout_p,   \
-      const std::optional<at::Tensor>& dropout_seed
+      const std::optional<at::Tensor>& dropout_seed, at::IntArrayRef spatial_shape, at::IntArrayRef na_kernel_size, \
+      at::IntArrayRef na_dilation, at::IntArrayRef na_stride, at::IntArrayRef na_causal, at::IntArrayRef tile_shape
 
 #define AE_ATTENTION_SPEC_ARGS                                                                                   \
   scale, softcap, mask_kind, causal, window_left, window_right, dilation, kernel_size, num_global, global_mask, \
-      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, dropout_p, dropout_seed
+      block_layout, block_size, key_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, dropout_p, dropout_seed, \
+      spatial_shape, na_kernel_size, na_dilation, na_stride, na_causal, tile_shape
 
 struct AttentionSpecArgs {
   double scale, softcap;
@@ -72,6 +80,8 @@ struct AttentionSpecArgs {
   const std::optional<at::Tensor>& sinks;         // (Hq,), lse dtype
   double dropout_p;
   const std::optional<at::Tensor>& dropout_seed;  // int64 (2,): Philox seed and offset
+  // neighborhood on a grid (mask.h, na_nd > 0): per spatial dim, all empty or all of one length
+  at::IntArrayRef spatial_shape, na_kernel_size, na_dilation, na_stride, na_causal, tile_shape;
 };
 
 // A checked call: shapes, dtype, the mask spec and the tensors its pointers read.

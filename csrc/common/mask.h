@@ -20,6 +20,7 @@
 //   Neighborhood NATTEN 1-D: inside the dilation group of p (positions with the same
 //                residue mod d), the kernel_size group members centred on p, shifted
 //                inwards at the group's edges; causal: the kernel_size members ending at p.
+//                na_nd > 0: NATTEN's rule on a 1-3-D token grid (na_allowed below).
 //   BlockLayout  layout[h][i / block_size][j / block_size]
 //
 // Kernels walk (query tile, key tile) pairs, ask classify() whether a pair is Empty
@@ -61,6 +62,12 @@ struct MaskSpec {
   // Rows of the prefix arrays are prefix_stride long (the tensors' Nk + 1); key 0 of this
   // spec is key key_base of the row (a packed document's first key).
   int64_t prefix_stride = 1, key_base = 0;
+  // Neighborhood on a grid (na_nd = 1..3 spatial dims; 0: the 1-D fields above). Arrays are
+  // padded in front to 3 dims (extent, kernel, tile 1), so every function loops over 3.
+  int64_t na_nd = 0;
+  int64_t na_extent[3] = {1, 1, 1}, na_kernel[3] = {1, 1, 1}, na_dilation[3] = {1, 1, 1};
+  int64_t na_stride[3] = {1, 1, 1}, na_tile[3] = {1, 1, 1};
+  bool na_causal[3] = {false, false, false};
 };
 
 AE_HD int64_t ae_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -127,6 +134,184 @@ AE_HD int64_t neighborhood_start(const MaskSpec& s, int64_t p) {
   return st * d + g;
 }
 
+// ---- Neighborhood on a grid (na_nd > 0) ---------------------------------------------
+//
+// Token order (the caller permutes q, k, v into it: attention_ext/_neighborhood.py):
+// along each dim the coordinate x becomes x' = start(g) + x / d, g = x % d (d the
+// dilation): each dilation group is a contiguous run of length L(g) = ceil((E - g) / d).
+// Every run is cut into boxes of na_tile tokens (the last one shorter), and tokens are
+// ordered by box (lexicographic over dims), then row-major inside their box. A kernel tile
+// of one box volume is then one box of one dilation group, and NATTEN's dilated window is
+// an undilated interval of x' per dim, so tile pairs are tight.
+
+// The dilation group holding x' along dim d: its first x' and length.
+AE_HD void na_group(const MaskSpec& s, int d, int64_t u, int64_t* start, int64_t* len) {
+  const int64_t E = s.na_extent[d], dil = s.na_dilation[d], q = E / dil, r = E % dil;
+  if (u < r * (q + 1)) {
+    *start = u / (q + 1) * (q + 1), *len = q + 1;
+  } else {
+    *start = r * (q + 1) + (u - r * (q + 1)) / q * q, *len = q;
+  }
+}
+
+// The box holding x' = u along dim d: its first x' and extent.
+AE_HD void na_dim_box(const MaskSpec& s, int d, int64_t u, int64_t* lo, int64_t* n) {
+  int64_t start, len;
+  na_group(s, d, u, &start, &len);
+  const int64_t T = s.na_tile[d], t = (u - start) / T * T;
+  *lo = start + t, *n = ae_min(T, len - t);
+}
+
+// Token idx's box: its first token (returned), first x' and extents per dim.
+AE_HD int64_t na_box(const MaskSpec& s, int64_t idx, int64_t* lo, int64_t* n) {
+  int64_t first = 0, h = 1, after = s.na_extent[1] * s.na_extent[2];
+  for (int d = 0; d < 3; ++d) {
+    const int64_t slab = h * after;  // tokens per x' step along d, inside the boxes of dims < d
+    na_dim_box(s, d, (idx - first) / slab, &lo[d], &n[d]);
+    first += lo[d] * slab;
+    h *= n[d];
+    if (d < 2) after /= s.na_extent[d + 1];
+  }
+  return first;
+}
+
+// x' coordinates of token idx; lo/n: its box, as na_box.
+AE_HD void na_coords(const MaskSpec& s, int64_t idx, int64_t* x, int64_t* lo, int64_t* n) {
+  int64_t local = idx - na_box(s, idx, lo, n);
+  for (int d = 2; d >= 0; --d) {
+    x[d] = lo[d] + local % n[d];
+    local /= n[d];
+  }
+}
+
+// First token of the box holding x' coordinates x, and the box's volume.
+AE_HD int64_t na_box_start(const MaskSpec& s, const int64_t* x, int64_t* volume) {
+  int64_t first = 0, h = 1, after = s.na_extent[1] * s.na_extent[2];
+  for (int d = 0; d < 3; ++d) {
+    int64_t lo, n;
+    na_dim_box(s, d, x[d], &lo, &n);
+    first += lo * h * after;
+    h *= n;
+    if (d < 2) after /= s.na_extent[d + 1];
+  }
+  *volume = h;
+  return first;
+}
+
+// NATTEN's window of the query at x' = u along dim d, as keys [*w0, *w1) of x'
+// (csrc/include/natten/cuda/reference/mask.hpp: get_win_start / get_win_end on the
+// dilation group's index i and length L; stride: the query's stride group leader's window).
+AE_HD void na_window(const MaskSpec& s, int d, int64_t u, int64_t* w0, int64_t* w1) {
+  int64_t start, L;
+  na_group(s, d, u, &start, &L);
+  const int64_t i = u - start, K = s.na_kernel[d], S = s.na_stride[d];
+  const int64_t wl = K / 2, wr = K / 2 + K % 2 - 1;  // an even kernel reaches one less ahead
+  int64_t st, en;
+  if (s.na_causal[d]) {
+    const int64_t leader = ae_min(i / S * S + S - 1, L - 1);
+    st = ae_max(leader - wl - wr, 0);
+    en = ae_min(i + 1, L);
+  } else {
+    const int64_t leader = ae_min(i / S * S + S / 2, L - 1);
+    st = ae_max(leader - wl, 0) + (leader + wr >= L ? L - wr - leader - 1 : 0);
+    en = st + K;
+  }
+  *w0 = start + st, *w1 = start + en;
+}
+
+// Per-dim key windows [w0, w1) of x' for query token i.
+AE_HD void na_row_window(const MaskSpec& s, int64_t i, int64_t* w0, int64_t* w1) {
+  int64_t x[3], lo[3], n[3];
+  na_coords(s, i, x, lo, n);
+  for (int d = 0; d < 3; ++d) na_window(s, d, x[d], &w0[d], &w1[d]);
+}
+
+AE_HD bool na_allowed(const MaskSpec& s, int64_t i, int64_t j) {
+  int64_t w0[3], w1[3], y[3], lo[3], n[3];
+  na_row_window(s, i, w0, w1);
+  na_coords(s, j, y, lo, n);
+  for (int d = 0; d < 3; ++d)
+    if (y[d] < w0[d] || y[d] >= w1[d]) return false;
+  return true;
+}
+
+// Per-dim x' bounds [*a, *b] (inclusive) of every token of [t0, t1) (non-empty); *exact:
+// the range is one whole box. Lexicographic order: the dims up to the first one where the
+// ends differ are bounded exactly, the later ones by their box or the whole extent.
+AE_HD void na_range_bounds(const MaskSpec& s, int64_t t0, int64_t t1, int64_t* a, int64_t* b, bool* exact) {
+  int64_t xa[3], xb[3], la[3], lb[3], na[3], nb[3];
+  na_coords(s, t0, xa, la, na);
+  na_coords(s, t1 - 1, xb, lb, nb);
+  const bool same_box = la[0] == lb[0] && la[1] == lb[1] && la[2] == lb[2];
+  *exact = same_box && xa[0] == la[0] && xa[1] == la[1] && xa[2] == la[2] &&
+           t1 - t0 == na[0] * na[1] * na[2];
+  bool split = false;  // an earlier dim already differs
+  for (int d = 0; d < 3; ++d) {
+    if (same_box) {
+      a[d] = split ? la[d] : xa[d];
+      b[d] = split ? la[d] + na[d] - 1 : xb[d];
+      split |= xa[d] != xb[d];
+    } else {
+      a[d] = split ? 0 : la[d];
+      b[d] = split ? s.na_extent[d] - 1 : lb[d] + nb[d] - 1;
+      split |= la[d] != lb[d];
+    }
+  }
+}
+
+// Tokens [*t0, *t1) covering every token whose x' lies in the per-dim bounds [a, b]
+// (boxes are ordered lexicographically, so the boxes of the two corners bound them all).
+AE_HD void na_bounds_range(const MaskSpec& s, const int64_t* a, const int64_t* b, int64_t* t0, int64_t* t1) {
+  int64_t vol;
+  *t0 = na_box_start(s, a, &vol);
+  *t1 = na_box_start(s, b, &vol) + vol;
+}
+
+// Keys that queries [q0, q1) may see: the union of their windows (w0, w1 grow with x').
+AE_HD void na_key_band(const MaskSpec& s, int64_t q0, int64_t q1, int64_t* k0, int64_t* k1) {
+  int64_t a[3], b[3], w0[3], w1[3], unused;
+  bool exact;
+  na_range_bounds(s, q0, q1, a, b, &exact);
+  for (int d = 0; d < 3; ++d) {
+    na_window(s, d, a[d], &w0[d], &unused);
+    na_window(s, d, b[d], &unused, &w1[d]);
+    w1[d] -= 1;
+  }
+  na_bounds_range(s, w0, w1, k0, k1);
+}
+
+// Queries that may see keys [k0, k1): a query sees keys within kernel + stride of it
+// along every dim, inside its own dilation group.
+AE_HD void na_query_band(const MaskSpec& s, int64_t k0, int64_t k1, int64_t* q0, int64_t* q1) {
+  int64_t a[3], b[3], g0, g1, len;
+  bool exact;
+  na_range_bounds(s, k0, k1, a, b, &exact);
+  for (int d = 0; d < 3; ++d) {
+    const int64_t reach = s.na_kernel[d] + s.na_stride[d];
+    na_group(s, d, a[d], &g0, &len);
+    na_group(s, d, b[d], &g1, &len);
+    a[d] = ae_max(a[d] - (s.na_causal[d] ? 0 : reach), g0);  // causal: only queries at or after a key
+    b[d] = ae_min(b[d] + reach, g1 + len - 1);
+  }
+  na_bounds_range(s, a, b, q0, q1);
+}
+
+AE_HD int na_classify(const MaskSpec& s, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+  int64_t qa[3], qb[3], ka[3], kb[3];
+  bool q_exact, k_exact;
+  na_range_bounds(s, q0, q1, qa, qb, &q_exact);
+  na_range_bounds(s, k0, k1, ka, kb, &k_exact);
+  bool full = q_exact && k_exact;
+  for (int d = 0; d < 3; ++d) {
+    int64_t a0, a1, b0, b1;  // windows of the first and last query x'
+    na_window(s, d, qa[d], &a0, &a1);
+    na_window(s, d, qb[d], &b0, &b1);
+    if (kb[d] < a0 || ka[d] >= b1) return kEmpty;
+    full &= b0 <= ka[d] && kb[d] < a1;
+  }
+  return full ? kFull : kPartial;
+}
+
 AE_HD bool base_allowed(const MaskSpec& s, int64_t h, int64_t i, int64_t j) {
   const int64_t p = i + s.offset;
   switch (s.kind) {
@@ -135,6 +320,7 @@ AE_HD bool base_allowed(const MaskSpec& s, int64_t h, int64_t i, int64_t j) {
       return delta <= s.left * d && -delta <= s.right * d && delta % d == 0;
     }
     case kNeighborhood: {
+      if (s.na_nd) return na_allowed(s, i, j);
       const int64_t d = s.dilation;
       if ((j - p) % d != 0) return false;
       const int64_t st = neighborhood_start(s, p);
@@ -179,6 +365,7 @@ AE_HD void base_reach(const MaskSpec& s, int64_t* lo, int64_t* hi) {
 // Keys that queries [q0, q1) may see through the base pattern and causality:
 // [*k0, *k1). Global keys outside it are found by classify().
 AE_HD void key_band(const MaskSpec& s, int64_t q0, int64_t q1, int64_t* k0, int64_t* k1) {
+  if (s.kind == kNeighborhood && s.na_nd) return na_key_band(s, q0, q1, k0, k1);
   int64_t lo, hi;
   base_reach(s, &lo, &hi);
   *k0 = ae_max(0, q0 + s.offset - lo);
@@ -187,6 +374,7 @@ AE_HD void key_band(const MaskSpec& s, int64_t q0, int64_t q1, int64_t* k0, int6
 
 // Queries that keys [k0, k1) may be seen by through the base pattern: [*q0, *q1).
 AE_HD void query_band(const MaskSpec& s, int64_t k0, int64_t k1, int64_t* q0, int64_t* q1) {
+  if (s.kind == kNeighborhood && s.na_nd) return na_query_band(s, k0, k1, q0, q1);
   int64_t lo, hi;
   base_reach(s, &lo, &hi);
   *q0 = ae_max(0, k0 - hi - s.offset);
@@ -233,6 +421,7 @@ AE_HD int classify_base(const MaskSpec& s, int64_t h, int64_t q0, int64_t q1, in
       return full && causal_full ? kFull : kPartial;
     }
     case kNeighborhood: {
+      if (s.na_nd) return na_classify(s, q0, q1, k0, k1);
       const int64_t reach = (s.kernel_size - 1) * s.dilation;
       if (k0 > p1 + (s.causal ? 0 : reach) || k1 - 1 < p0 - reach) return kEmpty;
       return kPartial;
@@ -280,7 +469,16 @@ AE_HD int classify(const MaskSpec& s, int64_t b, int64_t h, int64_t q0, int64_t 
 // (dense, causal, undilated windows and neighborhoods, no globals, no key mask); returns
 // false when the row needs the per-element test.
 AE_HD bool row_interval(const MaskSpec& s, int64_t i, int64_t* j0, int64_t* j1) {
-  if (has_global(s) || s.key_prefix || s.kind == kBlockLayout || s.dilation != 1) return false;
+  if (has_global(s) || s.key_prefix || s.kind == kBlockLayout) return false;
+  if (s.kind == kNeighborhood && s.na_nd) {
+    // one run along the grid's last dim when it is the only one longer than 1
+    if (s.na_extent[0] != 1 || s.na_extent[1] != 1) return false;
+    int64_t w0[3], w1[3];
+    na_row_window(s, i, w0, w1);
+    *j0 = w0[2], *j1 = w1[2];
+    return true;
+  }
+  if (s.dilation != 1) return false;
   const int64_t p = i + s.offset;
   if (s.kind == kNeighborhood) {
     const int64_t st = neighborhood_start(s, p);

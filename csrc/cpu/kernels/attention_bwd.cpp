@@ -26,6 +26,7 @@
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "kernels.h"
+#include "na_tiles.h"
 #include "pairwise_sum.h"
 #include "segments.h"
 #include "softmax_tile.h"
@@ -35,13 +36,18 @@ namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// Zeroes P^T entries (key row j, query column c) that the mask forbids.
+// Zeroes P^T entries (key row j, query column c) that the mask forbids; kt0: the start of
+// the key tile holding keys [k0, k0 + nk), for grid neighborhoods (na).
 template <typename acc_t>
-void mask_tile_t(const MaskSpec& m, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
-                 acc_t* pt, int64_t ld) {
+void mask_tile_t(const MaskSpec& m, const NaTiles& na, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t kt0,
+                 int64_t k0, int64_t nk, acc_t* pt, int64_t ld) {
   for (int64_t c = 0; c < mq; ++c) {
     int64_t j0, j1;
-    if (row_interval(m, q0 + c, &j0, &j1)) {
+    if (na.on()) {
+      na.masked_runs(q0 + c, kt0, k0, nk, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) pt[r * ld + c] = acc_t(0);
+      });
+    } else if (row_interval(m, q0 + c, &j0, &j1)) {
       const int64_t a = std::clamp<int64_t>(j0 - k0, 0, nk), e = std::clamp<int64_t>(j1 - k0, a, nk);
       for (int64_t r = 0; r < a; ++r) pt[r * ld + c] = acc_t(0);
       for (int64_t r = e; r < nk; ++r) pt[r * ld + c] = acc_t(0);
@@ -60,6 +66,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
   constexpr bool kBf16 = bf16_tiles<scalar_t>();
   const auto [BQ, BK] = bwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
   const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
+  const NaTiles na(a.mask, BQ, BK);  // grid neighborhoods: tile bounds and query windows, once
   const int64_t D = a.Dqk, Dp = round_up(D, VL), Dv = a.Dv, Dvp = round_up(Dv, VL);
   const int64_t D2 = round_up(D, 2), Dv2 = round_up(Dv, 2), BK2 = round_up(BK, 2);
   const int64_t nqt = int64_t(segs.qtiles.size()), nkt = int64_t(segs.ktiles.size());
@@ -258,11 +265,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
           const acc_t* do_r =
               in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
           const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
-          const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+          const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
           if (cls == kEmpty) continue;
           // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
           int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
-          if (cls == kPartial && trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1)) {
+          if (cls == kPartial && (na.on() ? na.trim(q0, k0, &i0, &i1, &j0, &j1)
+                                           : trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1))) {
             if (i0 >= i1) continue;
             i0 -= i0 % VL;  // queries are the columns of the transposed products
             if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
@@ -319,8 +327,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
           }
           if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
           if (cls == kPartial) {
-            mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, st0, BQ);
-            mask_tile_t(mask, b, h, q0 + i0, ni, k0 + j0, nj, dpt0, BQ);
+            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, st0, BQ);
+            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, dpt0, BQ);
           }
           // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
           acc_t* dk_part = dkv.leaf(used);

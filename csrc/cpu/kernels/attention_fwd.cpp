@@ -13,6 +13,7 @@
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "kernels.h"
+#include "na_tiles.h"
 #include "segments.h"
 #include "softmax_tile.h"
 #include "tile_util.h"
@@ -27,6 +28,7 @@ void fwd_impl(const AttentionFwdArgs& a) {
   constexpr bool kBf16 = bf16_tiles<scalar_t>();
   const auto [BQ, BK] = fwd_tiles<acc_t>(a.mask, a.Nq, a.Nk);
   const Segments segs = make_segments(a.docs, a.mask, a.B, a.Nq, a.Nk, BQ, BK);
+  const NaTiles na(a.mask, BQ, BK);  // grid neighborhoods: tile bounds and query windows, once
   const int64_t D = a.Dqk, Dvp = round_up(a.Dv, VL);
   const int64_t group = a.Hq / a.Hkv;
   const auto* q = static_cast<const scalar_t*>(a.q.data);
@@ -129,11 +131,12 @@ void fwd_impl(const AttentionFwdArgs& a) {
     [[maybe_unused]] const uint8_t* vb_bad_doc = v_bad.get() + (sg.kt0 * a.Hkv + hk) * BK;
     for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
       const int64_t k0 = kt * BK, nk = std::min(BK, mask.nk - k0);
-      const int cls = classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+      const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
       if (cls == kEmpty) continue;
       // rows [r0, r1) x columns [c0, c1) of the tile hold everything allowed
       int64_t r0 = 0, r1 = mq, c0 = 0, c1 = nk;
-      if (cls == kPartial && trim_tile(mask, q0, mq, k0, nk, &r0, &r1, &c0, &c1)) {
+      if (cls == kPartial && (na.on() ? na.trim(q0, k0, &r0, &r1, &c0, &c1)
+                                       : trim_tile(mask, q0, mq, k0, nk, &r0, &r1, &c0, &c1))) {
         if (r0 >= r1) continue;
         c0 -= c0 % VL;  // the score product's columns start on a vector boundary
       }
@@ -152,7 +155,10 @@ void fwd_impl(const AttentionFwdArgs& a) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
         if (slope2 != acc_t(0)) alibi_row(row, nc, alibi, q0 + r + mask.offset, k0 + c0);
-        if (cls == kPartial) mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
+        if (cls == kPartial && na.on())
+          na.masked_runs(q0 + r, k0, k0 + c0, nc, [&](int64_t u, int64_t w) { std::fill(row + u, row + w, kNegInf<acc_t>); });
+        else if (cls == kPartial)
+          mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
         // after the row sum: dropout acts on the normalised probabilities only

@@ -157,11 +157,17 @@ inline int64_t block_tile(int64_t bs, int64_t lo, int64_t cap) {
   return cap;
 }
 
+// Grid neighborhood: one box per tile (mask.h), so that tile pairs are tight.
+inline int64_t na_box_tile(const MaskSpec& m) {
+  return std::clamp<int64_t>(m.na_tile[0] * m.na_tile[1] * m.na_tile[2], 16, 256);
+}
+
 template <typename acc_t>
 inline TileShape fwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   constexpr int64_t VL = Vec<acc_t>::size();
   int64_t bq = 64, bk = 128;
   if (m.kind == kBlockLayout && m.block_size >= 16) bq = bk = block_tile(m.block_size, 32, 128);
+  if (m.kind == kNeighborhood && m.na_nd) bq = bk = na_box_tile(m);
   bq = std::min(bq, std::max<int64_t>(nq, 1));
   bk = round_up(std::min(bk, std::max<int64_t>(nk, 1)), VL);
   return {bq, bk};
@@ -173,6 +179,7 @@ inline TileShape bwd_tiles(const MaskSpec& m, int64_t nq, int64_t nk) {
   int64_t bq = 64, bk = 64;
   if (m.kind == kBlockLayout && m.block_size >= 16)
     bq = bk = m.block_size <= 128 ? m.block_size : block_tile(m.block_size, 32, 64);
+  if (m.kind == kNeighborhood && m.na_nd) bq = bk = na_box_tile(m);
   bq = round_up(std::min(bq, std::max<int64_t>(nq, 1)), VL);
   bk = std::min(bk, std::max<int64_t>(nk, 1));
   return {bq, bk};
