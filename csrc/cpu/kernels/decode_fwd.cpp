@@ -40,7 +40,10 @@ constexpr int64_t kMinTasks = 8;            // splits enough for this many tasks
 template <typename acc_t>
 inline void score_terms(acc_t* s, int64_t n, acc_t cap2, acc_t slope2, int64_t p, int64_t j0) {
   if (cap2 > acc_t(0)) softcap_row(s, n, cap2);
-  if (slope2 != acc_t(0)) alibi_row(s, n, slope2, p, j0);
+  if (slope2 != acc_t(0)) {
+    AlibiRamp<acc_t> ramp(slope2, -1);  // p - j falls by one per key
+    alibi_row(s, n, ramp, p, j0);
+  }
 }
 
 // Key mask: logical positions at or past its width are attendable (decode_args.h).
