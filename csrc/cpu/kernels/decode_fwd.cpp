@@ -110,7 +110,8 @@ void decode_impl(DecodeFwdArgs& a) {
       scratch_size = need;
     }
     auto* qs = reinterpret_cast<q_t*>(scratch->get());                 // (R, Dp), row r = g * Nq + i
-    auto* s = reinterpret_cast<acc_t*>(qs + round_up(R * Dp, 64 / sizeof(q_t)));  // (R, kChunk) scores, then probabilities
+    // (R, kChunk) scores, then probabilities
+    auto* s = reinterpret_cast<acc_t*>(qs + round_up(R * Dp, 64 / sizeof(q_t)));
     auto** kp = reinterpret_cast<const scalar_t**>(s + R * kChunk);  // key rows of the chunk, kAhead more
     const scalar_t** vp = kp + kChunk + kAhead;
     auto* iv0 = reinterpret_cast<int64_t*>(vp + kChunk);  // query i sees keys [iv0[i], iv1[i])
