@@ -28,9 +28,14 @@ GEN_ROOM = 512  # StaticCache's buffer (and our contiguous cache) hold `context`
 WINDOW = 4096
 CONTENDERS = ("ours", "alibi", "paged16", "paged256", "rolling", "sdpa_concat", "sdpa_static")
 # per mode: cache lengths, batches, Nq (a decoding step, a prefill chunk), rounds, end-to-end tokens
-SIZES = {"quick": dict(contexts=[512], batches=[1], chunks=(1, 16), rounds=1, new_tokens=16, e2e_rounds=1),
-         "default": dict(contexts=[4096], batches=[1], chunks=(1, 128), rounds=3, new_tokens=64, e2e_rounds=1),
-         "full": dict(contexts=None, batches=None, chunks=(1, 128), rounds=None, new_tokens=256, e2e_rounds=3)}
+SIZES = {"quick": dict(contexts=[512], batches=[1], chunks=(1, 16), rounds=1, new_tokens=16, e2e_rounds=1,
+                       generated=(256, 1024)),
+         "default": dict(contexts=[4096], batches=[1], chunks=(1, 128), rounds=3, new_tokens=64, e2e_rounds=1,
+                         generated=(1024, 4096)),
+         "full": dict(contexts=None, batches=None, chunks=(1, 128), rounds=None, new_tokens=256, e2e_rounds=3,
+                      generated=(1024, 4096, 16384))}
+# the rolling-memory table: one layer, B=1, Hkv=2, D=32, window 256, one token per step
+ROLL = dict(heads=8, dim=128, window=256)
 
 
 def copy_bandwidth(device, nbytes, rounds):
@@ -158,6 +163,34 @@ def end_to_end(device, new_tokens, rounds):
     return rows
 
 
+def rolling_memory(lengths):
+    """Generating T tokens one at a time through KVCache: a rolling cache's buffers and the
+    process's peak memory stay the same for every T; a contiguous cache's grow with T."""
+    rows = []
+    h, d, w = ROLL["heads"], ROLL["dim"], ROLL["window"]
+    x = torch.randn(1, h, 1, d)
+    warm = ae.KVCache(1, h, d, num_layers=1, chunk=1, windows=w)  # first-call allocations out of the table
+    ae.attention_with_kvcache(x, **warm.update(0, x, x), causal=True)
+    for t in lengths:
+        row = {"generated tokens": t}
+        for name, kw in (("rolling", dict(max_len=None, windows=w, rolling=True)),
+                         ("contiguous", dict(max_len=t, windows=w, rolling=False))):
+            held = []
+
+            def generate():
+                cache = ae.KVCache(1, h, d, num_layers=1, chunk=1, **kw)
+                for _ in range(t):
+                    ae.attention_with_kvcache(x, **cache.update(0, x, x), causal=True)
+                    cache.advance(1)
+                held.append(cache.nbytes())
+
+            row[f"{name} peak MiB"] = U.peak_memory_mb(generate)
+            row[f"{name} cache MiB"] = held[0] / 2**20
+        rows.append(row)
+        U.print_row(row)
+    return rows
+
+
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks decode")
     p.add_argument("--rounds", type=int, default=None, help="default: the mode's (--full: 5)")
@@ -203,6 +236,7 @@ def main(args, rest):
         rows.append(row)
         U.print_row(row, errors)
     e2e = end_to_end(device, size["new_tokens"], rounds=size["e2e_rounds"])
+    roll = rolling_memory(size["generated"]) if device == "cpu" else []
     cols = ["dtype", "B", "context", "Nq", "ours ms", "paged16 ms", "paged256 ms", "rolling ms", "sdpa_concat ms",
             "sdpa_static ms", "concat/ours", "static/ours", "alibi/ours", "ours tok/s", "ours K/V GB/s", "% of copy",
             "max diff vs ours"]
@@ -229,4 +263,11 @@ def main(args, rest):
              "/ 2 KV heads of dim 32, sliding_window 128, fp32) generating greedily from a 32-token prompt, "
              "batch 1; tokens/s of the whole `generate` call, best of rounds.\n\n")
     body += U.table(e2e, list(e2e[0].keys()))
+    if roll:
+        body += (f"\n\nMemory against the generated length: one layer, B=1, Hkv={ROLL['heads']}, D={ROLL['dim']}, "
+                 f"window {ROLL['window']}, fp32, T tokens generated one at a time through `KVCache` and "
+                 "`attention_with_kvcache`. `cache MiB`: the K/V buffers (`KVCache.nbytes()`); `peak MiB`: the "
+                 "process's peak RSS above the start while allocating the cache and generating. The rolling ring holds window + 1 slots "
+                 "whatever T; the contiguous cache holds T.\n\n")
+        body += U.table(roll, list(roll[0].keys()))
     U.publish(args, "decode", body)

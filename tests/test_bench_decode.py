@@ -33,3 +33,11 @@ def test_decode_quick(capsys):
     e2e = [dict(zip(e2e_cols, (c.strip() for c in line.strip("|").split("|"))))
            for line in lines if line.startswith("| dynamic") or line.startswith("| static")]
     assert len(e2e) == 2 and all(r["same tokens"] == "yes" and r["sdpa/ours"] != "–" for r in e2e), e2e
+    roll_header = next(line for line in lines if line.startswith("| generated tokens"))
+    roll_cols = [c.strip() for c in roll_header.strip("|").split("|")]
+    roll = [dict(zip(roll_cols, (c.strip() for c in line.strip("|").split("|")))) for line in lines
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert len(roll) == 2, out
+    # the ring's buffers do not grow with the generated length; the contiguous cache's do
+    assert roll[0]["rolling cache MiB"] == roll[1]["rolling cache MiB"], roll
+    assert float(roll[1]["contiguous cache MiB"]) > float(roll[0]["contiguous cache MiB"]), roll
