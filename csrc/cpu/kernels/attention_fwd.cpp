@@ -161,9 +161,9 @@ void fwd_impl(const AttentionFwdArgs& a) {
           mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
         const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
-        // after the row sum: dropout acts on the normalised probabilities only
-        if (a.dropout.on()) dropout.apply_row(b, h, row0 + r, sg.span.k0 + k0 + c0, nc, row);
       }
+      // after the row sums: dropout acts on the normalised probabilities only
+      if (a.dropout.on()) dropout.apply_rows(b, h, row0 + r0, r1 - r0, sg.span.k0 + k0 + c0, nc, s0 + r0 * BK, BK);
       if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
         for (int64_t r = r0; r < r1; ++r) round_row_bf16(s0 + r * BK, nc, pb + r * BK);
