@@ -103,8 +103,10 @@ def grid_qkv(q, k, v, fn):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(t, name)
         if not 4 <= t.dim() <= 6:
-            raise ValueError(f"{fn}: {name} must be (batch, heads, *spatial, head_dim) with 1 to 3 spatial dims, "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(f"{fn}: {name} must be 4-D to 6-D (batch, heads, *spatial, head_dim) with 1 to 3 "
+                             f"spatial dims, got shape {tuple(t.shape)}")
+        if t.dim() != q.dim():
+            raise ValueError(f"{fn}: {name} must be {q.dim()}-D like q, got shape {tuple(t.shape)}")
     spatial = tuple(q.shape[2:-1])
     if len(spatial) == 1:  # v against k: the flat checks (_checks.qkv)
         if k.shape[2] != q.shape[2]:

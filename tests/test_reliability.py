@@ -449,7 +449,7 @@ FUNCTIONS = {
     ]),
     "neighborhood_attention": (lambda q, k, v, kernel_size=3, **kw: ae.neighborhood_attention(q, k, v, kernel_size,
                                                                                                **kw), [
-        ("kernel_size", dict(kernel_size=2), ValueError, "kernel_size"),
+        ("kernel_size", dict(kernel_size=0), ValueError, "kernel_size"),
         ("kernel_size type", dict(kernel_size=None), TypeError, "kernel_size"),
         ("kernel_size too big", dict(kernel_size=11), ValueError, "kernel_size"),
         ("kernel_size beyond int64", dict(kernel_size=2**64 + 1), ValueError, "kernel_size"),
