@@ -96,10 +96,11 @@ def run_case(spatial, kernel, dilation, D, dtype, rounds):
 def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks neighborhood")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default: the mode's)")
     opts = p.parse_args(rest)
     size = U.sized(args, SIZES)
     rounds = opts.rounds or size["rounds"]
-    cases = [(grid, D, dtype) for dtype in size["dtypes"] for D in size["dims"] for grid in size["grids"]]
+    cases = [(grid, D, dtype) for dtype in size["dtypes"] for D in opts.dims or size["dims"] for grid in size["grids"]]
     U.raise_recompile_limit()
     rows = []
     label = lambda c: f"{str(c[2])[6:]} D={c[1]} {'x'.join(map(str, c[0][0]))} k={'x'.join(map(str, c[0][1]))}"
