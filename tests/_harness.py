@@ -113,3 +113,14 @@ def pattern_cases(n, layout, nq_dense=None):
                                                          return_lse=True, **kw),
          R.block_mask(layout, 16, n, n) & R.causal_mask(n, n), n),
     ]
+
+
+def table_rows(out, header, keep):
+    """The rows of the markdown table in a suite's output `out` whose header line starts
+    with `| {header}`, as dicts column -> cell text, for the lines where keep(line)."""
+    def cells(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    lines = out.splitlines()
+    cols = cells(next(line for line in lines if line.startswith("| " + header)))
+    return [dict(zip(cols, cells(line))) for line in lines if keep(line)]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import reference as R
+from _harness import table_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny sizes (conftest.py)
 
@@ -26,11 +27,7 @@ def test_neighborhood_quick(capsys):
     main(["neighborhood", "--quick", "--no-write"])
     out = capsys.readouterr().out
     assert B.U.RESULTS.read_text() == before
-    lines = out.splitlines()
-    header = next(line for line in lines if line.startswith("| dtype"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in lines
-            if line.startswith("| float32")]
+    rows = table_rows(out, "dtype", lambda line: line.startswith("| float32"))
     assert len(rows) == 1, out
     for name in ("fwd sdpa/ours", "fwd flex/ours", "f+b sdpa/ours", "fwd ours ns/(token·key)"):
         assert rows[0][name] != "–", rows[0]  # every contender ran

@@ -3,6 +3,8 @@ contenders compute the same function as ours."""
 
 import pytest
 
+from _harness import table_rows
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny sizes (conftest.py)
 
 
@@ -16,12 +18,9 @@ def test_varlen_quick(capsys):
     main(["varlen", "--quick", "--no-write"])
     out = capsys.readouterr().out
     assert bench_varlen.U.RESULTS.read_text() == before
-    rows = [line for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")]
+    rows = table_rows(out, "dtype", lambda line: line.startswith(("| float32", "| bfloat16")))
     assert len(rows) == 2, out  # one global row, one windowed
-    header = next(line for line in out.splitlines() if line.startswith("| dtype"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    for line in rows:
-        row = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+    for row in rows:
         for peer in ("sdpa", "loop", "flex"):
             assert row[f"fwd {peer}/ours"] != "–", row  # every peer ran
         # every peer's output as ours: fp32 to accumulation-order rounding, bf16 to its 8-bit mantissa
@@ -112,10 +111,7 @@ def test_routing_quick(capsys):
     main(["routing", "--quick", "--no-write", "--sizes", "256", "--clusters", "8"])
     out = capsys.readouterr().out
     assert bench_routing.U.RESULTS.read_text() == before
-    header = next(line for line in out.splitlines() if line.startswith("| N"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
-            for line in out.splitlines() if line.startswith("| 256")]
+    rows = table_rows(out, "N", lambda line: line.startswith("| 256"))
     assert [r["causal"] for r in rows] == ["False", "True"] and all(r["window"] == "32" for r in rows), out
     for row in rows:
         for col in ("fwd dense/ours", "fwd window/ours", "f+b dense/ours", "f+b window/ours", "mem ours MiB"):
@@ -131,10 +127,7 @@ def test_tile_products_quick(capsys):
         pytest.skip("no bf16 tile products on this CPU")
     main(["tile_products", "--quick", "--no-write"])
     out = capsys.readouterr().out
-    header = next(line for line in out.splitlines() if line.startswith("| product"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    rows = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in out.splitlines()
-            if line.startswith("| fwd") or line.startswith("| bwd")]
+    rows = table_rows(out, "product", lambda line: line.startswith(("| fwd", "| bwd")))
     assert len(rows) == 4, out
     for row in rows:
         assert float(row["ours us"]) > 0 and float(row["brgemm us"]) > 0, row
