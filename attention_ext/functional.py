@@ -93,7 +93,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, softcap=None, key_mask
             dropped with probability ``dropout_p`` and the kept ones are scaled by
             ``1 / (1 - dropout_p)``. It applies whenever it is > 0 (pass 0 in eval). The
             keep decision of (batch, head, query, key) is Philox4x32-10 of those indices
-            under a seed drawn from ``generator``; the backward regenerates it, nothing
+            under a seed drawn from ``generator`` (16 bits a decision: ``dropout_p`` is
+            resolved to 2^-16); the backward regenerates it, nothing
             ``Nq x Nk`` is stored, and the same generator state gives bitwise the same
             result on any thread count; CPU and CUDA keep the same elements. ``lse`` is
             that of the probabilities before dropout.

@@ -4,16 +4,17 @@
 // Nq x Nk stored, and the result never depends on tiling or the thread count.
 //
 // Generator: Philox4x32-10 (Salmon et al., SC'11; the generator of cuRAND and of
-// PyTorch's CUDA RNG). One call yields four 32-bit words, the decisions of four keys.
-// Keys go in blocks of 64, j = 64 m + 16 w + l (w < 4, l < 16):
+// PyTorch's CUDA RNG). One call yields four 32-bit words, eight 16-bit halves: the
+// decisions of eight keys (16 bits resolve p to 2^-16; FlashAttention uses 8). Keys go in
+// blocks of 128, j = 128 m + 16 u + l (u < 8, l < 16):
 //   key     = (seed_lo, seed_hi)
-//   counter = (16 m + l, i, b * Hq + h, offset)    word w decides key j
+//   counter = (16 m + l, i, b * Hq + h, offset)    half u (word u / 2, low half first)
 // with i, j the query and key rows of the tensors (packed documents keep their rows).
-// So 16 consecutive counters give 64 consecutive keys in order (16 SIMD lanes, four
-// words each): the forward's rows and the backward's transposed tiles both read them
-// with contiguous vector stores.
-// A key is kept when its word < threshold = round((1 - p) * 2^32); kept
-// probabilities are scaled by 1 / (1 - p).
+// So 16 consecutive counters give 128 consecutive keys in order (16 SIMD lanes, eight
+// halves each): the forward's rows and the backward's transposed tiles both read them
+// with contiguous vector loads.
+// A key is kept when its half < threshold = round((1 - p) * 2^16); kept probabilities
+// are scaled by 1 / (1 - p).
 #pragma once
 
 #include <cstdint>
@@ -31,10 +32,11 @@ struct DropoutSpec {
   int64_t b0 = 0, q0 = 0, k0 = 0;
 
   AE_HD bool on() const { return p > 0.0; }
-  // keep iff word < threshold; p in (0, 1) so the threshold is in [1, 2^32 - 1]
+  // keep iff half < threshold; p in (0, 1) so the threshold is in [1, 2^16] (2^16: p
+  // below 2^-17 keeps every key, as the rounding says)
   AE_HD uint32_t threshold() const {
-    const double t = (1.0 - p) * 4294967296.0 + 0.5;
-    return t >= 4294967295.0 ? 4294967295u : t < 1.0 ? 1u : uint32_t(t);
+    const double t = (1.0 - p) * 65536.0 + 0.5;
+    return t >= 65536.0 ? 65536u : t < 1.0 ? 1u : uint32_t(t);
   }
   AE_HD double inv_keep() const { return 1.0 / (1.0 - p); }
 };
@@ -52,8 +54,12 @@ AE_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-// The first counter word of key j (its word is (j >> 4) & 3).
-AE_HD uint32_t dropout_counter(int64_t j) { return uint32_t(((j >> 6) << 4) | (j & 15)); }
+constexpr int kDropoutBlockLog2 = 7;  // 128 keys: 16 counters of 8 halves
+
+// The first counter word of key j (its half is (j >> 4) & 7).
+AE_HD uint32_t dropout_counter(int64_t j) {
+  return uint32_t(((j >> kDropoutBlockLog2) << 4) | (j & 15));
+}
 
 // The generator's third counter word: the full-problem (batch, head).
 AE_HD uint32_t dropout_bh(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h) {
@@ -61,16 +67,22 @@ AE_HD uint32_t dropout_bh(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h
 }
 
 // The four words of the counter holding full-problem key jj of full-problem query row ii
-// (keys 64 (jj >> 6) + 16 w + (jj & 15), w < 4, in word w).
+// (keys 128 (jj >> 7) + 16 u + (jj & 15), u < 8, in half u).
 AE_HD void dropout_words(const DropoutSpec& d, uint32_t bh, int64_t ii, int64_t jj, uint32_t c[4]) {
   c[0] = dropout_counter(jj), c[1] = uint32_t(ii), c[2] = bh, c[3] = d.offset;
   philox4x32_10(c, uint32_t(d.seed), uint32_t(d.seed >> 32));
 }
 
-// Word w of c without a dynamic index (which would put c in local memory on CUDA).
-AE_HD uint32_t dropout_pick(const uint32_t c[4], int64_t w) {
-  return w == 0 ? c[0] : w == 1 ? c[1] : w == 2 ? c[2] : c[3];
+// Half u (< 8) of the words c, without a dynamic index (which would put c in local
+// memory on CUDA).
+AE_HD uint32_t dropout_half(const uint32_t c[4], int64_t u) {
+  const int64_t w = u >> 1;
+  const uint32_t word = w == 0 ? c[0] : w == 1 ? c[1] : w == 2 ? c[2] : c[3];
+  return (word >> (16 * (u & 1))) & 0xFFFFu;
 }
+
+// The half of full-problem key jj in the words of its counter.
+AE_HD uint32_t dropout_half_of(const uint32_t c[4], int64_t jj) { return dropout_half(c, (jj >> 4) & 7); }
 
 // The keep decision of one (b, h, i, j) (indices relative to the call; the spec's bases
 // are added), for hosts, CUDA and tests. CPU kernels generate 16 counters at a time.
@@ -78,7 +90,7 @@ AE_HD bool dropout_keep(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h, 
   const int64_t jj = j + d.k0;
   uint32_t c[4];
   dropout_words(d, dropout_bh(d, Hq, b, h), i + d.q0, jj, c);
-  return dropout_pick(c, (jj >> 4) & 3) < d.threshold();
+  return dropout_half_of(c, jj) < d.threshold();
 }
 
 }  // namespace attention_ext

@@ -154,6 +154,6 @@ struct KernelTable {
                             float* c, bool accumulate);
 };
 
-constexpr int kKernelAbiVersion = 10;
+constexpr int kKernelAbiVersion = 11;
 
 }  // namespace attention_ext::cpu

@@ -5,7 +5,7 @@
 // Tensor-core tiles take them as 32-bit masks in the accumulator layout of keep_rows /
 // keep_cols (attention_device.cuh), computed in rolled loops before the GEMM of the
 // tile like the attention mask. SIMT warps share one Philox call per lane: 16 lanes give
-// the 64 keys of a block (forward, dQ), 32 lanes 32 query rows (dK, dV).
+// the 128 keys of a block (forward, dQ), 32 lanes 32 query rows (dK, dV).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,7 +16,7 @@
 
 namespace attention_ext::cuda {
 
-// What a kernel reads of the spec, converted once: keep iff word < thr; kept
+// What a kernel reads of the spec, converted once: keep iff half < thr; kept
 // probabilities are scaled by 1 / (1 - p) (scale, in float; scale64 for fp64 kernels).
 // d refers to the kernel's parameter (constant memory), not a copy in registers.
 struct DropoutDev {
@@ -31,8 +31,8 @@ struct DropoutDev {
 
 // Row-oriented tile (rows = query rows i0 + 8 rr, rr < 2; columns = keys j0 + 8 nt + e,
 // nt < NT, e < 2; indices of the call): bit 4 nt + 2 rr + e set where the element is kept.
-// Keys 16 apart share a counter inside a 64-key block, so each (rr, nt % 2, e) walks its
-// keys with one counter at a time (one Philox call per row and 16 keys of a 64-key tile).
+// Keys 16 apart share a counter inside a 128-key block, so each (rr, nt % 2, e) walks
+// its keys with one counter at a time (one Philox call per row and 16 keys of a block).
 template <int NT>
 __device__ __forceinline__ uint32_t dropout_bits_rows(const DropoutDev& dd, uint32_t bh, int64_t i0, int64_t j0) {
   static_assert(NT * 4 <= 32, "one bit per element");
@@ -47,11 +47,11 @@ __device__ __forceinline__ uint32_t dropout_bits_rows(const DropoutDev& dd, uint
 #pragma unroll 1
     for (int nt = n1; nt < NT; nt += 2) {
       const int64_t jj = j0 + 8 * nt + e + d.k0;
-      if ((jj >> 6) != blk) {
-        blk = jj >> 6;
+      if ((jj >> kDropoutBlockLog2) != blk) {
+        blk = jj >> kDropoutBlockLog2;
         dropout_words(d, bh, ii, jj, c);
       }
-      bits |= uint32_t(dropout_pick(c, (jj >> 4) & 3) < dd.thr) << (4 * nt + 2 * rr + e);
+      bits |= uint32_t(dropout_half_of(c, jj) < dd.thr) << (4 * nt + 2 * rr + e);
     }
   }
   return bits;
@@ -70,14 +70,14 @@ __device__ __forceinline__ uint32_t dropout_bits_cols(const DropoutDev& dd, uint
     const int64_t jj = j0 + 8 * rr + d.k0;
     uint32_t c[4];
     dropout_words(d, bh, i0 + 8 * nt + e + d.q0, jj, c);
-    bits |= uint32_t(dropout_pick(c, (jj >> 4) & 3) < dd.thr) << x;
+    bits |= uint32_t(dropout_half_of(c, jj) < dd.thr) << x;
   }
   return bits;
 }
 
 // The SIMT walk along one query row's keys (forward, dQ): the multiplier of key j of
 // row i (scale or 0). Lanes 0-15 (and again 16-31) hold the 16 counters of the current
-// 64-key block; a key's word comes from its lane by a shuffle. Every lane of the warp
+// 128-key block; a key's half comes from its lane by a shuffle. Every lane of the warp
 // must call it with the same j (the kernels' key loops are warp-uniform).
 template <typename A>
 struct DropoutRowWalk {
@@ -90,16 +90,16 @@ struct DropoutRowWalk {
       : dd(d), bh(bh_), ii(i + d.d.q0) {}
   __device__ __forceinline__ A factor(int64_t j) {
     const int64_t jj = j + dd.d.k0;
-    if ((jj >> 6) != blk) {
-      blk = jj >> 6;
-      dropout_words(dd.d, bh, ii, (blk << 6) + (threadIdx.x & 15), c);
+    if ((jj >> kDropoutBlockLog2) != blk) {
+      blk = jj >> kDropoutBlockLog2;
+      dropout_words(dd.d, bh, ii, (blk << kDropoutBlockLog2) + (threadIdx.x & 15), c);
     }
-    const uint32_t w = __shfl_sync(0xffffffffu, dropout_pick(c, (jj >> 4) & 3), int(jj & 15));
+    const uint32_t w = __shfl_sync(0xffffffffu, dropout_half_of(c, jj), int(jj & 15));
     return w < dd.thr ? A(dd.scale64) : A(0);
   }
 };
 
-// The SIMT walk along one key's query rows (dK, dV): lane l holds the word of row
+// The SIMT walk along one key's query rows (dK, dV): lane l holds the half of row
 // base + l. Warp-uniform like DropoutRowWalk; a new head restarts it (reset()).
 template <typename A>
 struct DropoutColWalk {
@@ -116,7 +116,7 @@ struct DropoutColWalk {
       base = i, valid = true;
       uint32_t c[4];
       dropout_words(dd.d, bh, base + (threadIdx.x & 31) + dd.d.q0, jj, c);
-      word = dropout_pick(c, (jj >> 4) & 3);
+      word = dropout_half_of(c, jj);
     }
     const uint32_t w = __shfl_sync(0xffffffffu, word, int(i - base));
     return w < dd.thr ? A(dd.scale64) : A(0);

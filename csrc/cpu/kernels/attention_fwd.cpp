@@ -154,12 +154,13 @@ void fwd_impl(const AttentionFwdArgs& a) {
       for (int64_t r = r0; r < r1; ++r) {
         acc_t* row = s0 + r * BK;
         if (cap2 > acc_t(0)) softcap_row(row, nc, cap2);
-        if (slope2 != acc_t(0)) alibi_row(row, nc, alibi, q0 + r + mask.offset, k0 + c0);
         if (cls == kPartial && na.on())
           na.masked_runs(q0 + r, k0, k0 + c0, nc, [&](int64_t u, int64_t w) { std::fill(row + u, row + w, kNegInf<acc_t>); });
         else if (cls == kPartial)
           mask_row(mask, b, h, q0 + r, k0 + c0, nc, row);
-        const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r]);
+        // ALiBi after the softcap, in the softmax's first pass
+        const acc_t alpha = online_softmax_row(row, nc, row_max[r], row_sum[r], slope2 != acc_t(0) ? &alibi : nullptr,
+                                               q0 + r + mask.offset - (k0 + c0));
         if (alpha != acc_t(1)) scale_row(o + r * Dvp, Dvp, alpha);
       }
       // after the row sums: dropout acts on the normalised probabilities only

@@ -1,13 +1,15 @@
 // Attention dropout on the CPU tiles (the generator and its counters: common/dropout.h).
 // Philox runs on 16 counters at a time, in AVX-512 / AVX2 integer lanes (compilers do
-// not vectorise its 32 x 32 -> 64-bit products by themselves), so a block of 64 keys
-// costs ten rounds of a few vector instructions, and several such sets are interleaved. The mask enters as a multiplier:
-// 1 / (1 - p) where kept, 0 where dropped.
+// not vectorise its 32 x 32 -> 64-bit products by themselves), so a block of 128 keys
+// costs ten rounds of a few vector instructions, and several such sets are
+// interleaved. The mask enters as a multiplier: 1 / (1 - p) where kept, 0 where dropped.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
+
+#include <type_traits>
 
 #include "../../common/dropout.h"
 #include "tile_util.h"
@@ -22,8 +24,8 @@ constexpr int kPhiloxLanes = 16;
 constexpr int kPhiloxSets = 4;
 
 // Philox4x32-10 of S sets of 16 counters: set s has lanes (c0[16 s + l], c1[16 s + l], c2,
-// c3), l < 16, and word w of its lane l goes to out[64 s + 16 w + l] (so key 64 m + j of
-// a block is out[64 s + j]).
+// c3), l < 16, and word w of its lane l goes to out[64 s + 16 w + l] (so key 16 u + l of a
+// block is half u & 1 of out[64 s + 16 (u >> 1) + l]).
 template <int S>
 inline void philox_sets(const uint32_t* c0, const uint32_t* c1, uint32_t c2, uint32_t c3, uint32_t k0,
                         uint32_t k1, uint32_t* out) {
@@ -107,14 +109,38 @@ struct DropoutTile {
                              out);
   }
 
+  // 16 keys whose halves are (w[q] >> sh) & 0xFFFF, q in [a, e): x[q] becomes x[q] / (1 - p)
+  // or 0 (kScale), else the multiplier itself. One masked vector op on AVX-512 (the
+  // compiler's own vectorisation of the loop shuffles lanes instead).
+  template <bool kScale, typename acc_t>
+  static void apply16(const uint32_t* w, int sh, uint32_t thr, acc_t keep, acc_t* x, int64_t a, int64_t e) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __mmask16 lanes = __mmask16((0xFFFFu >> (16 - e)) & (0xFFFFu << a));
+      __m512i hv = _mm512_loadu_si512(w);
+      hv = _mm512_and_si512(sh ? _mm512_srli_epi32(hv, 16) : hv, _mm512_set1_epi32(0xFFFF));
+      const __mmask16 kept = _mm512_cmplt_epu32_mask(hv, _mm512_set1_epi32(int(thr)));
+      const __m512 vk = _mm512_set1_ps(keep);
+      const __m512 r = kScale ? _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(lanes, x), vk)
+                              : _mm512_maskz_mov_ps(kept, vk);
+      _mm512_mask_storeu_ps(x, lanes, r);
+      return;
+    }
+#endif
+    for (int64_t q = a; q < e; ++q) {
+      const bool kept = ((w[q] >> sh) & 0xFFFFu) < thr;
+      x[q] = kept ? (kScale ? x[q] * keep : keep) : acc_t(0);
+    }
+  }
+
   // Forward: the probabilities x[r * ld + c] of query rows i0 + r (r < rows) and keys
-  // j0 + c (c < n), rows of the call. Each (row, 64-key block) is one counter set.
+  // j0 + c (c < n), rows of the call. Each (row, 128-key block) is one counter set.
   template <typename acc_t>
   void apply_rows(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n, acc_t* x,
                   int64_t ld) const {
-    constexpr int S = kPhiloxSets;
+    constexpr int S = kPhiloxSets, L = kDropoutBlockLog2;
     const int64_t jg = j0 + d.k0;  // full-problem key index
-    const int64_t blk0 = jg >> 6, nb = ((jg + n - 1) >> 6) - blk0 + 1, total = rows * nb;
+    const int64_t blk0 = jg >> L, nb = ((jg + n - 1) >> L) - blk0 + 1, total = rows * nb;
     const acc_t keep = acc_t(inv);
     uint32_t c0[16 * S], c1[16 * S], out[64 * S];
     for (int64_t p0 = 0; p0 < total; p0 += S) {
@@ -128,34 +154,39 @@ struct DropoutTile {
       }
       words(c0, c1, b, h, out);
       for (int s = 0; s < ns; ++s) {
-        // keys (blk0 + p % nb) * 64 + t, t < 64, are out[64 s + t]; x[c] is key jg + c
-        const int64_t p = p0 + s, base = (blk0 + p % nb) * 64 - jg;
-        const int64_t lo = std::max<int64_t>(0, -base), hi = std::min<int64_t>(64, n - base);
+        // key 16 u + q of the block is half u of lane q; x[c] is key jg + c
+        const int64_t p = p0 + s, base = ((blk0 + p % nb) << L) - jg;
         acc_t* xr = x + (p / nb) * ld + base;
         const uint32_t* o = out + 64 * s;
-        for (int64_t t = lo; t < hi; ++t) xr[t] = o[t] < thr ? xr[t] * keep : acc_t(0);
+        if (base >= 0 && base + 128 <= n) {  // a whole block: constant bounds, no per-group setup
+          for (int u = 0; u < 8; ++u) apply16<true>(o + 16 * (u >> 1), 16 * (u & 1), thr, keep, xr + 16 * u, 0, 16);
+          continue;
+        }
+        for (int u = 0; u < 8; ++u) {
+          const int64_t g = base + 16 * u, a = std::max<int64_t>(0, -g), e = std::min<int64_t>(16, n - g);
+          if (a < e) apply16<true>(o + 16 * (u >> 1), 16 * (u & 1), thr, keep, xr + 16 * u, a, e);
+        }
       }
     }
   }
 
   // Backward: the multiplier tile m[r * ld + c] of keys j0 + r (r < nk) and queries i0 + c
   // (c < nq), held transposed as the backward's tiles are. Counter 16 blk + l of 16
-  // consecutive queries is one set.
+  // consecutive queries is one set; it gives the eight rows blk * 128 + 16 u + l.
   template <typename acc_t>
   void fill_transposed(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, acc_t* m,
                        int64_t ld) const {
-    constexpr int S = kPhiloxSets;
+    constexpr int S = kPhiloxSets, L = kDropoutBlockLog2;
     const int64_t jg = j0 + d.k0, qg = i0 + d.q0;
     const acc_t keep = acc_t(inv);
     uint32_t c0[16 * S], c1[16 * S], out[64 * S];
-    for (int64_t blk = jg >> 6; blk * 64 < jg + nk; ++blk)
+    for (int64_t blk = jg >> L; (blk << L) < jg + nk; ++blk)
       for (int l = 0; l < 16; ++l) {
-        // counter 16 blk + l holds keys blk * 64 + 16 w + l, w < 4: rows of m
-        int64_t rows[4];
+        int64_t rows[8];
         bool any = false;
-        for (int w = 0; w < 4; ++w) {
-          rows[w] = blk * 64 + 16 * w + l - jg;
-          any |= rows[w] >= 0 && rows[w] < nk;
+        for (int u = 0; u < 8; ++u) {
+          rows[u] = (blk << L) + 16 * u + l - jg;
+          any |= rows[u] >= 0 && rows[u] < nk;
         }
         if (!any) continue;
         for (int64_t c = 0; c < nq; c += 16 * S) {
@@ -168,11 +199,14 @@ struct DropoutTile {
           words(c0, c1, b, h, out);
           for (int s = 0; s < ns; ++s) {
             const int64_t cs = c + 16 * s, cn = std::min<int64_t>(kPhiloxLanes, nq - cs);
-            for (int w = 0; w < 4; ++w) {
-              if (rows[w] < 0 || rows[w] >= nk) continue;
-              acc_t* row = m + rows[w] * ld + cs;
-              const uint32_t* o = out + 64 * s + 16 * w;
-              for (int64_t q = 0; q < cn; ++q) row[q] = o[q] < thr ? keep : acc_t(0);
+            for (int u = 0; u < 8; ++u) {
+              if (rows[u] < 0 || rows[u] >= nk) continue;
+              const uint32_t* o = out + 64 * s + 16 * (u >> 1);
+              acc_t* row = m + rows[u] * ld + cs;
+              if (cn == 16)
+                apply16<false>(o, 16 * (u & 1), thr, keep, row, 0, 16);
+              else
+                apply16<false>(o, 16 * (u & 1), thr, keep, row, 0, cn);
             }
           }
         }

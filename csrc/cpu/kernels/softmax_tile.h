@@ -57,7 +57,8 @@ struct AlibiRamp {
 };
 
 // ALiBi of one row of base-2 scores: s[c] += alibi_bias(slope2, p, j0 + c), p the query's
-// aligned position. After the softcap, before masking.
+// aligned position. After the softcap (the forward's tiles fold it into
+// online_softmax_row instead).
 template <typename acc_t>
 inline void alibi_row(acc_t* s, int64_t n, AlibiRamp<acc_t>& ramp, int64_t p, int64_t j0) {
   using V = Vec<acc_t>;
@@ -93,14 +94,27 @@ inline bool trim_tile(const MaskSpec& m, int64_t q0, int64_t mq, int64_t k0, int
 // Online softmax over one row of base-2 scores s[0, n): updates the running max and
 // sum, turns s into probabilities relative to the new max, and returns the factor the
 // row's output accumulator must be rescaled by. A row with nothing visible so far keeps
-// max = -inf and gets zeros, never NaN.
+// max = -inf and gets zeros, never NaN. With alibi, the row's ALiBi terms (differences
+// p - j from d0 down) are added in the max pass, which saves a pass over the row; a
+// masked -inf stays -inf, so it may follow the masking.
 template <typename acc_t>
-inline acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum) {
+inline acc_t online_softmax_row(acc_t* s, int64_t n, acc_t& row_max, acc_t& row_sum,
+                                AlibiRamp<acc_t>* alibi = nullptr, int64_t d0 = 0) {
   using V = Vec<acc_t>;
   constexpr int64_t VL = V::size();
   V vmax(kNegInf<acc_t>);
   int64_t c = 0;
-  for (; c + VL <= n; c += VL) vmax = fast_max(vmax, V::loadu(s + c));
+  if (alibi) {
+    alibi->start(d0);
+    for (; c + VL <= n; c += VL) {
+      const V x = alibi->add(V::loadu(s + c));
+      x.store(s + c);
+      vmax = fast_max(vmax, x);
+    }
+    if (c < n) alibi->add(V::loadu(s + c, n - c)).store(s + c, n - c);
+  } else {
+    for (; c + VL <= n; c += VL) vmax = fast_max(vmax, V::loadu(s + c));
+  }
   acc_t mx = hmax(vmax);
   for (; c < n; ++c) mx = std::max(mx, s[c]);
   acc_t m_new = std::max(row_max, mx);
