@@ -107,6 +107,17 @@ void load_transposed(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t 
     acc_t* d = dst + c * ld;
     for (int64_t r = rows; r < ld; ++r) d[r] = acc_t(0);
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (s_col == 1) {  // ATen's 16x16 register transposes; x * mult rounds as below
+      at::vec::transpose_mxn<float>(src, s_row, dst, ld, int(rows), int(cols));
+      if (mult != acc_t(1))
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] *= mult;
+      return;
+    }
+  }
+#endif
   // row-major reads, blocked so the strided writes stay in cache
   constexpr int64_t RB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += RB) {
