@@ -11,6 +11,7 @@ with :func:`set_cpu_isa`.
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -64,6 +65,16 @@ def set_cpu_isa(isa: str) -> None:
         return
     if not _C._set_cpu_kernels(_module(isa).kernel_table):
         raise RuntimeError(f"attention_ext._cpu_{isa} was built for another version of attention_ext._C; rebuild")
+
+
+def release_workspace() -> None:
+    """Free the scratch every loaded CPU kernel build keeps between calls (a memory
+    measurement then sees what a call allocates)."""
+    _C._release_cpu_workspace(None)
+    for isa in _ORDER[:-1]:
+        mod = sys.modules.get(f"attention_ext._cpu_{isa}")
+        if mod is not None:
+            _C._release_cpu_workspace(mod.kernel_table)
 
 
 def _select_at_import() -> None:

@@ -16,6 +16,7 @@ one place per backend.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional
 
@@ -90,28 +91,34 @@ class AttentionSpec:
 
     def op_kwargs(self):
         """The ops' keyword-only arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {n: getattr(self, n) for n in FIELDS}
 
     @classmethod
     def from_op_inputs(cls, op, inputs):
         """The spec of a call of ``op`` from its full input tuple (as autograd's
         setup_context receives it), read by the schema's argument names."""
         names = [a.name for a in op._schema.arguments]
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{n: x for n, x in zip(names, inputs) if n in fields})
+        return cls(**{n: x for n, x in zip(names, inputs) if n in FIELD_SET})
 
     def tensors(self):
         return tuple(getattr(self, name) for name in self.TENSORS)
 
+    def _with(self, values):
+        # a copy with only these fields set: dataclasses.replace would rebuild every field
+        new = copy.copy(self)
+        for name, x in values:
+            object.__setattr__(new, name, x)
+        return new
+
     def without_tensors(self):
-        return dataclasses.replace(self, **{name: None for name in self.TENSORS})
+        return self._with((name, None) for name in self.TENSORS)
 
     def with_tensors(self, tensors):
-        return dataclasses.replace(self, **dict(zip(self.TENSORS, tensors)))
+        return self._with(zip(self.TENSORS, tensors))
 
     def op_args(self):
         """The ops' trailing arguments as a tuple, in schema order."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, n) for n in FIELDS)
 
     def forward(self, q, k, v):
         """``attention_fwd`` under this spec, with autograd: ``(out, lse)``."""
@@ -129,3 +136,9 @@ class AttentionSpec:
 
             return ATTENTION_BWD(grad_out, grad_lse, q, k, v, out, lse, *self.op_args())
         return torch.ops.attention_ext.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, **self.op_kwargs())
+
+
+# the field names in schema order, read once (every call of a short sequence pays for
+# dataclasses.fields otherwise)
+FIELDS = tuple(f.name for f in dataclasses.fields(AttentionSpec))
+FIELD_SET = frozenset(FIELDS)

@@ -1,15 +1,30 @@
-"""Peak memory of a run, measured one way for the benchmarks and the example.
+"""Peak memory of a run, measured one way for the benchmarks and the example, and the one
+allocator policy every benchmark times under.
 
 CUDA: the caching allocator's peak above what was allocated at the start. CPU: the
 process's peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS at the
 start, which sees every allocation, ours and the peers' alike; None where the kernel does
 not allow the reset.
+
+Allocator (glibc): timed calls run with freed blocks kept in the heap and reused, as a user's
+process does (glibc's dynamic mmap threshold rises to the sizes a program frees, trim =
+2x threshold); fixed here so that it does not depend on what ran before, and raised above
+glibc's 32 MiB ceiling so that big outputs do not pay fresh page faults on every call (every
+contender alike). Only inside Peak do blocks >= 1 MiB go through mmap, returned on free, so
+the peak shows what the measured call allocated and not what earlier calls left in the heap.
 """
 
 import ctypes
 import gc
 
 import torch
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+POLICIES = {  # name -> (mmap threshold, trim threshold)
+    "keep": (1 << 30, 1 << 31),  # freed blocks up to 1 GiB stay in the heap
+    "glibc": (32 << 20, 64 << 20),  # glibc's dynamic mode at its ceiling
+}
+MEASURE_MMAP_THRESHOLD = 1 << 20
 
 
 def _libc():
@@ -20,11 +35,40 @@ def _libc():
 
 
 LIBC = _libc()
-if LIBC is not None:
-    # Big blocks through mmap, returned to the system on free: otherwise glibc keeps
-    # freed memory mapped and reuses it, and the peak RSS of a later contender would
-    # not show what it allocated. M_MMAP_THRESHOLD = -3.
-    LIBC.mallopt(-3, 1 << 20)
+_policy = None
+
+
+def set_policy(name="keep"):
+    """Applies allocator policy `name` (POLICIES) for the timed calls; returns whether it took effect."""
+    global _policy
+    if LIBC is None or not hasattr(LIBC, "mallopt"):
+        return False
+    mmap, trim = POLICIES[name]
+    LIBC.mallopt(M_MMAP_THRESHOLD, mmap)
+    LIBC.mallopt(M_TRIM_THRESHOLD, trim)
+    _policy = name
+    return True
+
+
+def policy_line():
+    """The allocator policy in words, for the benchmark headers."""
+    if _policy is None:
+        return "allocator: glibc defaults (mallopt unavailable)"
+    mmap, trim = POLICIES[_policy]
+    return (f"allocator: `{_policy}` (glibc mmap threshold {mmap >> 20} MiB, trim {trim >> 20} MiB; "
+            f"memory measured with a {MEASURE_MMAP_THRESHOLD >> 20} MiB mmap threshold)")
+
+
+set_policy()
+
+
+def _release_workspace():
+    """Our kernels' pooled scratch goes back first, so that the measured call allocates it."""
+    try:
+        from attention_ext import _isa
+    except ImportError:
+        return
+    _isa.release_workspace()
 
 
 def _status_mib(key):
@@ -52,7 +96,9 @@ class Peak:
             self.base = torch.cuda.memory_allocated() / 2**20
             return self
         gc.collect()
+        _release_workspace()
         if LIBC is not None:
+            LIBC.mallopt(M_MMAP_THRESHOLD, MEASURE_MMAP_THRESHOLD)
             LIBC.malloc_trim(0)  # freed blocks of earlier runs must not hide this one's peak
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -70,4 +116,6 @@ class Peak:
         return None if self.base is None or hwm is None else max(0.0, hwm - self.base)
 
     def __exit__(self, *exc):
+        if _policy is not None and not self.device.startswith("cuda"):
+            set_policy(_policy)
         return False

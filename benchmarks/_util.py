@@ -13,7 +13,7 @@ import torch
 
 from . import _console
 from ._console import progress, say  # noqa: F401  (the suites' progress bar and lines)
-from ._memory import LIBC, Peak
+from ._memory import Peak, policy_line
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"  # what `--full` runs write, with their plots in plots/
@@ -184,23 +184,6 @@ def gemm_gflops(dtype, rounds=3):
     return _gemm[dtype]
 
 
-def keep_heap():
-    """Keep large freed blocks in the heap instead of glibc's fresh mmap per allocation
-    above its threshold (which the line above lowers to 1 MiB for memory accounting):
-    otherwise every call whose outputs exceed the threshold pays page faults for them,
-    costly in this VM (the linear forward at N=32768 took 2.6x the time of N=16384 with
-    the default, 2.0x with this). Applies to every contender alike; peak_memory_mb still
-    trims the heap before it measures. Returns whether it took effect."""
-    if LIBC is None:
-        return False
-    try:
-        LIBC.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        LIBC.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
-        return True
-    except AttributeError:
-        return False
-
-
 def raise_recompile_limit(limit=256):
     """Every size recompiles a dynamic=False torch.compile'd peer (FlexAttention); past
     dynamo's recompile limit it would silently run eagerly (unfused, N x N scores)."""
@@ -238,6 +221,7 @@ def run_header(suite, doc, contenders, args):
              ("ISA path", f"{_isa()} (available: {', '.join(attention_ext.available_cpu_isas())})"),
              ("torch", f"{torch.__version__}, {torch.get_num_threads()} threads"
                        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")),
+             ("allocator", policy_line().removeprefix("allocator: ")),
              ("contenders", ", ".join(contenders) if contenders else "see the suite's docstring")]
     _console.header(lines)
 
@@ -246,7 +230,7 @@ def machine_line():
     cpu = cpu_model()
     isa = _isa()
     line = (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, attention_ext CPU path `{isa}`")
+            f"Python {platform.python_version()}, attention_ext CPU path `{isa}`, {policy_line()}")
     if torch.cuda.is_available():
         line += f", GPU {torch.cuda.get_device_name()}"
     return line

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import attention_ext
 
-from . import _util
+from . import _memory, _util
 
 EPS = 1e-6
 CHUNK = 64
@@ -185,10 +185,11 @@ def main(args, rest):
     p.add_argument("--flash-cap-gflop", type=float, default=400.0, help="skip CPU flash above this fwd+bwd work")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every contender (default: torch's default)")
-    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                   help="keep: large freed blocks stay in the heap (see _util.keep_heap); default: glibc's behaviour")
+    p.add_argument("--malloc", default="keep", choices=sorted(_memory.POLICIES),
+                   help="the allocator policy (benchmarks/_memory.py): keep (default): freed blocks up to 1 GiB stay "
+                        "in the heap; glibc: glibc's dynamic mode at its 32 MiB ceiling")
     opts = p.parse_args(rest)
-    heap_kept = opts.malloc == "keep" and args.device == "cpu" and _util.keep_heap()
+    heap_kept = args.device == "cpu" and _memory.set_policy(opts.malloc) and opts.malloc == "keep"
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = args.device
@@ -280,9 +281,9 @@ def main(args, rest):
              f"separate pass of ours only, every N interleaved in the same {srounds} rounds so that machine drift "
              f"hits all N alike. `–` = skipped (cumsum above {opts.mem_cap_gb:g} GB estimated state, CPU flash above "
              f"{opts.flash_cap_gflop:g} GFLOP of fwd+bwd work) or failed. "
-             f"Allocator: {'large freed blocks kept in the heap (`--malloc keep`, every contender alike)' if heap_kept else 'glibc default'}: "
+             f"Allocator: {'large freed blocks kept in the heap (`--malloc keep`, every contender alike)' if heap_kept else 'glibc ceiling (`--malloc glibc`)'}: "
              f"with glibc's default every output above 32 MiB is a fresh mmap whose page faults each call pays, "
-             f"which alone made t(2N)/t(N) reach 2.4-2.7 between N=16384 and 32768 in a `--malloc default` run "
+             f"which alone made t(2N)/t(N) reach 2.4-2.7 between N=16384 and 32768 in a `--malloc glibc` run "
              f"of this same code (the kernels' own time scales as below).\n\n")
     body += "\n".join(summary) + "\n\n"
     body += "### Forward\n\n" + mode_table("fwd") + "\n\n"

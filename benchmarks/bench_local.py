@@ -131,7 +131,6 @@ def main(args, rest):
     for dtype in (torch.float32, torch.bfloat16):
         for w in size["windows"]:
             cases += [(dtype, w, n) for n in sizes] if not opts.target_only else []
-    heap_kept = U.keep_heap()
     U.raise_recompile_limit()
     # first, in a fresh process: after the peers' N x N buffers the heap is large and fragmented,
     # which slowed our large-N calls by up to 1.5x in one run
@@ -166,8 +165,7 @@ def main(args, rest):
     body += ("\nRatios are peer time / our time (> 1: ours faster). FlexAttention runs forward only (no CPU "
              "backward); SDPA with a dense mask runs up to N=16k, naive up to 8k (fp32). GFLOP/s count 4·D "
              "flops per allowed (query, key) pair. Peak memory: forward+backward, process peak RSS above "
-             "the start. Allocator: large freed blocks stay in the heap for every contender "
-             f"(`_util.keep_heap`: {'on' if heap_kept else 'unavailable'}).\n\n")
+             "the start (allocator: see the machine line).\n\n")
     body += U.table(rows, cols)
     if scaling:
         body += "\n\n### Scaling of ours, t(2N)/t(N)\n\n" + SCALING_NOTE

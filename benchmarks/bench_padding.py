@@ -42,7 +42,6 @@ def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks padding")
     p.add_argument("--rounds", type=int, default=None)
     opts = p.parse_args(rest)
-    U.keep_heap()
     rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
     cases = [(dtype, n) for dtype in (torch.float32, torch.bfloat16) for n in U.sized(args, SIZES)]
     rows = []

@@ -55,7 +55,6 @@ def main(args, rest):
     opts = p.parse_args(rest)
     sizes = opts.sizes or U.sized(args, SIZES)
     rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
-    U.keep_heap()
     rows = []
     for n, causal in U.progress([(n, c) for n in sizes for c in (False, True)], lambda c: f"N={c[0]} causal={c[1]}",
                                 cost=lambda c: c[0] ** 2):

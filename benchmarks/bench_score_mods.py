@@ -95,7 +95,6 @@ def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks score_mods")
     p.add_argument("--rounds", type=int, default=3)
     opts = p.parse_args(rest)
-    U.keep_heap()
     U.raise_recompile_limit()
     n = 512 if args.quick else 4096
     rounds = 1 if args.quick else opts.rounds

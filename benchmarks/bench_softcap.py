@@ -86,7 +86,6 @@ def main(args, rest):
     p = argparse.ArgumentParser(prog="python -m benchmarks softcap")
     p.add_argument("--rounds", type=int, default=None)
     opts = p.parse_args(rest)
-    U.keep_heap()
     U.raise_recompile_limit()
     rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
     cases = [(dtype, n, window) for dtype in (torch.float32, torch.bfloat16) for n, window in U.sized(args, SIZES)]

@@ -143,7 +143,6 @@ def main(args, rest):
     sizes = opts.sizes or size["sizes"]
     rounds = opts.rounds or {"quick": 1, "default": 2}.get(U.mode(args), 3)
     budget = opts.sdpa_budget_gib * 2**30
-    U.keep_heap()
     U.raise_recompile_limit()
     cases = []  # (dtype, D, docs, window)
     for dtype in (torch.float32, torch.bfloat16):

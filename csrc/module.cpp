@@ -30,6 +30,13 @@ bool set_cpu_kernels(py::capsule cap) {
 
 void reset_cpu_kernels() { attention_ext::cpu::set_active_kernels(nullptr); }
 
+// Frees the kept scratch of the build in this capsule (an ISA module's table), or of the
+// portable build with None.
+void release_cpu_workspace(py::object cap) {
+  attention_ext::cpu::release_workspace(
+      cap.is_none() ? nullptr : static_cast<const attention_ext::cpu::KernelTable*>(cap.cast<py::capsule>().get_pointer()));
+}
+
 std::string cpu_isa() { return attention_ext::cpu::active_kernels().isa; }
 
 // A vector function of the active CPU build over a float32 tensor (tests bound its error).
@@ -135,6 +142,8 @@ py::tuple cuda_attention_path(const at::Tensor& q, int64_t head_dim, int64_t val
 PYBIND11_MODULE(_C, m) {
   m.def("_set_cpu_kernels", &set_cpu_kernels, "Use the CPU kernel table in this capsule (from an ISA module)");
   m.def("_reset_cpu_kernels", &reset_cpu_kernels, "Go back to the portable CPU kernels built into _C");
+  m.def("_release_cpu_workspace", &release_cpu_workspace,
+        "Free the scratch an ISA build (capsule, or None: the portable build) keeps between calls");
   m.def("_exp2_poly", &exp2_poly, "The CPU kernels' vectorised exp2 (for tests)");
   m.def("_tanh_fast", &tanh_fast, "The CPU kernels' vectorised tanh of the softcap (for tests)");
   m.def("_cpu_tile_shapes", &cpu_tile_shapes, "((fwd BQ, BK), (bwd BQ, BK)) of the CPU kernels (for tests)");

@@ -21,4 +21,9 @@ bool set_active_kernels(const KernelTable* table) {
   return true;
 }
 
+void release_workspace(const KernelTable* table) {
+  if (!table) table = kernel_table();
+  if (table->abi_version == kKernelAbiVersion) table->release_workspace();
+}
+
 }  // namespace attention_ext::cpu

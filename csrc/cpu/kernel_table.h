@@ -152,6 +152,9 @@ struct KernelTable {
   // oneDNN's brgemm; nullptr without bf16 tile products.
   void (*tile_product_bf16)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, const c10::BFloat16* b,
                             float* c, bool accumulate);
+  // Frees the scratch blocks this build keeps between calls (workspace.h), so that a
+  // memory measurement sees what a call allocates.
+  void (*release_workspace)();
 };
 
 constexpr int kKernelAbiVersion = 11;

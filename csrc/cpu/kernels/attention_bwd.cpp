@@ -137,6 +137,18 @@ void bwd_impl(const AttentionBwdArgs& a) {
     }
     acc_t* l2 = lse2(qh);
     acc_t* dl = delta(qh);
+    if constexpr (!kBf16) {
+      // delta_i = dO_i . O_i across VL rows at once, from dO^T and O^T: each lane keeps the
+      // order of the fused scalar loop below, so the sums are the same bits
+      acc_t* o_t = task_scratch<acc_t>(Dv * BQ);
+      load_transposed(os, a.out.stride[2], a.out.stride[3], mq, Dv, o_t, BQ);
+      const acc_t* dot = do_t(qh);
+      for (int64_t r = 0; r < BQ; r += VL) {
+        V d(acc_t(0));
+        for (int64_t c = 0; c < Dv; ++c) d = at::vec::fmadd(V::loadu(dot + c * BQ + r), V::loadu(o_t + c * BQ + r), d);
+        d.store(dl + r);
+      }
+    }
     for (int64_t r = 0; r < BQ; ++r) {
       if (r >= mq) {  // padding columns: P = exp2(-inf) = 0
         l2[r] = std::numeric_limits<acc_t>::infinity();
@@ -146,13 +158,16 @@ void bwd_impl(const AttentionBwdArgs& a) {
       const acc_t lv = lse_in[bh * a.Nq + row0 + r];
       // a row that saw no key has lse = -inf; +inf makes all its P exactly 0
       l2[r] = lv == kNegInf<acc_t> ? std::numeric_limits<acc_t>::infinity() : lse_to_log2(lv);
-      const scalar_t* dor = dos + r * a.grad_out.stride[2];
       // fused, in the order of the dP product: where O_i = V_j (one visible key) delta_i
       // equals dP_ij exactly and dS is exactly 0
-      acc_t d = 0;
-      for (int64_t c = 0; c < Dv; ++c)
-        d = std::fma(acc_t(to_acc(dor[c * a.grad_out.stride[3]])),
-                     acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
+      acc_t d = dl[r];
+      if constexpr (kBf16) {
+        const scalar_t* dor = dos + r * a.grad_out.stride[2];
+        d = 0;
+        for (int64_t c = 0; c < Dv; ++c)
+          d = std::fma(acc_t(to_acc(dor[c * a.grad_out.stride[3]])),
+                       acc_t(to_acc(os[r * a.out.stride[2] + c * a.out.stride[3]])), d);
+      }
       dl[r] = glse ? d - glse[bh * a.Nq + row0 + r] : d;
     }
   });
@@ -378,8 +393,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
         for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
       }
     }
+    if (dq_in_place) {  // one chunk: this task alone summed the dQ rows of its heads, in the output
+      acc_t* rows = dq_sum + b * a.Hq * a.Nq * D + hk * group * a.Nq * D;
+      const V sc(acc_t(a.scale));
+      for (int64_t i = 0; i < group * a.Nq * D; i += VL) (V::loadu(rows + i) * sc).store(rows + i);
+    }
   });
 
+  if (dq_in_place) return;  // each task scaled its own dQ rows
   const int64_t rows_per_task = 64;
   const int64_t q_tasks = (a.Nq + rows_per_task - 1) / rows_per_task;
   parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {

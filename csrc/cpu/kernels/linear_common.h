@@ -89,19 +89,6 @@ struct ChunkIndex {
   }
 };
 
-// One task's scratch of at least n elements, reused across tasks of the same thread.
-template <typename T>
-T* task_scratch(int64_t n) {
-  thread_local std::unique_ptr<Buffer<T>> buf;
-  thread_local int64_t size = 0;
-  if (size < n) {
-    buf.reset();
-    buf = std::make_unique<Buffer<T>>(n);
-    size = n;
-  }
-  return buf->get();
-}
-
 template <typename scalar_t>
 inline const scalar_t* row_ptr(const Operand& op, int64_t b, int64_t h, int64_t n) {
   return static_cast<const scalar_t*>(op.data) + b * op.stride[0] + h * op.stride[1] + n * op.stride[2];

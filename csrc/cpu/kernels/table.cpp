@@ -2,6 +2,7 @@
 #include "kernels.h"
 #include "tile_util.h"
 #include "vec_math.h"
+#include "workspace.h"
 
 #define AE_STR2(x) #x
 #define AE_STR(x) AE_STR2(x)
@@ -44,11 +45,13 @@ constexpr decltype(KernelTable::pack_vnni) kPackVnni = nullptr;
 constexpr decltype(KernelTable::tile_product_bf16) kTileProductBf16 = nullptr;
 #endif
 
+void release_workspace() { Workspace::get().release(); }
+
 const KernelTable* kernel_table() {
   static const KernelTable table{kKernelAbiVersion, AE_STR(CPU_CAPABILITY), &attention_fwd, &attention_bwd,
                                  &linear_fwd,       &linear_bwd,            &linear_step,   &exp2_array,
                                  &tanh_array,       &tile_shapes,           &decode_fwd,    kPackVnni,
-                                 kTileProductBf16};
+                                 kTileProductBf16, &release_workspace};
   return &table;
 }
 

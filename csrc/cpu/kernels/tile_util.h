@@ -15,28 +15,42 @@
 
 #include "../kernel_table.h"
 #include "vec_math.h"
+#include "workspace.h"
 
 namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// 64-byte aligned scratch; the kernels own their workspace so the ISA modules need no
-// tensor machinery.
+// 64-byte aligned scratch from the workspace pool (workspace.h); the kernels own their
+// workspace so the ISA modules need no tensor machinery.
 template <typename T>
 struct Buffer {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
+  T* ptr = nullptr;
+  size_t bytes = 0;
   explicit Buffer(int64_t n) {
-    const size_t bytes = round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64);
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
+    const size_t want = size_t(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(T)), 64));
+    ptr = static_cast<T*>(Workspace::get().take(want, &bytes));
   }
-  T* get() const { return ptr.get(); }
-  void zero(int64_t n) const { std::memset(ptr.get(), 0, size_t(n) * sizeof(T)); }
+  ~Buffer() { Workspace::get().give(ptr, bytes); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* get() const { return ptr; }
+  void zero(int64_t n) const { std::memset(ptr, 0, size_t(n) * sizeof(T)); }
 };
+
+// One task's scratch of at least n elements, reused across tasks of the same thread.
+template <typename T>
+T* task_scratch(int64_t n) {
+  thread_local std::unique_ptr<Buffer<T>> buf;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buf.reset();
+    buf = std::make_unique<Buffer<T>>(n);
+    size = n;
+  }
+  return buf->get();
+}
 
 template <typename T>
 inline T to_acc(T x) { return x; }
@@ -93,6 +107,17 @@ void load_transposed(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t 
     acc_t* d = dst + c * ld;
     for (int64_t r = rows; r < ld; ++r) d[r] = acc_t(0);
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (s_col == 1) {  // ATen's 16x16 register transposes; x * mult rounds as below
+      at::vec::transpose_mxn<float>(src, s_row, dst, ld, int(rows), int(cols));
+      if (mult != acc_t(1))
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] *= mult;
+      return;
+    }
+  }
+#endif
   // row-major reads, blocked so the strided writes stay in cache
   constexpr int64_t RB = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += RB) {
