@@ -19,8 +19,11 @@
 //   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
 //   dV  += P^T * dO      dK  += dS^T * Q      dQ  += dS * K   (dS read through strides)
 // bf16 inputs on AVX512-BF16 (gemm_bf16.h) run every product on bf16 operands (B in
-// VNNI pairs, packed once per call), P and dS rounded to bf16 before their products as
-// FlashAttention does on GPUs; the scores are made like the forward's bf16 scores.
+// VNNI pairs), P and dS rounded to bf16 before their products as FlashAttention does on
+// GPUs; the scores are made like the forward's bf16 scores. The pairs are packed per
+// tile into the task's scratch (K once per key tile, Q and dO per query tile visited):
+// whole-sequence packs would cost 2x the inputs' size, and a tile's pack is cheap next
+// to its five products.
 #include "../../common/mask.h"
 #include "dropout_tile.h"
 #include "gemm.h"
@@ -84,8 +87,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
 
   // Query side, per (query tile, hq) = qh: Q and dO as rows (unless in place) and as
   // transposed tiles, lse in base 2 and delta_i = dO_i . O_i (- dlse_i). bf16 tiles keep
-  // only lse2 and delta in fp32, and Q^T, dO^T (VNNI pairs along D, Dv) and Q, dO (pairs
-  // along queries) in bf16.
+  // only lse2 and delta here; their Q and dO pairs are packed per tile in the main loop.
   const int64_t fq = kBf16 ? 0 : 1, fr = kBf16 || in_place ? 0 : 1;
   const int64_t q_side = BQ * (fr * (Dp + Dvp) + fq * (D + Dv) + 2);
   Buffer<acc_t> qbuf(nqt * a.Hq * q_side);
@@ -95,14 +97,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
   auto do_t = [&](int64_t qh) { return q_t(qh) + fq * BQ * D; };
   auto lse2 = [&](int64_t qh) { return do_t(qh) + fq * BQ * Dv; };
   auto delta = [&](int64_t qh) { return lse2(qh) + BQ; };
-  const int64_t qb_side = BQ * (D2 + Dv2 + Dp + Dvp);
-  Buffer<bf16_t> qbb(kBf16 ? nqt * a.Hq * qb_side : 0);
-  [[maybe_unused]] auto q_tb = [&](int64_t qh) { return qbb.get() + qh * qb_side; };
-  [[maybe_unused]] auto do_tb = [&](int64_t qh) { return q_tb(qh) + BQ * D2; };
-  [[maybe_unused]] auto q_pb = [&](int64_t qh) { return do_tb(qh) + BQ * Dv2; };
-  [[maybe_unused]] auto do_pb = [&](int64_t qh) { return q_pb(qh) + BQ * Dp; };
-  // rows of Q and dO holding NaN/inf, per (query tile, hq)
-  Buffer<uint8_t> q_bad(nqt * a.Hq * BQ), do_bad(nqt * a.Hq * BQ);
+  // rows of Q and dO holding NaN/inf, per (query tile, hq); bf16 tiles flag them per pack
+  Buffer<uint8_t> q_bad(kBf16 ? 0 : nqt * a.Hq * BQ), do_bad(kBf16 ? 0 : nqt * a.Hq * BQ);
   const auto* lse_in = static_cast<const acc_t*>(a.lse);
   const auto* glse = static_cast<const acc_t*>(a.grad_lse);
   auto at4 = [](const Operand& op, int64_t b, int64_t h, int64_t n) {
@@ -116,14 +112,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const scalar_t* qs = at4(a.q, b, h, row0);
     const scalar_t* dos = at4(a.grad_out, b, h, row0);
     const scalar_t* os = at4(a.out, b, h, row0);
-    if constexpr (kBf16) {
-#if defined(AE_BF16_TILES)
-      pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb(qh), BQ, D2);
-      pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb(qh), BQ, Dv2);
-      pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb(qh), Dp, BQ, q_bad.get() + qh * BQ);
-      pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb(qh), Dvp, BQ, do_bad.get() + qh * BQ);
-#endif
-    } else {
+    if constexpr (!kBf16) {
       if (in_place) {
         flag_bad_rows(qs, a.q.stride[2], mq, D, q_bad.get() + qh * BQ, BQ);
         flag_bad_rows(dos, a.grad_out.stride[2], mq, Dv, do_bad.get() + qh * BQ, BQ);
@@ -158,32 +147,18 @@ void bwd_impl(const AttentionBwdArgs& a) {
   });
 
   // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
-  // bf16 tiles: K and V rows in bf16 (A operands, padded to D2, Dv2), K tiles in VNNI
-  // pairs along keys [key tile][Hkv][BK2 / 2][Dp][2] (B of dQ), k_bad per such tile.
+  // bf16 tiles pack theirs per key tile in the main loop.
   const int64_t k_side = kBf16 || in_place ? 0 : a.Nk * (Dp + Dv);
-  // bf16 tiles read K and V rows in place too where they are whole pairs
+  // bf16 tiles read K and V rows in place where they are whole pairs
   const bool kb_in_place = kBf16 && D == D2 && Dv == Dv2 && a.k.stride[3] == 1 && a.v.stride[3] == 1;
-  const int64_t kb_side = kb_in_place ? 0 : a.Nk * (D2 + Dv2), kpb_tile = BK2 * Dp;
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
-  Buffer<bf16_t> kbb(kBf16 ? a.B * a.Hkv * kb_side : 0), kpb(kBf16 ? nkt * a.Hkv * kpb_tile : 0);
-  Buffer<uint8_t> k_bad(kBf16 ? nkt * a.Hkv * BK2 : a.B * a.Hkv * a.Nk);
-  parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
+  Buffer<uint8_t> k_bad(kBf16 ? 0 : a.B * a.Hkv * a.Nk);
+  if constexpr (!kBf16) parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
     const TileRef& tile = segs.ktiles[t / a.Hkv];
     const Segment& sg = segs.seg[tile.seg];
     const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
     const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
-    if constexpr (kBf16) {
-#if defined(AE_BF16_TILES)
-      if (!kb_in_place) {
-        bf16_t* base = kbb.get() + bh * kb_side;
-        copy_rows_bf16(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * D2, D2, n);
-        copy_rows_bf16(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * D2 + k0 * Dv2, Dv2,
-                       n);
-      }
-      pack_vnni(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, kpb.get() + t * kpb_tile, Dp, BK2,
-                k_bad.get() + t * BK2);
-#endif
-    } else if (in_place) {
+    if (in_place) {
       flag_bad_rows(at4(a.k, b, h, k0), a.k.stride[2], n, D, k_bad.get() + bh * a.Nk + k0, n);
     } else {
       acc_t* base = kbuf.get() + bh * k_side;
@@ -199,12 +174,25 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
   int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(segs.max_row_ktiles, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
-  // one chunk in acc_t: dQ accumulates in the output itself (the same sums, no partials)
+  // one chunk in acc_t: dQ accumulates in the output itself (the same sums, no partials);
+  // one chunk otherwise: each task owns its group's dQ rows, summed in a buffer of its
+  // own (group * Nq rows, not B * Hq * Nq for the whole call)
   auto* dq = static_cast<scalar_t*>(a.dq);
   const bool dq_in_place = chunks == 1 && std::is_same_v<scalar_t, acc_t> && D == Dp;
-  Buffer<acc_t> dq_part(dq_in_place ? 0 : chunks * part);
+  const bool dq_per_task = chunks == 1 && !dq_in_place;
+  Buffer<acc_t> dq_part(dq_in_place || dq_per_task ? 0 : chunks * part);
   acc_t* dq_sum = dq_in_place ? reinterpret_cast<acc_t*>(dq) : dq_part.get();
-  std::memset(dq_sum, 0, size_t(chunks * part) * sizeof(acc_t));
+  if (!dq_per_task) std::memset(dq_sum, 0, size_t(chunks * part) * sizeof(acc_t));
+  // dQ rows [r0, r1) of (b, hq) = bh from their chunk partials, src[c * part + r * Dp]
+  auto write_dq = [&](const acc_t* src, int64_t bh, int64_t r0, int64_t r1) {
+    const acc_t sc = acc_t(a.scale);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t x = 0; x < D; ++x) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) sum += src[c * part + r * Dp + x];
+        dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
+      }
+  };
 
   auto* dk = static_cast<scalar_t*>(a.dk);
   auto* dv = static_cast<scalar_t*>(a.dv);
@@ -213,9 +201,12 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2) in bf16
+    // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2), the
+    // query tile's pairs (qb_size), the key tile's (kb_size) and their NaN/inf flags, in bf16 and bytes
     const int64_t keep_size = a.dropout.on() ? BK * BQ : 0;
-    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? BK * BQ + BQ * BK2 / 2 : 0);
+    const int64_t qb_size = BQ * (D2 + Dv2 + Dp + Dvp), kb_size = BK2 * Dp + (kb_in_place ? 0 : BK * (D2 + Dv2));
+    const int64_t bf16_size = 2 * BK * BQ + BQ * BK2 + qb_size + kb_size + ae_cdiv(2 * BQ + BK2, 2);
+    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? ae_cdiv(bf16_size, 2) : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -227,6 +218,19 @@ void bwd_impl(const AttentionBwdArgs& a) {
     [[maybe_unused]] auto* ptb = reinterpret_cast<bf16_t*>(keep + keep_size);
     [[maybe_unused]] bf16_t* dstb = ptb + BK * BQ;
     [[maybe_unused]] bf16_t* dsb = dstb + BK * BQ;
+    // the query tile's Q^T, dO^T (pairs along D, Dv) and Q, dO (pairs along queries)
+    [[maybe_unused]] bf16_t* q_tb = dsb + BQ * BK2;
+    [[maybe_unused]] bf16_t* do_tb = q_tb + BQ * D2;
+    [[maybe_unused]] bf16_t* q_pb = do_tb + BQ * Dv2;
+    [[maybe_unused]] bf16_t* do_pb = q_pb + BQ * Dp;
+    // the key tile's K pairs along keys (B of dQ), then K and V rows unless read in place
+    [[maybe_unused]] bf16_t* k_pairs = do_pb + BQ * Dvp;
+    [[maybe_unused]] bf16_t* kv_rows = k_pairs + BK2 * Dp;
+    [[maybe_unused]] auto* qb_bad = reinterpret_cast<uint8_t*>(kv_rows + (kb_size - BK2 * Dp));
+    [[maybe_unused]] uint8_t* dob_bad = qb_bad + BQ;
+    [[maybe_unused]] uint8_t* kb_bad = dob_bad + BQ;
+    Buffer<acc_t> task_dq(dq_per_task ? group * a.Nq * Dp : 0);
+    if (dq_per_task) task_dq.zero(group * a.Nq * Dp);
     // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
     PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
 
@@ -241,15 +245,25 @@ void bwd_impl(const AttentionBwdArgs& a) {
                                      : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
       const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
       const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
-      [[maybe_unused]] const bf16_t* kb_rows = kb_in_place
-          ? reinterpret_cast<const bf16_t*>(at4(a.k, b, hk, sg.span.k0)) : kbb.get() + bh * kb_side + sg.span.k0 * D2;
-      [[maybe_unused]] const bf16_t* vb_rows = kb_in_place
-          ? reinterpret_cast<const bf16_t*>(at4(a.v, b, hk, sg.span.k0))
-          : kbb.get() + bh * kb_side + a.Nk * D2 + sg.span.k0 * Dv2;
-      [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
-      [[maybe_unused]] const bf16_t* k_pairs = kpb.get() + (kti * a.Hkv + hk) * kpb_tile;
-      [[maybe_unused]] const uint8_t* kb_bad = k_bad.get() + (kti * a.Hkv + hk) * BK2;
       const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
+      // bf16 tiles: this tile's K and V rows (ldkb, ldvb apart) and K pairs
+      [[maybe_unused]] const bf16_t* kb_rows = kv_rows;
+      [[maybe_unused]] const bf16_t* vb_rows = kv_rows + BK * D2;
+      [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
+      if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+        const scalar_t* ks = at4(a.k, b, hk, sg.span.k0 + k0);
+        const scalar_t* vs = at4(a.v, b, hk, sg.span.k0 + k0);
+        if (kb_in_place) {
+          kb_rows = reinterpret_cast<const bf16_t*>(ks);
+          vb_rows = reinterpret_cast<const bf16_t*>(vs);
+        } else {
+          copy_rows_bf16(ks, a.k.stride[2], a.k.stride[3], nk, D, kv_rows, D2, nk);
+          copy_rows_bf16(vs, a.v.stride[2], a.v.stride[3], nk, Dv, kv_rows + BK * D2, Dv2, nk);
+        }
+        pack_vnni(ks, a.k.stride[2], a.k.stride[3], nk, D, k_pairs, Dp, BK2, kb_bad);
+#endif
+      }
       dkv.reset();
       int64_t qt_begin, qt_end;
       query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
@@ -257,7 +271,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
         const int64_t bhq = b * a.Hq + h;
         const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // the forward's ALiBi, 0 = off
         AlibiRamp<acc_t> alibi(slope2, 1);
-        acc_t* dq_acc = dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
+        acc_t* dq_acc = dq_per_task ? task_dq.get() + ((h - hk * group) * a.Nq + sg.span.q0) * Dp
+                                    : dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
         for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
           const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
           // this tile's Q and dO rows, ldq and ldo apart
@@ -280,9 +295,15 @@ void bwd_impl(const AttentionBwdArgs& a) {
           acc_t* dpt0 = dpt + j0 * BQ + i0;
           if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            gemm_bf16(nj, ni_vec, D, kb_rows + (k0 + j0) * ldkb, ldkb, q_tb(qh) + 2 * i0, 2 * BQ, st0, BQ, false,
+            const scalar_t* qs = at4(a.q, b, h, sg.span.q0 + q0);
+            const scalar_t* dos = at4(a.grad_out, b, h, sg.span.q0 + q0);
+            pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb, BQ, D2);
+            pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb, BQ, Dv2);
+            pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb, Dp, BQ, qb_bad);
+            pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb, Dvp, BQ, dob_bad);
+            gemm_bf16(nj, ni_vec, D, kb_rows + j0 * ldkb, ldkb, q_tb + 2 * i0, 2 * BQ, st0, BQ, false,
                       float(qmult));
-            gemm_bf16(nj, ni_vec, Dv, vb_rows + (k0 + j0) * ldvb, ldvb, do_tb(qh) + 2 * i0, 2 * BQ, dpt0, BQ, false);
+            gemm_bf16(nj, ni_vec, Dv, vb_rows + j0 * ldvb, ldvb, do_tb + 2 * i0, 2 * BQ, dpt0, BQ, false);
 #endif
           } else {
             gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
@@ -337,14 +358,14 @@ void bwd_impl(const AttentionBwdArgs& a) {
 #if defined(AE_BF16_TILES)
             const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
             bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
-            gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb(qh) + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
+            gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
                       true);
-            add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, do_bad.get() + qh * BQ + i0,
+            add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, dob_bad + i0,
                          [&](int64_t i, float p, float* row) {
                            add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
                          }, dv_part + j0 * Dvp, Dvp);
-            gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb(qh) + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
-            add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, q_bad.get() + qh * BQ + i0,
+            gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
+            add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, qb_bad + i0,
                          [&](int64_t i, float ds, float* row) {
                            add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
                          }, dk_part + j0 * Dp, Dp);
@@ -378,20 +399,15 @@ void bwd_impl(const AttentionBwdArgs& a) {
         for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
       }
     }
+    if (dq_per_task)
+      for (int64_t g = 0; g < group; ++g) write_dq(task_dq.get() + g * a.Nq * Dp, b * a.Hq + hk * group + g, 0, a.Nq);
   });
 
   const int64_t rows_per_task = 64;
   const int64_t q_tasks = (a.Nq + rows_per_task - 1) / rows_per_task;
-  parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
+  if (!dq_per_task) parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
     const int64_t bh = t / q_tasks, r0 = (t % q_tasks) * rows_per_task;
-    const int64_t r1 = std::min(a.Nq, r0 + rows_per_task);
-    const acc_t sc = acc_t(a.scale);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t x = 0; x < D; ++x) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += dq_sum[c * part + (bh * a.Nq + r) * Dp + x];
-        dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
-      }
+    write_dq(dq_sum + bh * a.Nq * Dp, bh, r0, std::min(a.Nq, r0 + rows_per_task));
   });
 }
 
