@@ -199,13 +199,18 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(bhk * chunks, [&](int64_t t) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
+    // The task's key tiles are walked KB at a time for bf16 tiles, so that a query tile's
+    // packs serve KB key tiles (packed per key tile they took a third of the products'
+    // time). Every sum keeps its order: a key tile's dK and dV take the same terms in the
+    // same order, and a dQ row takes the key tiles in ascending order.
+    constexpr int64_t KB = kBf16 ? 4 : 1;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
     // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2), the
-    // query tile's pairs (qb_size), the key tile's (kb_size) and their NaN/inf flags, in bf16 and bytes
+    // query tile's pairs (qb_size), KB key tiles' (kb_size each) and their NaN/inf flags, in bf16 and bytes
     const int64_t keep_size = a.dropout.on() ? BK * BQ : 0;
     const int64_t qb_size = BQ * (D2 + Dv2 + Dp + Dvp), kb_size = BK2 * Dp + (kb_in_place ? 0 : BK * (D2 + Dv2));
-    const int64_t bf16_size = 2 * BK * BQ + BQ * BK2 + qb_size + kb_size + ae_cdiv(2 * BQ + BK2, 2);
+    const int64_t bf16_size = 2 * BK * BQ + BQ * BK2 + qb_size + KB * kb_size + ae_cdiv(2 * BQ + KB * BK2, 2);
     const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? ae_cdiv(bf16_size, 2) : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
@@ -223,180 +228,226 @@ void bwd_impl(const AttentionBwdArgs& a) {
     [[maybe_unused]] bf16_t* do_tb = q_tb + BQ * D2;
     [[maybe_unused]] bf16_t* q_pb = do_tb + BQ * Dv2;
     [[maybe_unused]] bf16_t* do_pb = q_pb + BQ * Dp;
-    // the key tile's K pairs along keys (B of dQ), then K and V rows unless read in place
+    // per key tile of a block (kb_size apart): K pairs along keys (B of dQ), then K and V
+    // rows unless read in place
     [[maybe_unused]] bf16_t* k_pairs = do_pb + BQ * Dvp;
-    [[maybe_unused]] bf16_t* kv_rows = k_pairs + BK2 * Dp;
-    [[maybe_unused]] auto* qb_bad = reinterpret_cast<uint8_t*>(kv_rows + (kb_size - BK2 * Dp));
+    [[maybe_unused]] auto* qb_bad = reinterpret_cast<uint8_t*>(k_pairs + KB * kb_size);
     [[maybe_unused]] uint8_t* dob_bad = qb_bad + BQ;
-    [[maybe_unused]] uint8_t* kb_bad = dob_bad + BQ;
+    [[maybe_unused]] uint8_t* kb_bad = dob_bad + BQ;  // BK2 apart
     Buffer<acc_t> task_dq(dq_per_task ? group * a.Nq * Dp : 0);
     if (dq_per_task) task_dq.zero(group * a.Nq * Dp);
-    // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
-    PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
+    // partials per key tile of a block: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
+    std::vector<PairwiseSum<acc_t>> dkvs;
+    dkvs.reserve(KB);
+    for (int64_t s = 0; s < KB; ++s) dkvs.emplace_back(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
+    struct KeyTile {
+      const Segment* sg = nullptr;
+      int64_t k0 = 0, nk = 0, used = 0, gq_begin = 0, gq_end = 0;  // its query tiles: segs.qtiles[gq_begin, gq_end)
+      const bf16_t* kb_rows = nullptr;  // bf16 tiles: K and V rows (ldkb, ldvb apart), K pairs, NaN/inf keys
+      const bf16_t* vb_rows = nullptr;
+      const bf16_t* k_pairs = nullptr;
+      const uint8_t* kb_bad = nullptr;
+    };
+    KeyTile kts[KB];
+    [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
 
-    for (int64_t kti = segs.row_kt[b] + c; kti < segs.row_kt[b + 1]; kti += chunks) {
-      const TileRef& tile = segs.ktiles[kti];
-      const Segment& sg = segs.seg[tile.seg];
-      const MaskSpec& mask = sg.mask;
-      // the document's K and V rows (ldk, ldv apart); k0 counts from the document's start
-      const acc_t* k_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.k, b, hk, sg.span.k0))
-                                     : kbuf.get() + bh * k_side + sg.span.k0 * Dp;
-      const acc_t* v_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.v, b, hk, sg.span.k0))
-                                     : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
-      const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
-      const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
-      const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
-      // bf16 tiles: this tile's K and V rows (ldkb, ldvb apart) and K pairs
-      [[maybe_unused]] const bf16_t* kb_rows = kv_rows;
-      [[maybe_unused]] const bf16_t* vb_rows = kv_rows + BK * D2;
-      [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
-      if constexpr (kBf16) {
+    const int64_t kt_end = segs.row_kt[b + 1];
+    for (int64_t kt_first = segs.row_kt[b] + c; kt_first < kt_end; kt_first += KB * chunks) {
+      const int64_t nkb = std::min(KB, ae_cdiv(kt_end - kt_first, chunks));
+      int64_t gq_lo = std::numeric_limits<int64_t>::max(), gq_hi = 0;
+      for (int64_t s = 0; s < nkb; ++s) {
+        KeyTile& kt = kts[s];
+        const TileRef& tile = segs.ktiles[kt_first + s * chunks];
+        kt.sg = &segs.seg[tile.seg];
+        const Segment& sg = *kt.sg;
+        kt.k0 = tile.start;
+        kt.nk = std::min(BK, sg.mask.nk - kt.k0);
+        kt.used = kt.nk * (Dp + Dvp);
+        if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-        const scalar_t* ks = at4(a.k, b, hk, sg.span.k0 + k0);
-        const scalar_t* vs = at4(a.v, b, hk, sg.span.k0 + k0);
-        if (kb_in_place) {
-          kb_rows = reinterpret_cast<const bf16_t*>(ks);
-          vb_rows = reinterpret_cast<const bf16_t*>(vs);
-        } else {
-          copy_rows_bf16(ks, a.k.stride[2], a.k.stride[3], nk, D, kv_rows, D2, nk);
-          copy_rows_bf16(vs, a.v.stride[2], a.v.stride[3], nk, Dv, kv_rows + BK * D2, Dv2, nk);
-        }
-        pack_vnni(ks, a.k.stride[2], a.k.stride[3], nk, D, k_pairs, Dp, BK2, kb_bad);
+          const scalar_t* ks = at4(a.k, b, hk, sg.span.k0 + kt.k0);
+          const scalar_t* vs = at4(a.v, b, hk, sg.span.k0 + kt.k0);
+          bf16_t* pairs = k_pairs + s * kb_size;
+          bf16_t* rows = pairs + BK2 * Dp;
+          uint8_t* flags = kb_bad + s * BK2;
+          if (kb_in_place) {
+            kt.kb_rows = reinterpret_cast<const bf16_t*>(ks);
+            kt.vb_rows = reinterpret_cast<const bf16_t*>(vs);
+          } else {
+            copy_rows_bf16(ks, a.k.stride[2], a.k.stride[3], kt.nk, D, rows, D2, kt.nk);
+            copy_rows_bf16(vs, a.v.stride[2], a.v.stride[3], kt.nk, Dv, rows + BK * D2, Dv2, kt.nk);
+            kt.kb_rows = rows;
+            kt.vb_rows = rows + BK * D2;
+          }
+          pack_vnni(ks, a.k.stride[2], a.k.stride[3], kt.nk, D, pairs, Dp, BK2, flags);
+          kt.k_pairs = pairs;
+          kt.kb_bad = flags;
 #endif
+        }
+        dkvs[s].reset();
+        int64_t qt_begin, qt_end;
+        query_tile_range(sg.mask, kt.k0, kt.k0 + kt.nk, BQ, &qt_begin, &qt_end);
+        kt.gq_begin = sg.qt0 + qt_begin;
+        kt.gq_end = sg.qt0 + qt_end;
+        if (qt_begin < qt_end) gq_lo = std::min(gq_lo, kt.gq_begin), gq_hi = std::max(gq_hi, kt.gq_end);
       }
-      dkv.reset();
-      int64_t qt_begin, qt_end;
-      query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // the forward's ALiBi, 0 = off
         AlibiRamp<acc_t> alibi(slope2, 1);
-        acc_t* dq_acc = dq_per_task ? task_dq.get() + ((h - hk * group) * a.Nq + sg.span.q0) * Dp
-                                    : dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
-        for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
-          const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
-          // this tile's Q and dO rows, ldq and ldo apart
-          const acc_t* q_r = in_place ? reinterpret_cast<const acc_t*>(at4(a.q, b, h, sg.span.q0 + q0)) : q_rows(qh);
-          const acc_t* do_r =
-              in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
-          const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
-          const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
-          if (cls == kEmpty) continue;
-          // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
-          int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
-          if (cls == kPartial && (na.on() ? na.trim(q0, k0, &i0, &i1, &j0, &j1)
-                                           : trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1))) {
-            if (i0 >= i1) continue;
-            i0 -= i0 % VL;  // queries are the columns of the transposed products
-            if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
-          }
-          const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
-          acc_t* st0 = st + j0 * BQ + i0;
-          acc_t* dpt0 = dpt + j0 * BQ + i0;
-          if constexpr (kBf16) {
+        for (int64_t gqt = gq_lo; gqt < gq_hi; ++gqt) {
+          [[maybe_unused]] bool packed = false;  // bf16 tiles: this query tile's pairs, packed for its first key tile
+          for (int64_t s = 0; s < nkb; ++s) {
+            const KeyTile& kt = kts[s];
+            if (gqt < kt.gq_begin || gqt >= kt.gq_end) continue;
+            const Segment& sg = *kt.sg;
+            const MaskSpec& mask = sg.mask;
+            const int64_t k0 = kt.k0, nk = kt.nk, used = kt.used, qt = gqt - sg.qt0;
+            PairwiseSum<acc_t>& dkv = dkvs[s];
+            // the document's K and V rows (ldk, ldv apart); k0 counts from the document's start
+            const acc_t* k_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.k, b, hk, sg.span.k0))
+                                           : kbuf.get() + bh * k_side + sg.span.k0 * Dp;
+            const acc_t* v_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.v, b, hk, sg.span.k0))
+                                           : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
+            const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
+            const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
+            [[maybe_unused]] const bf16_t* kb_rows = kt.kb_rows;
+            [[maybe_unused]] const bf16_t* vb_rows = kt.vb_rows;
+            [[maybe_unused]] const bf16_t* k_pairs = kt.k_pairs;
+            [[maybe_unused]] const uint8_t* kb_bad = kt.kb_bad;
+            acc_t* dq_acc = dq_per_task ? task_dq.get() + ((h - hk * group) * a.Nq + sg.span.q0) * Dp
+                                        : dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
+            const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
+            // this tile's Q and dO rows, ldq and ldo apart
+            const acc_t* q_r = in_place ? reinterpret_cast<const acc_t*>(at4(a.q, b, h, sg.span.q0 + q0)) : q_rows(qh);
+            const acc_t* do_r =
+                in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
+            const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
+            const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+            if (cls == kEmpty) continue;
+            // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
+            int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
+            if (cls == kPartial && (na.on() ? na.trim(q0, k0, &i0, &i1, &j0, &j1)
+                                             : trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1))) {
+              if (i0 >= i1) continue;
+              i0 -= i0 % VL;  // queries are the columns of the transposed products
+              if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
+            }
+            const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
+            acc_t* st0 = st + j0 * BQ + i0;
+            acc_t* dpt0 = dpt + j0 * BQ + i0;
+            if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            const scalar_t* qs = at4(a.q, b, h, sg.span.q0 + q0);
-            const scalar_t* dos = at4(a.grad_out, b, h, sg.span.q0 + q0);
-            pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb, BQ, D2);
-            pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb, BQ, Dv2);
-            pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb, Dp, BQ, qb_bad);
-            pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb, Dvp, BQ, dob_bad);
-            gemm_bf16(nj, ni_vec, D, kb_rows + j0 * ldkb, ldkb, q_tb + 2 * i0, 2 * BQ, st0, BQ, false,
-                      float(qmult));
-            gemm_bf16(nj, ni_vec, Dv, vb_rows + j0 * ldvb, ldvb, do_tb + 2 * i0, 2 * BQ, dpt0, BQ, false);
+              const scalar_t* qs = at4(a.q, b, h, sg.span.q0 + q0);
+              const scalar_t* dos = at4(a.grad_out, b, h, sg.span.q0 + q0);
+              if (!packed) {
+                pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb, BQ, D2);
+                pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb, BQ, Dv2);
+                pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb, Dp, BQ, qb_bad);
+                pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb, Dvp, BQ, dob_bad);
+                packed = true;
+              }
+              gemm_bf16(nj, ni_vec, D, kb_rows + j0 * ldkb, ldkb, q_tb + 2 * i0, 2 * BQ, st0, BQ, false,
+                        float(qmult));
+              gemm_bf16(nj, ni_vec, Dv, vb_rows + j0 * ldvb, ldvb, do_tb + 2 * i0, 2 * BQ, dpt0, BQ, false);
 #endif
-          } else {
-            gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
-            gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * ldv, ldv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
-          }
-          const acc_t* l2 = lse2(qh) + i0;
-          const acc_t* dl = delta(qh) + i0;
-          // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
-          if (a.dropout.on()) {
-            dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
-            multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
-          }
-          if (softcap) {
-            // P = exp2(cap2 * t + alibi - lse2) with t = tanh(s2 / cap2) as in softcap_row;
-            // the cap's derivative 1 - t^2 enters dS
-            for (int64_t r = 0; r < nj; ++r) {
-              acc_t* pr = st0 + r * BQ;
-              acc_t* dr = dpt0 + r * BQ;
-              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));  // p - j of column 0
-              for (int64_t i = 0; i < ni_vec; i += VL) {
-                const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
-                V z = V(cap2) * t;
-                if (slope2 != acc_t(0)) z = alibi.add(z);
-                const V p = exp2_poly(z - V::loadu(l2 + i));
-                p.store(pr + i);
-                (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
+            } else {
+              gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
+              gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * ldv, ldv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+            }
+            const acc_t* l2 = lse2(qh) + i0;
+            const acc_t* dl = delta(qh) + i0;
+            // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
+            if (a.dropout.on()) {
+              dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
+              multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
+            }
+            if (softcap) {
+              // P = exp2(cap2 * t + alibi - lse2) with t = tanh(s2 / cap2) as in softcap_row;
+              // the cap's derivative 1 - t^2 enters dS
+              for (int64_t r = 0; r < nj; ++r) {
+                acc_t* pr = st0 + r * BQ;
+                acc_t* dr = dpt0 + r * BQ;
+                alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));  // p - j of column 0
+                for (int64_t i = 0; i < ni_vec; i += VL) {
+                  const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
+                  V z = V(cap2) * t;
+                  if (slope2 != acc_t(0)) z = alibi.add(z);
+                  const V p = exp2_poly(z - V::loadu(l2 + i));
+                  p.store(pr + i);
+                  (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
+                }
+              }
+            } else {
+              for (int64_t r = 0; r < nj; ++r) {
+                acc_t* pr = st0 + r * BQ;
+                acc_t* dr = dpt0 + r * BQ;
+                alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));
+                for (int64_t i = 0; i < ni_vec; i += VL) {
+                  V z = V::loadu(pr + i);
+                  if (slope2 != acc_t(0)) z = alibi.add(z);
+                  const V p = exp2_poly(z - V::loadu(l2 + i));
+                  p.store(pr + i);
+                  (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
+                }
               }
             }
-          } else {
-            for (int64_t r = 0; r < nj; ++r) {
-              acc_t* pr = st0 + r * BQ;
-              acc_t* dr = dpt0 + r * BQ;
-              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));
-              for (int64_t i = 0; i < ni_vec; i += VL) {
-                V z = V::loadu(pr + i);
-                if (slope2 != acc_t(0)) z = alibi.add(z);
-                const V p = exp2_poly(z - V::loadu(l2 + i));
-                p.store(pr + i);
-                (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
-              }
+            if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
+            if (cls == kPartial) {
+              mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, st0, BQ);
+              mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, dpt0, BQ);
             }
-          }
-          if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
-          if (cls == kPartial) {
-            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, st0, BQ);
-            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, dpt0, BQ);
-          }
-          // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
-          acc_t* dk_part = dkv.leaf(used);
-          acc_t* dv_part = dk_part + nk * Dp;
-          if constexpr (kBf16) {
+            // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
+            acc_t* dk_part = dkv.leaf(used);
+            acc_t* dv_part = dk_part + nk * Dp;
+            if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
-            bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
-            gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
-                      true);
-            add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, dob_bad + i0,
-                         [&](int64_t i, float p, float* row) {
-                           add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
-                         }, dv_part + j0 * Dvp, Dvp);
-            gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
-            add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, qb_bad + i0,
-                         [&](int64_t i, float ds, float* row) {
-                           add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
-                         }, dk_part + j0 * Dp, Dp);
-            dkv.added(used);
-            gemm_bf16(ni, Dp, nj, dsb + i0 * BK2 + j0, BK2, k_pairs + j0 * Dp, 2 * Dp, dq_acc + (q0 + i0) * Dp, Dp,
-                      true);
-            add_bad_rows(ni, nj, dsb + i0 * BK2 + j0, BK2, 1, kb_bad + j0,
-                         [&](int64_t j, float ds, float* row) {
-                           add_row(ds, at4(a.k, b, hk, sg.span.k0 + k0 + j0 + j), a.k.stride[3], D, row);
-                         }, dq_acc + (q0 + i0) * Dp, Dp);
+              const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
+              bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
+              gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
+                        true);
+              add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, dob_bad + i0,
+                           [&](int64_t i, float p, float* row) {
+                             add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
+                           }, dv_part + j0 * Dvp, Dvp);
+              gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
+              add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, qb_bad + i0,
+                           [&](int64_t i, float ds, float* row) {
+                             add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
+                           }, dk_part + j0 * Dp, Dp);
+              dkv.added(used);
+              gemm_bf16(ni, Dp, nj, dsb + i0 * BK2 + j0, BK2, k_pairs + j0 * Dp, 2 * Dp, dq_acc + (q0 + i0) * Dp, Dp,
+                        true);
+              add_bad_rows(ni, nj, dsb + i0 * BK2 + j0, BK2, 1, kb_bad + j0,
+                           [&](int64_t j, float ds, float* row) {
+                             add_row(ds, at4(a.k, b, hk, sg.span.k0 + k0 + j0 + j), a.k.stride[3], D, row);
+                           }, dq_acc + (q0 + i0) * Dp, Dp);
 #endif
-          } else {
-            gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_r + i0 * ldo, ldo, dv_part + j0 * Dvp, Dvp, true,
-                                do_bad.get() + qh * BQ + i0);
-            gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_r + i0 * ldq, ldq, dk_part + j0 * Dp, Dp, true,
-                                q_bad.get() + qh * BQ + i0);
-            dkv.added(used);
-            gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * ldk, ldk, dq_acc + (q0 + i0) * Dp, Dp,
-                                true, k_bad_doc + k0 + j0);
+            } else {
+              gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_r + i0 * ldo, ldo, dv_part + j0 * Dvp, Dvp, true,
+                                  do_bad.get() + qh * BQ + i0);
+              gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_r + i0 * ldq, ldq, dk_part + j0 * Dp, Dp, true,
+                                  q_bad.get() + qh * BQ + i0);
+              dkv.added(used);
+              gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * ldk, ldk, dq_acc + (q0 + i0) * Dp, Dp,
+                                  true, k_bad_doc + k0 + j0);
+            }
           }
         }
       }
-      dkv.total(dkv_sum, used);
-      const acc_t* dk_acc = dkv_sum;
-      const acc_t* dv_acc = dkv_sum + nk * Dp;
-      scalar_t* dk_out = dk + (bh * a.Nk + sg.span.k0 + k0) * D;
-      scalar_t* dv_out = dv + (bh * a.Nk + sg.span.k0 + k0) * Dv;
-      const acc_t sc = acc_t(a.scale);
-      for (int64_t r = 0; r < nk; ++r) {
-        for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);
-        for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
+      for (int64_t s = 0; s < nkb; ++s) {
+        const Segment& sg = *kts[s].sg;
+        const int64_t k0 = kts[s].k0, nk = kts[s].nk;
+        dkvs[s].total(dkv_sum, kts[s].used);
+        const acc_t* dk_acc = dkv_sum;
+        const acc_t* dv_acc = dkv_sum + nk * Dp;
+        scalar_t* dk_out = dk + (bh * a.Nk + sg.span.k0 + k0) * D;
+        scalar_t* dv_out = dv + (bh * a.Nk + sg.span.k0 + k0) * Dv;
+        const acc_t sc = acc_t(a.scale);
+        for (int64_t r = 0; r < nk; ++r) {
+          for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);
+          for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
+        }
       }
     }
     if (dq_per_task)

@@ -164,13 +164,10 @@ inline __m512i canonical_nan_bf16(__m512i x) {
   return _mm512_mask_mov_epi16(x, nan, _mm512_set1_epi16(0x7fc0));
 }
 
-// Whether the bf16 row src[0, n) holds a NaN or infinity (all exponent bits set).
-inline bool nonfinite_row_bf16(const bf16* src, int64_t n) {
+// The bf16 lanes holding a NaN or infinity (all exponent bits set).
+inline __mmask32 nonfinite_bf16(__m512i x) {
   const __m512i e = _mm512_set1_epi16(0x7f80);
-  __mmask32 any = 0;
-  for (int64_t c = 0; c < n; c += 32)
-    any |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_maskz_loadu_epi16(lanes32(n - c), src + c), e), e);
-  return any != 0;
+  return _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, e), e);
 }
 
 // The VNNI pack of a strided (k, n) matrix, src(k, n) = src[k * s_k + n * s_n]:
@@ -188,22 +185,27 @@ void pack_vnni(const scalar_t* src, int64_t s_k, int64_t s_n, int64_t kn, int64_
       alignas(64) static constexpr uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
       const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
-      for (int64_t k = 0; k < k_pad; k += 2) {
-        const bf16* r[2] = {src + k * s_k, src + (k + 1) * s_k};
-        bool live[2];
-        for (int x = 0; x < 2; ++x) {
-          const bool in = k + x < kn, nonfinite = in && bad && nonfinite_row_bf16(r[x], nn);
-          live[x] = in && !nonfinite;
-          if (bad) bad[k + x] = nonfinite;
-        }
+      // a pair row of rows k, k + 1; a flagged row (rare) is packed again as zeros
+      auto pair_row = [&](int64_t k, bool live0, bool live1) {
+        const bf16* r0 = src + k * s_k;
+        const bf16* r1 = r0 + s_k;
         bf16* d = dst + k * ldn;
+        __mmask32 nonfinite0 = 0, nonfinite1 = 0;
         for (int64_t n0 = 0; n0 < ldn; n0 += 32) {
           const __mmask32 m = lanes32(nn - n0);
-          const __m512i a = live[0] ? canonical_nan_bf16(_mm512_maskz_loadu_epi16(m, r[0] + n0)) : _mm512_setzero_si512();
-          const __m512i b = live[1] ? canonical_nan_bf16(_mm512_maskz_loadu_epi16(m, r[1] + n0)) : _mm512_setzero_si512();
+          __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+          if (live0) a = _mm512_maskz_loadu_epi16(m, r0 + n0), nonfinite0 |= nonfinite_bf16(a);
+          if (live1) b = _mm512_maskz_loadu_epi16(m, r1 + n0), nonfinite1 |= nonfinite_bf16(b);
+          a = canonical_nan_bf16(a), b = canonical_nan_bf16(b);
           _mm512_mask_storeu_epi32(d + 2 * n0, lanes16(ldn - n0), _mm512_permutex2var_epi16(a, ilo, b));
           _mm512_mask_storeu_epi32(d + 2 * n0 + 32, lanes16(ldn - n0 - 16), _mm512_permutex2var_epi16(a, ihi, b));
         }
+        return std::pair<bool, bool>(nonfinite0 != 0, nonfinite1 != 0);
+      };
+      for (int64_t k = 0; k < k_pad; k += 2) {
+        const auto [bad0, bad1] = pair_row(k, k < kn, k + 1 < kn);
+        if (bad && (bad0 || bad1)) pair_row(k, k < kn && !bad0, k + 1 < kn && !bad1);
+        if (bad) bad[k] = bad0, bad[k + 1] = bad1;
       }
       return;
     }
@@ -212,14 +214,16 @@ void pack_vnni(const scalar_t* src, int64_t s_k, int64_t s_n, int64_t kn, int64_
       for (int64_t n0 = 0; n0 < ldn; n0 += 16)
         for (int64_t p0 = 0; 2 * p0 < k_pad; p0 += 16) {
           __m512i r[16];
+#pragma GCC unroll 16
           for (int i = 0; i < 16; ++i)
             r[i] = n0 + i < nn
                 ? canonical_nan_bf16(_mm512_maskz_loadu_epi16(lanes32(kn - 2 * p0), src + (n0 + i) * s_n + 2 * p0))
                 : _mm512_setzero_si512();
           transpose_16x16_epi32(r);
           const __mmask16 m = lanes16(ldn - n0);
-          for (int64_t p = 0; p < 16 && 2 * (p0 + p) < k_pad; ++p)
-            _mm512_mask_storeu_epi32(dst + (p0 + p) * 2 * ldn + 2 * n0, m, r[p]);
+#pragma GCC unroll 16
+          for (int p = 0; p < 16; ++p)
+            if (2 * (p0 + p) < k_pad) _mm512_mask_storeu_epi32(dst + (p0 + p) * 2 * ldn + 2 * n0, m, r[p]);
         }
       return;
     }
@@ -295,6 +299,7 @@ inline void bf16_products(int64_t nj, int64_t ni, const float* pt, const float* 
     const __mmask16 mi = lanes16(ni - i0);
     for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
       __m512i r[16];
+#pragma GCC unroll 16
       for (int64_t p = 0; p < 16; ++p) {
         const int64_t j = 2 * (p0 + p);
         const __m512i a = j < nj ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mi, dstb + j * ld + i0))
@@ -305,7 +310,9 @@ inline void bf16_products(int64_t nj, int64_t ni, const float* pt, const float* 
       }
       transpose_16x16_epi32(r);
       const __mmask16 mp = lanes16(pairs - p0);
-      for (int64_t i = 0; i < 16 && i0 + i < ni; ++i) _mm512_mask_storeu_epi32(dsb + (i0 + i) * ld_ds + 2 * p0, mp, r[i]);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        if (i0 + i < ni) _mm512_mask_storeu_epi32(dsb + (i0 + i) * ld_ds + 2 * p0, mp, r[i]);
     }
   }
 }
