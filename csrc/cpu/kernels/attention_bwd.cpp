@@ -19,8 +19,11 @@
 //   S^T  = K  * Q^T      dP^T = V * dO^T      dS^T = P^T o (dP^T - delta)
 //   dV  += P^T * dO      dK  += dS^T * Q      dQ  += dS * K   (dS read through strides)
 // bf16 inputs on AVX512-BF16 (gemm_bf16.h) run every product on bf16 operands (B in
-// VNNI pairs, packed once per call), P and dS rounded to bf16 before their products as
-// FlashAttention does on GPUs; the scores are made like the forward's bf16 scores.
+// VNNI pairs), P and dS rounded to bf16 before their products as FlashAttention does on
+// GPUs; the scores are made like the forward's bf16 scores. The pairs are packed per
+// tile into the task's scratch (K once per key tile, Q and dO per query tile visited):
+// whole-sequence packs would cost 2x the inputs' size, and a tile's pack is cheap next
+// to its five products.
 #include "../../common/mask.h"
 #include "dropout_tile.h"
 #include "gemm.h"
@@ -84,8 +87,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
 
   // Query side, per (query tile, hq) = qh: Q and dO as rows (unless in place) and as
   // transposed tiles, lse in base 2 and delta_i = dO_i . O_i (- dlse_i). bf16 tiles keep
-  // only lse2 and delta in fp32, and Q^T, dO^T (VNNI pairs along D, Dv) and Q, dO (pairs
-  // along queries) in bf16.
+  // only lse2 and delta here; their Q and dO pairs are packed per tile in the main loop.
   const int64_t fq = kBf16 ? 0 : 1, fr = kBf16 || in_place ? 0 : 1;
   const int64_t q_side = BQ * (fr * (Dp + Dvp) + fq * (D + Dv) + 2);
   Buffer<acc_t> qbuf(nqt * a.Hq * q_side);
@@ -95,14 +97,8 @@ void bwd_impl(const AttentionBwdArgs& a) {
   auto do_t = [&](int64_t qh) { return q_t(qh) + fq * BQ * D; };
   auto lse2 = [&](int64_t qh) { return do_t(qh) + fq * BQ * Dv; };
   auto delta = [&](int64_t qh) { return lse2(qh) + BQ; };
-  const int64_t qb_side = BQ * (D2 + Dv2 + Dp + Dvp);
-  Buffer<bf16_t> qbb(kBf16 ? nqt * a.Hq * qb_side : 0);
-  [[maybe_unused]] auto q_tb = [&](int64_t qh) { return qbb.get() + qh * qb_side; };
-  [[maybe_unused]] auto do_tb = [&](int64_t qh) { return q_tb(qh) + BQ * D2; };
-  [[maybe_unused]] auto q_pb = [&](int64_t qh) { return do_tb(qh) + BQ * Dv2; };
-  [[maybe_unused]] auto do_pb = [&](int64_t qh) { return q_pb(qh) + BQ * Dp; };
-  // rows of Q and dO holding NaN/inf, per (query tile, hq)
-  Buffer<uint8_t> q_bad(nqt * a.Hq * BQ), do_bad(nqt * a.Hq * BQ);
+  // rows of Q and dO holding NaN/inf, per (query tile, hq); bf16 tiles flag them per pack
+  Buffer<uint8_t> q_bad(kBf16 ? 0 : nqt * a.Hq * BQ), do_bad(kBf16 ? 0 : nqt * a.Hq * BQ);
   const auto* lse_in = static_cast<const acc_t*>(a.lse);
   const auto* glse = static_cast<const acc_t*>(a.grad_lse);
   auto at4 = [](const Operand& op, int64_t b, int64_t h, int64_t n) {
@@ -116,14 +112,7 @@ void bwd_impl(const AttentionBwdArgs& a) {
     const scalar_t* qs = at4(a.q, b, h, row0);
     const scalar_t* dos = at4(a.grad_out, b, h, row0);
     const scalar_t* os = at4(a.out, b, h, row0);
-    if constexpr (kBf16) {
-#if defined(AE_BF16_TILES)
-      pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb(qh), BQ, D2);
-      pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb(qh), BQ, Dv2);
-      pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb(qh), Dp, BQ, q_bad.get() + qh * BQ);
-      pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb(qh), Dvp, BQ, do_bad.get() + qh * BQ);
-#endif
-    } else {
+    if constexpr (!kBf16) {
       if (in_place) {
         flag_bad_rows(qs, a.q.stride[2], mq, D, q_bad.get() + qh * BQ, BQ);
         flag_bad_rows(dos, a.grad_out.stride[2], mq, Dv, do_bad.get() + qh * BQ, BQ);
@@ -173,32 +162,18 @@ void bwd_impl(const AttentionBwdArgs& a) {
   });
 
   // Key side, per (b, hkv): K rows padded to Dp (B operand of dQ), V rows (A operand).
-  // bf16 tiles: K and V rows in bf16 (A operands, padded to D2, Dv2), K tiles in VNNI
-  // pairs along keys [key tile][Hkv][BK2 / 2][Dp][2] (B of dQ), k_bad per such tile.
+  // bf16 tiles pack theirs per key tile in the main loop.
   const int64_t k_side = kBf16 || in_place ? 0 : a.Nk * (Dp + Dv);
-  // bf16 tiles read K and V rows in place too where they are whole pairs
+  // bf16 tiles read K and V rows in place where they are whole pairs
   const bool kb_in_place = kBf16 && D == D2 && Dv == Dv2 && a.k.stride[3] == 1 && a.v.stride[3] == 1;
-  const int64_t kb_side = kb_in_place ? 0 : a.Nk * (D2 + Dv2), kpb_tile = BK2 * Dp;
   Buffer<acc_t> kbuf(a.B * a.Hkv * k_side);
-  Buffer<bf16_t> kbb(kBf16 ? a.B * a.Hkv * kb_side : 0), kpb(kBf16 ? nkt * a.Hkv * kpb_tile : 0);
-  Buffer<uint8_t> k_bad(kBf16 ? nkt * a.Hkv * BK2 : a.B * a.Hkv * a.Nk);
-  parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
+  Buffer<uint8_t> k_bad(kBf16 ? 0 : a.B * a.Hkv * a.Nk);
+  if constexpr (!kBf16) parallel_tasks(nkt * a.Hkv, [&](int64_t t) {
     const TileRef& tile = segs.ktiles[t / a.Hkv];
     const Segment& sg = segs.seg[tile.seg];
     const int64_t h = t % a.Hkv, b = sg.b, bh = b * a.Hkv + h;
     const int64_t k0 = sg.span.k0 + tile.start, n = std::min(BK, sg.span.nk - tile.start);
-    if constexpr (kBf16) {
-#if defined(AE_BF16_TILES)
-      if (!kb_in_place) {
-        bf16_t* base = kbb.get() + bh * kb_side;
-        copy_rows_bf16(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, base + k0 * D2, D2, n);
-        copy_rows_bf16(at4(a.v, b, h, k0), a.v.stride[2], a.v.stride[3], n, Dv, base + a.Nk * D2 + k0 * Dv2, Dv2,
-                       n);
-      }
-      pack_vnni(at4(a.k, b, h, k0), a.k.stride[2], a.k.stride[3], n, D, kpb.get() + t * kpb_tile, Dp, BK2,
-                k_bad.get() + t * BK2);
-#endif
-    } else if (in_place) {
+    if (in_place) {
       flag_bad_rows(at4(a.k, b, h, k0), a.k.stride[2], n, D, k_bad.get() + bh * a.Nk + k0, n);
     } else {
       acc_t* base = kbuf.get() + bh * k_side;
@@ -214,23 +189,44 @@ void bwd_impl(const AttentionBwdArgs& a) {
   const int64_t part = a.B * a.Hq * a.Nq * Dp;
   int64_t chunks = std::clamp<int64_t>(ae_cdiv(8, bhk), 1, std::max<int64_t>(segs.max_row_ktiles, 1));
   while (chunks > 1 && chunks * part * int64_t(sizeof(acc_t)) > (int64_t(256) << 20)) --chunks;
-  // one chunk in acc_t: dQ accumulates in the output itself (the same sums, no partials)
+  // one chunk in acc_t: dQ accumulates in the output itself (the same sums, no partials);
+  // one chunk otherwise: each task owns its group's dQ rows, summed in a buffer of its
+  // own (group * Nq rows, not B * Hq * Nq for the whole call)
   auto* dq = static_cast<scalar_t*>(a.dq);
   const bool dq_in_place = chunks == 1 && std::is_same_v<scalar_t, acc_t> && D == Dp;
-  Buffer<acc_t> dq_part(dq_in_place ? 0 : chunks * part);
+  const bool dq_per_task = chunks == 1 && !dq_in_place;
+  Buffer<acc_t> dq_part(dq_in_place || dq_per_task ? 0 : chunks * part);
   acc_t* dq_sum = dq_in_place ? reinterpret_cast<acc_t*>(dq) : dq_part.get();
-  std::memset(dq_sum, 0, size_t(chunks * part) * sizeof(acc_t));
+  if (!dq_per_task) std::memset(dq_sum, 0, size_t(chunks * part) * sizeof(acc_t));
+  // dQ rows [r0, r1) of (b, hq) = bh from their chunk partials, src[c * part + r * Dp]
+  auto write_dq = [&](const acc_t* src, int64_t bh, int64_t r0, int64_t r1) {
+    const acc_t sc = acc_t(a.scale);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t x = 0; x < D; ++x) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) sum += src[c * part + r * Dp + x];
+        dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
+      }
+  };
 
   auto* dk = static_cast<scalar_t*>(a.dk);
   auto* dv = static_cast<scalar_t*>(a.dv);
   const DropoutTile dropout(a.dropout, a.Hq);
   parallel_tasks(bhk * chunks, [&](int64_t t) {
     const int64_t c = t % chunks, bh = t / chunks, b = bh / a.Hkv, hk = bh % a.Hkv;
+    // The task's key tiles are walked KB at a time for bf16 tiles, so that a query tile's
+    // packs serve KB key tiles (packed per key tile they took a third of the products'
+    // time). Every sum keeps its order: a key tile's dK and dV take the same terms in the
+    // same order, and a dQ row takes the key tiles in ascending order.
+    constexpr int64_t KB = kBf16 ? 4 : 1;
     thread_local std::unique_ptr<Buffer<acc_t>> scratch;
     thread_local int64_t scratch_size = 0;
-    // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2) in bf16
+    // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2), the
+    // query tile's pairs (qb_size), KB key tiles' (kb_size each) and their NaN/inf flags, in bf16 and bytes
     const int64_t keep_size = a.dropout.on() ? BK * BQ : 0;
-    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? BK * BQ + BQ * BK2 / 2 : 0);
+    const int64_t qb_size = BQ * (D2 + Dv2 + Dp + Dvp), kb_size = BK2 * Dp + (kb_in_place ? 0 : BK * (D2 + Dv2));
+    const int64_t bf16_size = 2 * BK * BQ + BQ * BK2 + qb_size + KB * kb_size + ae_cdiv(2 * BQ + KB * BK2, 2);
+    const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? ae_cdiv(bf16_size, 2) : 0);
     if (scratch_size < need) {
       scratch = std::make_unique<Buffer<acc_t>>(need);
       scratch_size = need;
@@ -242,155 +238,231 @@ void bwd_impl(const AttentionBwdArgs& a) {
     [[maybe_unused]] auto* ptb = reinterpret_cast<bf16_t*>(keep + keep_size);
     [[maybe_unused]] bf16_t* dstb = ptb + BK * BQ;
     [[maybe_unused]] bf16_t* dsb = dstb + BK * BQ;
-    // partials: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
-    PairwiseSum<acc_t> dkv(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
+    // the query tile's Q^T, dO^T (pairs along D, Dv) and Q, dO (pairs along queries)
+    [[maybe_unused]] bf16_t* q_tb = dsb + BQ * BK2;
+    [[maybe_unused]] bf16_t* do_tb = q_tb + BQ * D2;
+    [[maybe_unused]] bf16_t* q_pb = do_tb + BQ * Dv2;
+    [[maybe_unused]] bf16_t* do_pb = q_pb + BQ * Dp;
+    // per key tile of a block (kb_size apart): K pairs along keys (B of dQ), then K and V
+    // rows unless read in place
+    [[maybe_unused]] bf16_t* k_pairs = do_pb + BQ * Dvp;
+    [[maybe_unused]] auto* qb_bad = reinterpret_cast<uint8_t*>(k_pairs + KB * kb_size);
+    [[maybe_unused]] uint8_t* dob_bad = qb_bad + BQ;
+    [[maybe_unused]] uint8_t* kb_bad = dob_bad + BQ;  // BK2 apart
+    Buffer<acc_t> task_dq(dq_per_task ? group * a.Nq * Dp : 0);
+    if (dq_per_task) task_dq.zero(group * a.Nq * Dp);
+    // partials per key tile of a block: nk rows of dK (Dp wide), then nk rows of dV (Dvp wide)
+    std::vector<PairwiseSum<acc_t>> dkvs;
+    dkvs.reserve(KB);
+    for (int64_t s = 0; s < KB; ++s) dkvs.emplace_back(BK * (Dp + Dvp), group * segs.max_seg_qtiles);
+    struct KeyTile {
+      const Segment* sg = nullptr;
+      int64_t k0 = 0, nk = 0, used = 0, gq_begin = 0, gq_end = 0;  // its query tiles: segs.qtiles[gq_begin, gq_end)
+      const bf16_t* kb_rows = nullptr;  // bf16 tiles: K and V rows (ldkb, ldvb apart), K pairs, NaN/inf keys
+      const bf16_t* vb_rows = nullptr;
+      const bf16_t* k_pairs = nullptr;
+      const uint8_t* kb_bad = nullptr;
+    };
+    KeyTile kts[KB];
+    [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
 
-    for (int64_t kti = segs.row_kt[b] + c; kti < segs.row_kt[b + 1]; kti += chunks) {
-      const TileRef& tile = segs.ktiles[kti];
-      const Segment& sg = segs.seg[tile.seg];
-      const MaskSpec& mask = sg.mask;
-      // the document's K and V rows (ldk, ldv apart); k0 counts from the document's start
-      const acc_t* k_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.k, b, hk, sg.span.k0))
-                                     : kbuf.get() + bh * k_side + sg.span.k0 * Dp;
-      const acc_t* v_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.v, b, hk, sg.span.k0))
-                                     : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
-      const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
-      const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
-      [[maybe_unused]] const bf16_t* kb_rows = kb_in_place
-          ? reinterpret_cast<const bf16_t*>(at4(a.k, b, hk, sg.span.k0)) : kbb.get() + bh * kb_side + sg.span.k0 * D2;
-      [[maybe_unused]] const bf16_t* vb_rows = kb_in_place
-          ? reinterpret_cast<const bf16_t*>(at4(a.v, b, hk, sg.span.k0))
-          : kbb.get() + bh * kb_side + a.Nk * D2 + sg.span.k0 * Dv2;
-      [[maybe_unused]] const int64_t ldkb = kb_in_place ? a.k.stride[2] : D2, ldvb = kb_in_place ? a.v.stride[2] : Dv2;
-      [[maybe_unused]] const bf16_t* k_pairs = kpb.get() + (kti * a.Hkv + hk) * kpb_tile;
-      [[maybe_unused]] const uint8_t* kb_bad = k_bad.get() + (kti * a.Hkv + hk) * BK2;
-      const int64_t k0 = tile.start, nk = std::min(BK, mask.nk - k0), used = nk * (Dp + Dvp);
-      dkv.reset();
-      int64_t qt_begin, qt_end;
-      query_tile_range(mask, k0, k0 + nk, BQ, &qt_begin, &qt_end);
+    const int64_t kt_end = segs.row_kt[b + 1];
+    for (int64_t kt_first = segs.row_kt[b] + c; kt_first < kt_end; kt_first += KB * chunks) {
+      const int64_t nkb = std::min(KB, ae_cdiv(kt_end - kt_first, chunks));
+      int64_t gq_lo = std::numeric_limits<int64_t>::max(), gq_hi = 0;
+      for (int64_t s = 0; s < nkb; ++s) {
+        KeyTile& kt = kts[s];
+        const TileRef& tile = segs.ktiles[kt_first + s * chunks];
+        kt.sg = &segs.seg[tile.seg];
+        const Segment& sg = *kt.sg;
+        kt.k0 = tile.start;
+        kt.nk = std::min(BK, sg.mask.nk - kt.k0);
+        kt.used = kt.nk * (Dp + Dvp);
+        if constexpr (kBf16) {
+#if defined(AE_BF16_TILES)
+          const scalar_t* ks = at4(a.k, b, hk, sg.span.k0 + kt.k0);
+          const scalar_t* vs = at4(a.v, b, hk, sg.span.k0 + kt.k0);
+          bf16_t* pairs = k_pairs + s * kb_size;
+          bf16_t* rows = pairs + BK2 * Dp;
+          uint8_t* flags = kb_bad + s * BK2;
+          if (kb_in_place) {
+            kt.kb_rows = reinterpret_cast<const bf16_t*>(ks);
+            kt.vb_rows = reinterpret_cast<const bf16_t*>(vs);
+          } else {
+            copy_rows_bf16(ks, a.k.stride[2], a.k.stride[3], kt.nk, D, rows, D2, kt.nk);
+            copy_rows_bf16(vs, a.v.stride[2], a.v.stride[3], kt.nk, Dv, rows + BK * D2, Dv2, kt.nk);
+            kt.kb_rows = rows;
+            kt.vb_rows = rows + BK * D2;
+          }
+          pack_vnni(ks, a.k.stride[2], a.k.stride[3], kt.nk, D, pairs, Dp, BK2, flags);
+          kt.k_pairs = pairs;
+          kt.kb_bad = flags;
+#endif
+        }
+        dkvs[s].reset();
+        int64_t qt_begin, qt_end;
+        query_tile_range(sg.mask, kt.k0, kt.k0 + kt.nk, BQ, &qt_begin, &qt_end);
+        kt.gq_begin = sg.qt0 + qt_begin;
+        kt.gq_end = sg.qt0 + qt_end;
+        if (qt_begin < qt_end) gq_lo = std::min(gq_lo, kt.gq_begin), gq_hi = std::max(gq_hi, kt.gq_end);
+      }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bhq = b * a.Hq + h;
         const acc_t slope2 = alibi_slope<acc_t>(a.mods, b, h) * acc_t(kLog2e);  // the forward's ALiBi, 0 = off
         AlibiRamp<acc_t> alibi(slope2, 1);
-        acc_t* dq_acc = dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
-        for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
-          const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
-          // this tile's Q and dO rows, ldq and ldo apart
-          const acc_t* q_r = in_place ? reinterpret_cast<const acc_t*>(at4(a.q, b, h, sg.span.q0 + q0)) : q_rows(qh);
-          const acc_t* do_r =
-              in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
-          const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
-          const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
-          if (cls == kEmpty) continue;
-          // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
-          int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
-          if (cls == kPartial && (na.on() ? na.trim(q0, k0, &i0, &i1, &j0, &j1)
-                                           : trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1))) {
-            if (i0 >= i1) continue;
-            i0 -= i0 % VL;  // queries are the columns of the transposed products
-            if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
-          }
-          const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
-          acc_t* st0 = st + j0 * BQ + i0;
-          acc_t* dpt0 = dpt + j0 * BQ + i0;
-          if constexpr (kBf16) {
+        for (int64_t gqt = gq_lo; gqt < gq_hi; ++gqt) {
+          [[maybe_unused]] bool packed = false;  // bf16 tiles: this query tile's pairs, packed for its first key tile
+          for (int64_t s = 0; s < nkb; ++s) {
+            const KeyTile& kt = kts[s];
+            if (gqt < kt.gq_begin || gqt >= kt.gq_end) continue;
+            const Segment& sg = *kt.sg;
+            const MaskSpec& mask = sg.mask;
+            const int64_t k0 = kt.k0, nk = kt.nk, used = kt.used, qt = gqt - sg.qt0;
+            PairwiseSum<acc_t>& dkv = dkvs[s];
+            // the document's K and V rows (ldk, ldv apart); k0 counts from the document's start
+            const acc_t* k_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.k, b, hk, sg.span.k0))
+                                           : kbuf.get() + bh * k_side + sg.span.k0 * Dp;
+            const acc_t* v_rows = in_place ? reinterpret_cast<const acc_t*>(at4(a.v, b, hk, sg.span.k0))
+                                           : kbuf.get() + bh * k_side + a.Nk * Dp + sg.span.k0 * Dv;
+            const int64_t ldk = in_place ? a.k.stride[2] : Dp, ldv = in_place ? a.v.stride[2] : Dv;
+            const uint8_t* k_bad_doc = k_bad.get() + (kBf16 ? 0 : bh * a.Nk + sg.span.k0);
+            [[maybe_unused]] const bf16_t* kb_rows = kt.kb_rows;
+            [[maybe_unused]] const bf16_t* vb_rows = kt.vb_rows;
+            [[maybe_unused]] const bf16_t* k_pairs = kt.k_pairs;
+            [[maybe_unused]] const uint8_t* kb_bad = kt.kb_bad;
+            acc_t* dq_acc = dq_per_task ? task_dq.get() + ((h - hk * group) * a.Nq + sg.span.q0) * Dp
+                                        : dq_sum + c * part + (bhq * a.Nq + sg.span.q0) * Dp;
+            const int64_t q0 = qt * BQ, mq = std::min(BQ, mask.nq - q0), qh = (sg.qt0 + qt) * a.Hq + h;
+            // this tile's Q and dO rows, ldq and ldo apart
+            const acc_t* q_r = in_place ? reinterpret_cast<const acc_t*>(at4(a.q, b, h, sg.span.q0 + q0)) : q_rows(qh);
+            const acc_t* do_r =
+                in_place ? reinterpret_cast<const acc_t*>(at4(a.grad_out, b, h, sg.span.q0 + q0)) : do_rows(qh);
+            const int64_t ldq = in_place ? a.q.stride[2] : Dp, ldo = in_place ? a.grad_out.stride[2] : Dvp;
+            const int cls = na.on() ? na.classify(q0, k0) : classify(mask, b, h, q0, q0 + mq, k0, k0 + nk);
+            if (cls == kEmpty) continue;
+            // queries [i0, i1) x keys [j0, j1) of the tile hold everything allowed
+            int64_t i0 = 0, i1 = mq, j0 = 0, j1 = nk;
+            if (cls == kPartial && (na.on() ? na.trim(q0, k0, &i0, &i1, &j0, &j1)
+                                             : trim_tile(mask, q0, mq, k0, nk, &i0, &i1, &j0, &j1))) {
+              if (i0 >= i1) continue;
+              i0 -= i0 % VL;  // queries are the columns of the transposed products
+              if constexpr (kBf16) j0 -= j0 % 2;  // keys pair up in the bf16 dQ product
+            }
+            const int64_t ni = i1 - i0, nj = j1 - j0, ni_vec = round_up(ni, VL);
+            acc_t* st0 = st + j0 * BQ + i0;
+            acc_t* dpt0 = dpt + j0 * BQ + i0;
+            if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            gemm_bf16(nj, ni_vec, D, kb_rows + (k0 + j0) * ldkb, ldkb, q_tb(qh) + 2 * i0, 2 * BQ, st0, BQ, false,
-                      float(qmult));
-            gemm_bf16(nj, ni_vec, Dv, vb_rows + (k0 + j0) * ldvb, ldvb, do_tb(qh) + 2 * i0, 2 * BQ, dpt0, BQ, false);
+              const scalar_t* qs = at4(a.q, b, h, sg.span.q0 + q0);
+              const scalar_t* dos = at4(a.grad_out, b, h, sg.span.q0 + q0);
+              if (!packed) {
+                pack_vnni(qs, a.q.stride[3], a.q.stride[2], D, mq, q_tb, BQ, D2);
+                pack_vnni(dos, a.grad_out.stride[3], a.grad_out.stride[2], Dv, mq, do_tb, BQ, Dv2);
+                pack_vnni(qs, a.q.stride[2], a.q.stride[3], mq, D, q_pb, Dp, BQ, qb_bad);
+                pack_vnni(dos, a.grad_out.stride[2], a.grad_out.stride[3], mq, Dv, do_pb, Dvp, BQ, dob_bad);
+                packed = true;
+              }
+              gemm_bf16(nj, ni_vec, D, kb_rows + j0 * ldkb, ldkb, q_tb + 2 * i0, 2 * BQ, st0, BQ, false,
+                        float(qmult));
+              gemm_bf16(nj, ni_vec, Dv, vb_rows + j0 * ldvb, ldvb, do_tb + 2 * i0, 2 * BQ, dpt0, BQ, false);
 #endif
-          } else {
-            gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
-            gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * ldv, ldv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
-          }
-          const acc_t* l2 = lse2(qh) + i0;
-          const acc_t* dl = delta(qh) + i0;
-          // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
-          if (a.dropout.on()) {
-            dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
-            multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
-          }
-          if (softcap) {
-            // P = exp2(cap2 * t + alibi - lse2) with t = tanh(s2 / cap2) as in softcap_row;
-            // the cap's derivative 1 - t^2 enters dS
-            for (int64_t r = 0; r < nj; ++r) {
-              acc_t* pr = st0 + r * BQ;
-              acc_t* dr = dpt0 + r * BQ;
-              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));  // p - j of column 0
-              for (int64_t i = 0; i < ni_vec; i += VL) {
-                const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
-                V z = V(cap2) * t;
-                if (slope2 != acc_t(0)) z = alibi.add(z);
-                const V p = exp2_poly(z - V::loadu(l2 + i));
-                p.store(pr + i);
-                (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
+            } else {
+              gemm<acc_t>(nj, ni_vec, D, k_rows + (k0 + j0) * ldk, ldk, 1, q_t(qh) + i0, BQ, st0, BQ, false);
+              gemm<acc_t>(nj, ni_vec, Dv, v_rows + (k0 + j0) * ldv, ldv, 1, do_t(qh) + i0, BQ, dpt0, BQ, false);
+            }
+            const acc_t* l2 = lse2(qh) + i0;
+            const acc_t* dl = delta(qh) + i0;
+            // dropout: the output saw P o Z, so dP enters as dP o Z and dV takes P o Z
+            if (a.dropout.on()) {
+              dropout.fill_transposed(b, h, sg.span.q0 + q0 + i0, ni_vec, sg.span.k0 + k0 + j0, nj, keep, BQ);
+              multiply_tile(dpt0, BQ, keep, BQ, nj, ni_vec);
+            }
+            if (softcap) {
+              // P = exp2(cap2 * t + alibi - lse2) with t = tanh(s2 / cap2) as in softcap_row;
+              // the cap's derivative 1 - t^2 enters dS
+              for (int64_t r = 0; r < nj; ++r) {
+                acc_t* pr = st0 + r * BQ;
+                acc_t* dr = dpt0 + r * BQ;
+                alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));  // p - j of column 0
+                for (int64_t i = 0; i < ni_vec; i += VL) {
+                  const V t = tanh_fast(V::loadu(pr + i) * V(inv_cap2));
+                  V z = V(cap2) * t;
+                  if (slope2 != acc_t(0)) z = alibi.add(z);
+                  const V p = exp2_poly(z - V::loadu(l2 + i));
+                  p.store(pr + i);
+                  (p * (V::loadu(dr + i) - V::loadu(dl + i)) * at::vec::fnmadd(t, t, V(acc_t(1)))).store(dr + i);
+                }
+              }
+            } else {
+              for (int64_t r = 0; r < nj; ++r) {
+                acc_t* pr = st0 + r * BQ;
+                acc_t* dr = dpt0 + r * BQ;
+                alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));
+                for (int64_t i = 0; i < ni_vec; i += VL) {
+                  V z = V::loadu(pr + i);
+                  if (slope2 != acc_t(0)) z = alibi.add(z);
+                  const V p = exp2_poly(z - V::loadu(l2 + i));
+                  p.store(pr + i);
+                  (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
+                }
               }
             }
-          } else {
-            for (int64_t r = 0; r < nj; ++r) {
-              acc_t* pr = st0 + r * BQ;
-              acc_t* dr = dpt0 + r * BQ;
-              alibi.start(q0 + i0 + mask.offset - (k0 + j0 + r));
-              for (int64_t i = 0; i < ni_vec; i += VL) {
-                V z = V::loadu(pr + i);
-                if (slope2 != acc_t(0)) z = alibi.add(z);
-                const V p = exp2_poly(z - V::loadu(l2 + i));
-                p.store(pr + i);
-                (p * (V::loadu(dr + i) - V::loadu(dl + i))).store(dr + i);
-              }
+            if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
+            if (cls == kPartial) {
+              mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, st0, BQ);
+              mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, dpt0, BQ);
             }
-          }
-          if (a.dropout.on()) multiply_tile(st0, BQ, keep, BQ, nj, ni_vec);
-          if (cls == kPartial) {
-            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, st0, BQ);
-            mask_tile_t(mask, na, b, h, q0 + i0, ni, k0, k0 + j0, nj, dpt0, BQ);
-          }
-          // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
-          acc_t* dk_part = dkv.leaf(used);
-          acc_t* dv_part = dk_part + nk * Dp;
-          if constexpr (kBf16) {
+            // dpt now holds dS^T; only columns [i0, i1) and rows [j0, j1) enter the products
+            acc_t* dk_part = dkv.leaf(used);
+            acc_t* dv_part = dk_part + nk * Dp;
+            if constexpr (kBf16) {
 #if defined(AE_BF16_TILES)
-            const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
-            bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
-            gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb(qh) + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
-                      true);
-            add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, do_bad.get() + qh * BQ + i0,
-                         [&](int64_t i, float p, float* row) {
-                           add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
-                         }, dv_part + j0 * Dvp, Dvp);
-            gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb(qh) + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
-            add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, q_bad.get() + qh * BQ + i0,
-                         [&](int64_t i, float ds, float* row) {
-                           add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
-                         }, dk_part + j0 * Dp, Dp);
-            dkv.added(used);
-            gemm_bf16(ni, Dp, nj, dsb + i0 * BK2 + j0, BK2, k_pairs + j0 * Dp, 2 * Dp, dq_acc + (q0 + i0) * Dp, Dp,
-                      true);
-            add_bad_rows(ni, nj, dsb + i0 * BK2 + j0, BK2, 1, kb_bad + j0,
-                         [&](int64_t j, float ds, float* row) {
-                           add_row(ds, at4(a.k, b, hk, sg.span.k0 + k0 + j0 + j), a.k.stride[3], D, row);
-                         }, dq_acc + (q0 + i0) * Dp, Dp);
+              const int64_t qrow = sg.span.q0 + q0 + i0;  // the tile's first query in the tensors
+              bf16_products(nj, ni, st0, dpt0, BQ, ptb + j0 * BQ + i0, dstb + j0 * BQ + i0, dsb + i0 * BK2 + j0, BK2);
+              gemm_bf16(nj, Dvp, ni, ptb + j0 * BQ + i0, BQ, do_pb + i0 * Dvp, 2 * Dvp, dv_part + j0 * Dvp, Dvp,
+                        true);
+              add_bad_rows(nj, ni, ptb + j0 * BQ + i0, BQ, 1, dob_bad + i0,
+                           [&](int64_t i, float p, float* row) {
+                             add_row(p, at4(a.grad_out, b, h, qrow + i), a.grad_out.stride[3], Dv, row);
+                           }, dv_part + j0 * Dvp, Dvp);
+              gemm_bf16(nj, Dp, ni, dstb + j0 * BQ + i0, BQ, q_pb + i0 * Dp, 2 * Dp, dk_part + j0 * Dp, Dp, true);
+              add_bad_rows(nj, ni, dstb + j0 * BQ + i0, BQ, 1, qb_bad + i0,
+                           [&](int64_t i, float ds, float* row) {
+                             add_row(ds, at4(a.q, b, h, qrow + i), a.q.stride[3], D, row);
+                           }, dk_part + j0 * Dp, Dp);
+              dkv.added(used);
+              gemm_bf16(ni, Dp, nj, dsb + i0 * BK2 + j0, BK2, k_pairs + j0 * Dp, 2 * Dp, dq_acc + (q0 + i0) * Dp, Dp,
+                        true);
+              add_bad_rows(ni, nj, dsb + i0 * BK2 + j0, BK2, 1, kb_bad + j0,
+                           [&](int64_t j, float ds, float* row) {
+                             add_row(ds, at4(a.k, b, hk, sg.span.k0 + k0 + j0 + j), a.k.stride[3], D, row);
+                           }, dq_acc + (q0 + i0) * Dp, Dp);
 #endif
-          } else {
-            gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_r + i0 * ldo, ldo, dv_part + j0 * Dvp, Dvp, true,
-                                do_bad.get() + qh * BQ + i0);
-            gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_r + i0 * ldq, ldq, dk_part + j0 * Dp, Dp, true,
-                                q_bad.get() + qh * BQ + i0);
-            dkv.added(used);
-            gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * ldk, ldk, dq_acc + (q0 + i0) * Dp, Dp,
-                                true, k_bad_doc + k0 + j0);
+            } else {
+              gemm_guarded<acc_t>(nj, Dvp, ni, st0, BQ, 1, do_r + i0 * ldo, ldo, dv_part + j0 * Dvp, Dvp, true,
+                                  do_bad.get() + qh * BQ + i0);
+              gemm_guarded<acc_t>(nj, Dp, ni, dpt0, BQ, 1, q_r + i0 * ldq, ldq, dk_part + j0 * Dp, Dp, true,
+                                  q_bad.get() + qh * BQ + i0);
+              dkv.added(used);
+              gemm_guarded<acc_t>(ni, Dp, nj, dpt0, 1, BQ, k_rows + (k0 + j0) * ldk, ldk, dq_acc + (q0 + i0) * Dp, Dp,
+                                  true, k_bad_doc + k0 + j0);
+            }
           }
         }
       }
-      dkv.total(dkv_sum, used);
-      const acc_t* dk_acc = dkv_sum;
-      const acc_t* dv_acc = dkv_sum + nk * Dp;
-      scalar_t* dk_out = dk + (bh * a.Nk + sg.span.k0 + k0) * D;
-      scalar_t* dv_out = dv + (bh * a.Nk + sg.span.k0 + k0) * Dv;
-      const acc_t sc = acc_t(a.scale);
-      for (int64_t r = 0; r < nk; ++r) {
-        for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);
-        for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
+      for (int64_t s = 0; s < nkb; ++s) {
+        const Segment& sg = *kts[s].sg;
+        const int64_t k0 = kts[s].k0, nk = kts[s].nk;
+        dkvs[s].total(dkv_sum, kts[s].used);
+        const acc_t* dk_acc = dkv_sum;
+        const acc_t* dv_acc = dkv_sum + nk * Dp;
+        scalar_t* dk_out = dk + (bh * a.Nk + sg.span.k0 + k0) * D;
+        scalar_t* dv_out = dv + (bh * a.Nk + sg.span.k0 + k0) * Dv;
+        const acc_t sc = acc_t(a.scale);
+        for (int64_t r = 0; r < nk; ++r) {
+          for (int64_t x = 0; x < D; ++x) dk_out[r * D + x] = from_acc<scalar_t>(dk_acc[r * Dp + x] * sc);
+          for (int64_t x = 0; x < Dv; ++x) dv_out[r * Dv + x] = from_acc<scalar_t>(dv_acc[r * Dvp + x]);
+        }
       }
     }
     if (dq_in_place) {  // one chunk: this task alone summed the dQ rows of its heads, in the output
@@ -398,21 +470,16 @@ void bwd_impl(const AttentionBwdArgs& a) {
       const V sc(acc_t(a.scale));
       for (int64_t i = 0; i < group * a.Nq * D; i += VL) (V::loadu(rows + i) * sc).store(rows + i);
     }
+    if (dq_per_task)
+      for (int64_t g = 0; g < group; ++g) write_dq(task_dq.get() + g * a.Nq * Dp, b * a.Hq + hk * group + g, 0, a.Nq);
   });
 
   if (dq_in_place) return;  // each task scaled its own dQ rows
   const int64_t rows_per_task = 64;
   const int64_t q_tasks = (a.Nq + rows_per_task - 1) / rows_per_task;
-  parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
+  if (!dq_per_task) parallel_tasks(a.B * a.Hq * q_tasks, [&](int64_t t) {
     const int64_t bh = t / q_tasks, r0 = (t % q_tasks) * rows_per_task;
-    const int64_t r1 = std::min(a.Nq, r0 + rows_per_task);
-    const acc_t sc = acc_t(a.scale);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t x = 0; x < D; ++x) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += dq_sum[c * part + (bh * a.Nq + r) * Dp + x];
-        dq[(bh * a.Nq + r) * D + x] = from_acc<scalar_t>(sum * sc);
-      }
+    write_dq(dq_sum + bh * a.Nq * Dp, bh, r0, std::min(a.Nq, r0 + rows_per_task));
   });
 }
 

@@ -125,13 +125,109 @@ inline void round_row_bf16(const float* src, int64_t n, bf16* dst) {
   if (n & 1) dst[n] = bf16(0.0f);
 }
 
+// A 16 x 16 transpose of 32-bit lanes in registers: r[i] lane j becomes r[j] lane i.
+inline void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4g + c], 128-bit lane L: rows 4g .. 4g + 3 of column 4L + c
+#pragma GCC unroll 4
+  for (int g = 0; g < 16; g += 4) {
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+// The mask of the first n (clamped to [0, 16]) lanes / [0, 32] 16-bit lanes.
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? 0 : __mmask16((1u << n) - 1); }
+inline __mmask32 lanes32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : __mmask32((1u << n) - 1); }
+
+// 32 bf16 lanes as bf16(float(x)) makes them: every NaN becomes 0x7FC0, so that the bit
+// copies of the fast packs below write what the scalar conversion writes.
+inline __m512i canonical_nan_bf16(__m512i x) {
+  const __mmask32 nan = _mm512_cmpgt_epu16_mask(_mm512_and_si512(x, _mm512_set1_epi16(0x7fff)), _mm512_set1_epi16(0x7f80));
+  return _mm512_mask_mov_epi16(x, nan, _mm512_set1_epi16(0x7fc0));
+}
+
+// The bf16 lanes holding a NaN or infinity (all exponent bits set).
+inline __mmask32 nonfinite_bf16(__m512i x) {
+  const __m512i e = _mm512_set1_epi16(0x7f80);
+  return _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, e), e);
+}
+
 // The VNNI pack of a strided (k, n) matrix, src(k, n) = src[k * s_k + n * s_n]:
 // dst[(k / 2) * 2 * ldn + 2 * n + k % 2] for k < k_pad (even), n < ldn, zeros outside
 // [0, kn) x [0, nn). With `bad`, bad[k] = 1 marks k holding a NaN or infinity; those are
 // packed as zeros (the caller adds them back where allowed, see add_bad_rows).
+// bf16 sources with contiguous n (pairs of rows interleaved) or contiguous k (pairs
+// already adjacent: a transpose of 32-bit pairs) take vector paths, bitwise the same.
 template <typename scalar_t>
 void pack_vnni(const scalar_t* src, int64_t s_k, int64_t s_n, int64_t kn, int64_t nn, bf16* dst, int64_t ldn,
                int64_t k_pad, uint8_t* bad = nullptr) {
+  if constexpr (std::is_same_v<scalar_t, bf16>) {
+    if (s_n == 1) {
+      // lane 2n of a pair row takes row k's n, lane 2n + 1 row k + 1's
+      alignas(64) static constexpr uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+      // a pair row of rows k, k + 1; a flagged row (rare) is packed again as zeros
+      auto pair_row = [&](int64_t k, bool live0, bool live1) {
+        const bf16* r0 = src + k * s_k;
+        const bf16* r1 = r0 + s_k;
+        bf16* d = dst + k * ldn;
+        __mmask32 nonfinite0 = 0, nonfinite1 = 0;
+        for (int64_t n0 = 0; n0 < ldn; n0 += 32) {
+          const __mmask32 m = lanes32(nn - n0);
+          __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+          if (live0) a = _mm512_maskz_loadu_epi16(m, r0 + n0), nonfinite0 |= nonfinite_bf16(a);
+          if (live1) b = _mm512_maskz_loadu_epi16(m, r1 + n0), nonfinite1 |= nonfinite_bf16(b);
+          a = canonical_nan_bf16(a), b = canonical_nan_bf16(b);
+          _mm512_mask_storeu_epi32(d + 2 * n0, lanes16(ldn - n0), _mm512_permutex2var_epi16(a, ilo, b));
+          _mm512_mask_storeu_epi32(d + 2 * n0 + 32, lanes16(ldn - n0 - 16), _mm512_permutex2var_epi16(a, ihi, b));
+        }
+        return std::pair<bool, bool>(nonfinite0 != 0, nonfinite1 != 0);
+      };
+      for (int64_t k = 0; k < k_pad; k += 2) {
+        const auto [bad0, bad1] = pair_row(k, k < kn, k + 1 < kn);
+        if (bad && (bad0 || bad1)) pair_row(k, k < kn && !bad0, k + 1 < kn && !bad1);
+        if (bad) bad[k] = bad0, bad[k + 1] = bad1;
+      }
+      return;
+    }
+    if (s_k == 1 && !bad) {
+      // 16 columns n x 16 pairs of k per block; row n of the block is n's 16 pairs
+      for (int64_t n0 = 0; n0 < ldn; n0 += 16)
+        for (int64_t p0 = 0; 2 * p0 < k_pad; p0 += 16) {
+          __m512i r[16];
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i)
+            r[i] = n0 + i < nn
+                ? canonical_nan_bf16(_mm512_maskz_loadu_epi16(lanes32(kn - 2 * p0), src + (n0 + i) * s_n + 2 * p0))
+                : _mm512_setzero_si512();
+          transpose_16x16_epi32(r);
+          const __mmask16 m = lanes16(ldn - n0);
+#pragma GCC unroll 16
+          for (int p = 0; p < 16; ++p)
+            if (2 * (p0 + p) < k_pad) _mm512_mask_storeu_epi32(dst + (p0 + p) * 2 * ldn + 2 * n0, m, r[p]);
+        }
+      return;
+    }
+  }
   for (int64_t k = 0; k < k_pad; ++k) {
     bf16* d = dst + (k / 2) * 2 * ldn + (k & 1);
     bool nonfinite = false;
@@ -196,10 +292,28 @@ inline void bf16_products(int64_t nj, int64_t ni, const float* pt, const float* 
     round_row_bf16(pt + j * ld, ni, ptb + j * ld);
     round_row_bf16(dst + j * ld, ni, dstb + j * ld);
   }
-  for (int64_t i = 0; i < ni; ++i) {
-    bf16* d = dsb + i * ld_ds;
-    for (int64_t j = 0; j < nj; ++j) d[j] = dstb[j * ld + i];
-    if (nj & 1) d[nj] = bf16(0.0f);
+  // dS in blocks of 16 queries x 16 key pairs: lane i of r[p] is the pair (dS^T(2p, i),
+  // dS^T(2p + 1, i)), a missing odd key zero; the transpose makes r[i] query i's pairs
+  const int64_t pairs = (nj + 1) / 2;
+  for (int64_t i0 = 0; i0 < ni; i0 += 16) {
+    const __mmask16 mi = lanes16(ni - i0);
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t j = 2 * (p0 + p);
+        const __m512i a = j < nj ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mi, dstb + j * ld + i0))
+                                 : _mm512_setzero_si512();
+        const __m512i b = j + 1 < nj ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mi, dstb + (j + 1) * ld + i0))
+                                     : _mm512_setzero_si512();
+        r[p] = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+      }
+      transpose_16x16_epi32(r);
+      const __mmask16 mp = lanes16(pairs - p0);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        if (i0 + i < ni) _mm512_mask_storeu_epi32(dsb + (i0 + i) * ld_ds + 2 * p0, mp, r[i]);
+    }
   }
 }
 
