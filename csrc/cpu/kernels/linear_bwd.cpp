@@ -30,7 +30,7 @@ template <typename scalar_t, typename acc_t>
 struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
   using Base = ChunkKernel<scalar_t, acc_t, LinearBwdArgs>;
   using typename Base::KV;
-  using Base::a, Base::d, Base::scale, Base::eps;
+  using Base::a, Base::d, Base::scale, Base::eps, Base::kBf16;
   using Base::load_kv, Base::load_queries, Base::load_state, Base::store_state;
   using Base::Base;
 
@@ -41,11 +41,11 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
   int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
 
   // Query chunk qc of segment sg, head h. st: state before the chunk (causal) or final state;
-  // stT: S of st transposed [Dv][Dp] (full only). Accumulates fq^T g, fq^T dd into
-  // gdelta (when not null); full: writes dq and (causal) accumulates the intra-chunk
-  // dfk [C][Dp] and dv [C][Dvp].
+  // stT: S of st transposed [Dv][Dp] (full only; bf16 tiles: in ops.ST_pairs instead).
+  // Accumulates fq^T g, fq^T dd into gdelta (when not null); full: writes dq and (causal)
+  // accumulates the intra-chunk dfk [C][Dp] and dv [C][Dvp].
   void query_chunk(const Segment& sg, int64_t h, int64_t qc, const acc_t* st, const acc_t* stT, const KV& kv,
-                   acc_t* gdelta, acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
+                   const Bf16Ops& ops, acc_t* gdelta, acc_t* dfk, acc_t* dvacc, bool full, acc_t* scratch) const {
     const int64_t b = sg.b, q0 = this->q_begin(sg, qc);
     acc_t* fq = scratch;
     acc_t* g = fq + d.C * d.Dp;
@@ -59,8 +59,12 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
               m);
     const bool need_A = a.causal && (a.normalize || full);
+    if constexpr (kBf16) round_rows(fq, d.Dp, m, d.Dp, ops.fq, d.Dp, m);
     if (need_A) {
-      gemm_lower_cols<acc_t>(m, m, d.D, fq, d.Dp, kv.fkT, d.Cp, A, d.Cp);
+      if constexpr (kBf16)
+        gemm_lower_cols(m, m, d.D, ops.fq, d.Dp, ops.fkT_pairs, 2 * d.Cp, A, d.Cp);
+      else
+        gemm_lower_cols(m, m, d.D, fq, d.Dp, kv.fkT, d.Cp, A, d.Cp);
       mask_lower<acc_t>(m, A, d.Cp, a.normalize ? rowsum : nullptr);
     }
     const acc_t* z = st + d.D * d.Dvp;
@@ -83,8 +87,17 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
         dd[r] = -s;
       }
     }
+    if constexpr (kBf16) {
+      round_rows(g, d.Dvp, m, d.Dvp, ops.g, d.Dvp, m);
+      pack_pairs(g, d.Dvp, m, d.Dvp, ops.g_pairs, round_up(m, 2));
+    }
     if (gdelta) {
-      gemm<acc_t>(d.D, d.Dvp, m, fq, 1, d.Dp, g, d.Dvp, gdelta, d.Dvp, true);
+      if constexpr (kBf16) {
+        transpose_round(fq, d.Dp, m, d.D, ops.fqT, d.Cp);
+        tile_gemm(d.D, d.Dvp, m, ops.fqT, d.Cp, ops.g_pairs, 2 * d.Dvp, gdelta, d.Dvp, true);
+      } else {
+        gemm<acc_t>(d.D, d.Dvp, m, fq, 1, d.Dp, g, d.Dvp, gdelta, d.Dvp, true);
+      }
       if (a.normalize) {
         acc_t* gz = gdelta + d.D * d.Dvp;
         for (int64_t x = 0; x < d.D; ++x) {
@@ -95,19 +108,37 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       }
     }
     if (!full) return;
-    gemm<acc_t>(m, d.Dp, d.Dv, g, d.Dvp, 1, stT, d.Dp, dfq, d.Dp, false);
+    if constexpr (kBf16)
+      tile_gemm(m, d.Dp, d.Dv, ops.g, d.Dvp, ops.ST_pairs, 2 * d.Dp, dfq, d.Dp, false);
+    else
+      gemm<acc_t>(m, d.Dp, d.Dv, g, d.Dvp, 1, stT, d.Dp, dfq, d.Dp, false);
     if (a.normalize)
       for (int64_t r = 0; r < m; ++r)
         for (int64_t x = 0; x < d.D; ++x) dfq[r * d.Dp + x] += dd[r] * z[x];
     if (a.causal) {
-      gemm_lower_cols<acc_t>(m, m, d.Dv, g, d.Dvp, kv.vT, d.Cp, dA, d.Cp);
+      if constexpr (kBf16)
+        gemm_lower_cols(m, m, d.Dv, ops.g, d.Dvp, ops.vT_pairs, 2 * d.Cp, dA, d.Cp);
+      else
+        gemm_lower_cols(m, m, d.Dv, g, d.Dvp, kv.vT, d.Cp, dA, d.Cp);
       if (a.normalize)
         for (int64_t r = 0; r < m; ++r)
           for (int64_t j = 0; j <= r; ++j) dA[r * d.Cp + j] += dd[r];
       mask_lower<acc_t>(m, dA, d.Cp, nullptr);
-      gemm_lower_a<acc_t>(m, d.Dp, dA, d.Cp, kv.fk, d.Dp, dfq, d.Dp, true);
-      gemm_lower_t<acc_t>(m, d.Dp, dA, d.Cp, fq, d.Dp, dfk, d.Dp, true);
-      gemm_lower_t<acc_t>(m, d.Dvp, A, d.Cp, g, d.Dvp, dvacc, d.Dvp, true);
+      if constexpr (kBf16) {
+        // dA and A rounded like P and dS in FlashAttention; the transposed products read
+        // their transposes as rows
+        round_rows(dA, d.Cp, m, d.Cp, ops.dA, d.Cp, m);
+        gemm_lower_a(m, d.Dp, ops.dA, d.Cp, ops.fk_pairs, 2 * d.Dp, dfq, d.Dp, true);
+        transpose_round(dA, d.Cp, m, m, ops.dAT, d.Cp);
+        pack_pairs(fq, d.Dp, m, d.Dp, ops.fq_pairs, round_up(m, 2));
+        gemm_upper_a(m, d.Dp, ops.dAT, d.Cp, ops.fq_pairs, 2 * d.Dp, dfk, d.Dp);
+        transpose_round(A, d.Cp, m, m, ops.AT, d.Cp);
+        gemm_upper_a(m, d.Dvp, ops.AT, d.Cp, ops.g_pairs, 2 * d.Dvp, dvacc, d.Dvp);
+      } else {
+        gemm_lower_a(m, d.Dp, dA, d.Cp, kv.fk, d.Dp, dfq, d.Dp, true);
+        gemm_lower_t<acc_t>(m, d.Dp, dA, d.Cp, fq, d.Dp, dfk, d.Dp, true);
+        gemm_lower_t<acc_t>(m, d.Dvp, A, d.Cp, g, d.Dvp, dvacc, d.Dvp, true);
+      }
     }
     scalar_t* dq = static_cast<scalar_t*>(a.dq) + ((b * d.Hq + h) * d.Nq + q0) * d.D;
     for (int64_t r = 0; r < m; ++r)
@@ -116,12 +147,20 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
   }
 
   // dk, dv of key chunk kc of segment sg: dfk / dvacc hold the intra-chunk part (zero if none); G is the
-  // gradient of the state after the chunk, GT its S part transposed [Dv][Dp].
+  // gradient of the state after the chunk, GT its S part transposed [Dv][Dp] (bf16 tiles:
+  // both in VNNI pairs in ops).
   void key_finish(const Segment& sg, int64_t hk, int64_t kc, const KV& kv, const acc_t* G, const acc_t* GT,
-                  acc_t* dfk, acc_t* dvacc) const {
+                  const Bf16Ops& ops, acc_t* dfk, acc_t* dvacc) const {
     const int64_t b = sg.b, k0 = this->k_begin(sg, kc), n = this->k_len(sg, kc);
-    gemm<acc_t>(n, d.Dp, d.Dv, kv.v, d.Dvp, 1, GT, d.Dp, dfk, d.Dp, true);
-    gemm<acc_t>(n, d.Dvp, d.D, kv.fk, d.Dp, 1, G, d.Dvp, dvacc, d.Dvp, true);
+    if constexpr (kBf16) {
+      pack_pairs(GT, d.Dp, d.Dv, d.Dp, ops.GT_pairs, round_up(d.Dv, 2));
+      pack_pairs(G, d.Dvp, d.D, d.Dvp, ops.G_pairs, round_up(d.D, 2));
+      tile_gemm(n, d.Dp, d.Dv, ops.v, d.Dvp, ops.GT_pairs, 2 * d.Dp, dfk, d.Dp, true);
+      tile_gemm(n, d.Dvp, d.D, ops.fk, d.Dp, ops.G_pairs, 2 * d.Dvp, dvacc, d.Dvp, true);
+    } else {
+      gemm<acc_t>(n, d.Dp, d.Dv, kv.v, d.Dvp, 1, GT, d.Dp, dfk, d.Dp, true);
+      gemm<acc_t>(n, d.Dvp, d.D, kv.fk, d.Dp, 1, G, d.Dvp, dvacc, d.Dvp, true);
+    }
     const acc_t* gz = G + d.D * d.Dvp;
     scalar_t* dk = static_cast<scalar_t*>(a.dk) + ((b * d.Hkv + hk) * d.Nk + k0) * d.D;
     scalar_t* dv = static_cast<scalar_t*>(a.dv) + ((b * d.Hkv + hk) * d.Nk + k0) * d.Dv;
@@ -134,6 +173,11 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
 
   void store_grad_state(int64_t bh, const acc_t* G) const { store_state(a.dS0, a.dz0, bh, G); }
   void transpose_state(const acc_t* st, acc_t* stT) const { transpose_block(st, d.Dvp, d.D, d.Dv, stT, d.Dp); }
+  // S^T of the state before a query chunk, for dfq = g S^T (bf16 tiles: in VNNI pairs)
+  void state_operand(const acc_t* st, acc_t* stT, const Bf16Ops& ops) const {
+    transpose_state(st, stT);
+    if constexpr (kBf16) pack_pairs(stT, d.Dp, d.Dv, d.Dp, ops.ST_pairs, round_up(d.Dv, 2));
+  }
 
   // ---- one task per state row (segment, kv head) -------------------------------------
   void run_per_head() const {
@@ -150,11 +194,12 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       acc_t* dfk = kv_end(kv);
       acc_t* dvacc = dfk + d.C * d.Dp;
       acc_t* scratch = dvacc + d.C * d.Dvp;
+      const Bf16Ops ops = this->bf16_ops();
       // forward scan; causal keeps the state before every chunk
       Buffer<acc_t> before(a.causal ? std::max<int64_t>(sg.nck, 1) * d.state : 1);
       load_state(a.S0, a.z0, bh, st);
       for (int64_t kc = 0; kc < sg.nck; ++kc) {
-        const int64_t n = load_kv(sg, hk, kc, kv, false, false);
+        const int64_t n = load_kv(sg, hk, kc, kv, false, false, ops);
         if (a.causal) std::copy(st, st + d.state, before.get() + kc * d.state);
         chunk_state(d, n, kv.fk, kv.v, gdelta);
         state_add(st, gdelta, d.state);
@@ -163,29 +208,29 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       if (a.causal) {
         for (int64_t kc = sg.nck - 1; kc >= 0; --kc) {
           const acc_t* sb = before.get() + kc * d.state;
-          load_kv(sg, hk, kc, kv, true, true);
-          transpose_state(sb, stT);
+          load_kv(sg, hk, kc, kv, true, true, ops);
+          state_operand(sb, stT, ops);
           transpose_state(G, GT);
           std::fill(gdelta, gdelta + d.state, acc_t(0));
           std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            query_chunk(sg, h, kc, sb, stT, kv, gdelta, dfk, dvacc, true, scratch);
-          key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
+            query_chunk(sg, h, kc, sb, stT, kv, ops, gdelta, dfk, dvacc, true, scratch);
+          key_finish(sg, hk, kc, kv, G, GT, ops, dfk, dvacc);
           state_add(G, gdelta, d.state);
         }
       } else {
-        transpose_state(st, stT);
+        state_operand(st, stT, ops);
         for (int64_t qc = 0; qc < sg.ncq; ++qc) {
           std::fill(gdelta, gdelta + d.state, acc_t(0));
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            query_chunk(sg, h, qc, st, stT, kv, gdelta, nullptr, nullptr, true, scratch);
+            query_chunk(sg, h, qc, st, stT, kv, ops, gdelta, nullptr, nullptr, true, scratch);
           state_add(G, gdelta, d.state);
         }
         transpose_state(G, GT);
         for (int64_t kc = 0; kc < sg.nck; ++kc) {
-          load_kv(sg, hk, kc, kv, false, true);
+          load_kv(sg, hk, kc, kv, false, true, ops);
           std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
-          key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
+          key_finish(sg, hk, kc, kv, G, GT, ops, dfk, dvacc);
         }
       }
       store_grad_state(bh, G);
@@ -203,7 +248,8 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     parallel_tasks(kcells.total(), [&](int64_t t) {
       const auto [bh, kc] = kcells.locate(t);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false);
+      const Bf16Ops ops = this->bf16_ops();
+      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false, ops);
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     parallel_tasks(rows, [&](int64_t bh) { load_state(a.S0, a.z0, bh, finals.get() + bh * d.state); });
@@ -219,18 +265,19 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       acc_t* stT = task_scratch<acc_t>(TT + kv_size() + query_scratch());
       const KV kv = kv_at(stT + TT);
       acc_t* scratch = kv_end(kv);
+      const Bf16Ops ops = this->bf16_ops();
       acc_t* gdelta = gstates.get() + t * d.state;
       std::fill(gdelta, gdelta + d.state, acc_t(0));
       const acc_t* st;
       if (a.causal) {
-        load_kv(sg, hk, qc, kv, true, false);
+        load_kv(sg, hk, qc, kv, true, false, ops);
         st = states.get() + t * d.state;
       } else {
         st = finals.get() + bh * d.state;
-        transpose_state(st, stT);
+        state_operand(st, stT, ops);
       }
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-        query_chunk(sg, h, qc, st, stT, kv, gdelta, nullptr, nullptr, !a.causal, scratch);
+        query_chunk(sg, h, qc, st, stT, kv, ops, gdelta, nullptr, nullptr, !a.causal, scratch);
     });
     // 4. scan of the gradient deltas: causal backwards and exclusive (gstates[cell of c] =
     //    gradient of the state after chunk c), non-causal a plain sum in chunk order
@@ -248,21 +295,22 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       acc_t* dfk = kv_end(kv);
       acc_t* dvacc = dfk + d.C * d.Dp;
       acc_t* scratch = dvacc + d.C * d.Dvp;
+      const Bf16Ops ops = this->bf16_ops();
       std::fill(dfk, dfk + d.C * (d.Dp + d.Dvp), acc_t(0));
       const acc_t* G;
       if (a.causal) {
         const acc_t* sb = states.get() + t * d.state;
         G = gstates.get() + t * d.state;
-        load_kv(sg, hk, kc, kv, true, true);
-        transpose_state(sb, stT);
+        load_kv(sg, hk, kc, kv, true, true, ops);
+        state_operand(sb, stT, ops);
         for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-          query_chunk(sg, h, kc, sb, stT, kv, nullptr, dfk, dvacc, true, scratch);
+          query_chunk(sg, h, kc, sb, stT, kv, ops, nullptr, dfk, dvacc, true, scratch);
       } else {
         G = gfinal.get() + bh * d.state;
-        load_kv(sg, hk, kc, kv, false, true);
+        load_kv(sg, hk, kc, kv, false, true, ops);
       }
       transpose_state(G, GT);
-      key_finish(sg, hk, kc, kv, G, GT, dfk, dvacc);
+      key_finish(sg, hk, kc, kv, G, GT, ops, dfk, dvacc);
     });
     parallel_tasks(rows, [&](int64_t bh) { store_grad_state(bh, gfinal.get() + bh * d.state); });
   }

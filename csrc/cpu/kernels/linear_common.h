@@ -10,6 +10,12 @@
 // Feature maps run vectorised on rows (features_row); phi' comes from the same pass.
 // Padding rows/columns are zero, so products may run over padded widths.
 //
+// bf16 inputs where the module has bf16 tile products (linear_bf16.h) run the chunk
+// products on bf16 operands with fp32 accumulation: phi(q), phi(k), the intra-chunk scores
+// A and dA, g and the states S and G are rounded to bf16 as product operands only (as
+// FlashAttention rounds P); the state deltas (fp32 fk^T v), the running states, z, the
+// normaliser and every other sum stay fp32.
+//
 // Summation orders depend on the shape and the chunk size only: every task computes the
 // same numbers whichever thread runs it and however the chunks are split into passes.
 #pragma once
@@ -21,6 +27,7 @@
 #include "../../common/linear.h"
 #include "gemm.h"
 #include "kernels.h"
+#include "linear_bf16.h"
 #include "tile_util.h"
 
 namespace attention_ext::cpu {
@@ -149,26 +156,40 @@ constexpr int64_t kRowBlock = Blocking<acc_t>::MR;
 // Lower-triangular C = A B^T-shaped products: rows [0, m) of C (ld ldc), where row i
 // needs columns j <= i only. Computes columns [0, round_up(min(i_end, ncols), VL)) of each
 // row block; the caller masks the rest.
-template <typename acc_t>
-void gemm_lower_cols(int64_t m, int64_t ncols, int64_t K, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+// T: the operand type of tile_gemm (acc_t, or bf16 with B in VNNI pairs).
+template <typename T, typename acc_t>
+void gemm_lower_cols(int64_t m, int64_t ncols, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
                      acc_t* c, int64_t ldc) {
   constexpr int64_t VL = Vec<acc_t>::size(), MR = kRowBlock<acc_t>;
   for (int64_t m0 = 0; m0 < m; m0 += MR) {
     const int64_t mr = std::min(MR, m - m0);
     const int64_t nc = round_up(std::min(m0 + mr, ncols), VL);
-    gemm<acc_t>(mr, nc, K, a + m0 * lda, lda, 1, b, ldb, c + m0 * ldc, ldc, false);
+    tile_gemm(mr, nc, K, a + m0 * lda, lda, b, ldb, c + m0 * ldc, ldc, false);
   }
 }
 
 // C (+)= L B with L lower triangular (row i reads L[i][k] for k <= i): each row block
 // runs K up to its last row.
-template <typename acc_t>
-void gemm_lower_a(int64_t m, int64_t N, const acc_t* l, int64_t ldl, const acc_t* b, int64_t ldb, acc_t* c,
-                  int64_t ldc, bool accumulate) {
+template <typename T, typename acc_t>
+void gemm_lower_a(int64_t m, int64_t N, const T* l, int64_t ldl, const T* b, int64_t ldb, acc_t* c, int64_t ldc,
+                  bool accumulate) {
   constexpr int64_t MR = kRowBlock<acc_t>;
   for (int64_t m0 = 0; m0 < m; m0 += MR) {
     const int64_t mr = std::min(MR, m - m0);
-    gemm<acc_t>(mr, N, m0 + mr, l + m0 * ldl, ldl, 1, b, ldb, c + m0 * ldc, ldc, accumulate);
+    tile_gemm(mr, N, m0 + mr, l + m0 * ldl, ldl, b, ldb, c + m0 * ldc, ldc, accumulate);
+  }
+}
+
+// C += U B with U (m x m) upper triangular held as rows (row j reads U[j][k] for k >= j):
+// gemm_lower_t's product when L^T has been transposed into rows (bf16 A operands have no
+// strides). Row blocks start on even K, as bf16 pairs need.
+template <typename T, typename acc_t>
+void gemm_upper_a(int64_t m, int64_t N, const T* u, int64_t ldu, const T* b, int64_t ldb, acc_t* c, int64_t ldc) {
+  constexpr int64_t MR = kRowBlock<acc_t>;
+  static_assert(MR % 2 == 0);
+  for (int64_t j0 = 0; j0 < m; j0 += MR) {
+    const int64_t mr = std::min(MR, m - j0);
+    tile_gemm(mr, N, m - j0, u + j0 * ldu + j0, ldu, b_at(b, j0, ldb), ldb, c + j0 * ldc, ldc, true);
   }
 }
 
@@ -200,8 +221,38 @@ void mask_lower(int64_t m, acc_t* tile, int64_t ld, acc_t* rowsum) {
   }
 }
 
+// bf16 tiles: one task's bf16 operands (linear_bf16.h), rows or VNNI pairs ("_pairs",
+// along the product's K) of the fp32 blocks of the same name.
+struct Bf16Ops {
+  // key chunk: fk^T pairs along D (scores), v pairs along keys; backward: fk rows, fk
+  // pairs along keys, v rows, v^T pairs along Dv
+  bf16 *fkT_pairs, *v_pairs, *fk, *fk_pairs, *v, *vT_pairs;
+  // states: S pairs along D (forward), S^T pairs along Dv, G^T pairs along Dv, G pairs along D
+  bf16 *S_pairs, *ST_pairs, *GT_pairs, *G_pairs;
+  // query chunk: fq rows, fq^T rows, fq pairs along queries, g rows and pairs, A, A^T, dA, dA^T rows
+  bf16 *fq, *fqT, *fq_pairs, *g, *g_pairs, *A, *AT, *dA, *dAT;
+
+  // Carves the operands from p (null: only counts); returns the elements used.
+  template <typename acc_t>
+  int64_t carve(const Dims<acc_t>& d, bf16* p) {
+    int64_t used = 0;
+    auto take = [&](bf16*& x, int64_t n) {
+      x = p ? p + used : nullptr;
+      used += n;
+    };
+    const int64_t CD = d.Cp * d.Dp, CV = d.Cp * d.Dvp, DV = d.Dp * d.Dvp, CC = d.Cp * d.Cp;
+    take(fkT_pairs, CD), take(v_pairs, CV), take(fk, CD), take(fk_pairs, CD), take(v, CV);
+    take(vT_pairs, CV), take(S_pairs, DV), take(ST_pairs, DV), take(GT_pairs, DV), take(G_pairs, DV);
+    take(fq, CD), take(fqT, CD), take(fq_pairs, CD), take(g, CV), take(g_pairs, CV);
+    take(A, CC), take(AT, CC), take(dA, CC), take(dAT, CC);
+    return used;
+  }
+};
+
 // Chunk state delta: dS = fk^T v (D x Dvp), dz = column sums of fk (Dp, keys summed in
-// order), for the chunk's n keys held as fk [n][Dp] and v [n][Dvp].
+// order), for the chunk's n keys held as fk [n][Dp] and v [n][Dvp]. fp32 products for
+// bf16 inputs too: the returned state keeps fp32 accuracy (bf16 phi(k) would cost it
+// about 2^-9 relative).
 template <typename acc_t>
 void chunk_state(const Dims<acc_t>& d, int64_t n, const acc_t* fk, const acc_t* v, acc_t* st) {
   gemm<acc_t>(d.D, d.Dvp, n, fk, 1, d.Dp, v, d.Dvp, st, d.Dvp, false);
@@ -266,6 +317,7 @@ void scan_chunks(const ChunkIndex& index, int64_t state, acc_t* cells, acc_t* ru
 // chunk operands and of the caller's states. Args: LinearFwdArgs or LinearBwdArgs.
 template <typename scalar_t, typename acc_t, class Args>
 struct ChunkKernel {
+  static constexpr bool kBf16 = bf16_tiles<scalar_t>();
   const Args& a;
   Dims<acc_t> d;
   acc_t scale, eps;
@@ -315,8 +367,10 @@ struct ChunkKernel {
     return kv;
   }
   // Key chunk kc of segment sg, kv head hk: rows always; the transposed forms when
-  // `transposed` (vT where the layout has it), phi'(k) when `dphi`. Returns the chunk's key count.
-  int64_t load_kv(const Segment& sg, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool dphi) const {
+  // `transposed` (vT where the layout has it), phi'(k) when `dphi`; bf16 tiles: the bf16
+  // operands of those forms in `ops`. Returns the chunk's key count.
+  int64_t load_kv(const Segment& sg, int64_t hk, int64_t kc, const KV& kv, bool transposed, bool dphi,
+                  const Bf16Ops& ops) const {
     const int64_t k0 = k_begin(sg, kc), n = k_len(sg, kc);
     load_features(row_ptr<scalar_t>(a.k, sg.b, hk, k0), a.k.stride[2], a.k.stride[3], n, d.D, a.feature_map,
                   acc_t(1), kv.fk, d.Dp, d.C, dphi ? kv.dphi : nullptr);
@@ -325,7 +379,28 @@ struct ChunkKernel {
       transpose_block(kv.fk, d.Dp, n, d.D, kv.fkT, d.Cp);
       if (kv.vT) transpose_block(kv.v, d.Dvp, n, d.Dv, kv.vT, d.Cp);
     }
+    if constexpr (kBf16) {
+      if (transposed) {  // the intra-chunk products
+        pack_pairs(kv.fkT, d.Cp, d.D, d.Cp, ops.fkT_pairs, round_up(d.D, 2));
+        pack_pairs(kv.v, d.Dvp, d.C, d.Dvp, ops.v_pairs, d.Cp);
+        if (kv.vT) {
+          pack_pairs(kv.fk, d.Dp, d.C, d.Dp, ops.fk_pairs, d.Cp);
+          pack_pairs(kv.vT, d.Cp, d.Dv, d.Cp, ops.vT_pairs, round_up(d.Dv, 2));
+        }
+      }
+      if (dphi) {  // key_finish
+        round_rows(kv.fk, d.Dp, d.C, d.Dp, ops.fk, d.Dp, d.C);
+        round_rows(kv.v, d.Dvp, d.C, d.Dvp, ops.v, d.Dvp, d.C);
+      }
+    }
     return n;
+  }
+
+  // This task's bf16 operands (bf16 tiles only; empty otherwise).
+  Bf16Ops bf16_ops() const {
+    Bf16Ops ops{};
+    if constexpr (kBf16) ops.carve(d, task_scratch<bf16>(ops.carve(d, nullptr)));
+    return ops;
   }
 
   // fq [C][Dp] = scale * phi(q) of query chunk qc of segment sg, head h; dphi (optional)

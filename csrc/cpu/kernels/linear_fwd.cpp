@@ -28,7 +28,7 @@ template <typename scalar_t, typename acc_t>
 struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
   using Base = ChunkKernel<scalar_t, acc_t, LinearFwdArgs>;
   using typename Base::KV;
-  using Base::a, Base::d, Base::eps;
+  using Base::a, Base::d, Base::eps, Base::kBf16;
   using Base::load_kv, Base::load_queries, Base::load_state, Base::store_state;
   using Base::Base;
 
@@ -38,20 +38,34 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
   int64_t out_scratch() const { return d.C * d.Dp + d.C * d.Cp + d.C * d.Dvp + d.C; }
 
   // Output rows of query chunk qc of segment sg, head h, with `st` the state before the chunk
-  // (causal) or the segment's final state (non-causal); fkT / v the same chunk's keys (causal).
+  // (causal) or the segment's final state (non-causal); fkT / v the same chunk's keys (causal,
+  // bf16 tiles: their operands in ops).
   void out_chunk(const Segment& sg, int64_t h, int64_t qc, const acc_t* st, const acc_t* fkT, const acc_t* v,
-                 acc_t* scratch) const {
+                 const Bf16Ops& ops, acc_t* scratch) const {
     const int64_t q0 = this->q_begin(sg, qc);
     acc_t* fq = scratch;
     acc_t* A = fq + d.C * d.Dp;
     acc_t* num = A + d.C * d.Cp;
     acc_t* rowsum = num + d.C * d.Dvp;
     const int64_t m = load_queries(sg, h, qc, fq, nullptr);
-    gemm<acc_t>(m, d.Dvp, d.D, fq, d.Dp, 1, st, d.Dvp, num, d.Dvp, false);
-    if (a.causal) {
-      gemm_lower_cols<acc_t>(m, m, d.D, fq, d.Dp, fkT, d.Cp, A, d.Cp);
-      mask_lower<acc_t>(m, A, d.Cp, rowsum);
-      gemm_lower_a<acc_t>(m, d.Dvp, A, d.Cp, v, d.Dvp, num, d.Dvp, true);
+    if constexpr (kBf16) {
+      // A in bf16 for its product with v only: the normaliser sums the fp32 A
+      round_rows(fq, d.Dp, m, d.Dp, ops.fq, d.Dp, m);
+      pack_pairs(st, d.Dvp, d.D, d.Dvp, ops.S_pairs, round_up(d.D, 2));
+      tile_gemm(m, d.Dvp, d.D, ops.fq, d.Dp, ops.S_pairs, 2 * d.Dvp, num, d.Dvp, false);
+      if (a.causal) {
+        gemm_lower_cols(m, m, d.D, ops.fq, d.Dp, ops.fkT_pairs, 2 * d.Cp, A, d.Cp);
+        mask_lower<acc_t>(m, A, d.Cp, rowsum);
+        round_rows(A, d.Cp, m, d.Cp, ops.A, d.Cp, m);
+        gemm_lower_a(m, d.Dvp, ops.A, d.Cp, ops.v_pairs, 2 * d.Dvp, num, d.Dvp, true);
+      }
+    } else {
+      gemm<acc_t>(m, d.Dvp, d.D, fq, d.Dp, 1, st, d.Dvp, num, d.Dvp, false);
+      if (a.causal) {
+        gemm_lower_cols(m, m, d.D, fq, d.Dp, fkT, d.Cp, A, d.Cp);
+        mask_lower<acc_t>(m, A, d.Cp, rowsum);
+        gemm_lower_a(m, d.Dvp, A, d.Cp, v, d.Dvp, num, d.Dvp, true);
+      }
     }
     const acc_t* z = st + d.D * d.Dvp;
     scalar_t* out = static_cast<scalar_t*>(a.out) + ((sg.b * d.Hq + h) * d.Nq + q0) * d.Dv;
@@ -81,18 +95,20 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
       acc_t* delta = st + d.state;
       const KV kv = kv_at(delta + d.state);
       acc_t* scratch = kv.v + d.C * d.Dvp;
+      const Bf16Ops ops = this->bf16_ops();
       load_state(a.S0, a.z0, bh, st);
       for (int64_t kc = 0; kc < sg.nck; ++kc) {
-        const int64_t n = load_kv(sg, hk, kc, kv, a.causal, false);
+        const int64_t n = load_kv(sg, hk, kc, kv, a.causal, false, ops);
         if (a.causal)
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) out_chunk(sg, h, kc, st, kv.fkT, kv.v, scratch);
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+            out_chunk(sg, h, kc, st, kv.fkT, kv.v, ops, scratch);
         chunk_state(d, n, kv.fk, kv.v, delta);
         state_add(st, delta, d.state);
       }
       if (!a.causal)
         for (int64_t qc = 0; qc < sg.ncq; ++qc)
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-            out_chunk(sg, h, qc, st, nullptr, nullptr, scratch);
+            out_chunk(sg, h, qc, st, nullptr, nullptr, ops, scratch);
       store_state(a.S, a.z, bh, st);
     });
   }
@@ -106,7 +122,8 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
     parallel_tasks(kcells.total(), [&](int64_t t) {
       const auto [bh, kc] = kcells.locate(t);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size()));
-      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false);
+      const Bf16Ops ops = this->bf16_ops();
+      const int64_t n = load_kv(this->seg_of_row(bh), bh % d.Hkv, kc, kv, false, false, ops);
       chunk_state(d, n, kv.fk, kv.v, states.get() + t * d.state);
     });
     // exclusive scan over chunks (causal), the total into finals
@@ -120,14 +137,15 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
       const Segment& sg = this->seg_of_row(bh);
       const KV kv = kv_at(task_scratch<acc_t>(kv_size() + out_scratch()));
       acc_t* scratch = kv.v + d.C * d.Dvp;
+      const Bf16Ops ops = this->bf16_ops();
       const acc_t* st;
       if (a.causal) {  // Nq == Nk: query chunk qc is key chunk qc
-        load_kv(sg, hk, qc, kv, true, false);
+        load_kv(sg, hk, qc, kv, true, false, ops);
         st = states.get() + kcells.cell(bh, qc) * d.state;
       } else {
         st = finals.get() + bh * d.state;
       }
-      out_chunk(sg, h, qc, st, kv.fkT, kv.v, scratch);
+      out_chunk(sg, h, qc, st, kv.fkT, kv.v, ops, scratch);
     });
     parallel_tasks(rows, [&](int64_t bh) { store_state(a.S, a.z, bh, finals.get() + bh * d.state); });
   }
