@@ -21,9 +21,8 @@
 // bf16 inputs on AVX512-BF16 (gemm_bf16.h) run every product on bf16 operands (B in
 // VNNI pairs), P and dS rounded to bf16 before their products as FlashAttention does on
 // GPUs; the scores are made like the forward's bf16 scores. The pairs are packed per
-// tile into the task's scratch (K once per key tile, Q and dO per query tile visited):
-// whole-sequence packs would cost 2x the inputs' size, and a tile's pack is cheap next
-// to its five products.
+// tile into the task's scratch (K once per key tile, Q and dO once per query tile and
+// block of KB key tiles): whole-sequence packs would cost 2x the inputs' size.
 #include "../../common/mask.h"
 #include "dropout_tile.h"
 #include "gemm.h"
