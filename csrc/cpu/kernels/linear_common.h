@@ -219,17 +219,46 @@ void gemm_lower_t(int64_t m, int64_t N, const acc_t* l, int64_t ldl, const acc_t
   }
 }
 
-// Zeroes row r's columns (r, ld) of an m x ld lower-triangular tile and returns nothing;
-// with rowsum != nullptr also stores sum_{j <= r} tile[r][j] (sequential order).
+// sum_x a[x] * b[x] for x < n, n a multiple of the vector width: in vector lanes, then
+// across them (a serial chain of fp32 adds costs their latency per element).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using V = Vec<acc_t>;
+  V s(acc_t(0));
+  for (int64_t x = 0; x < n; x += V::size()) s = at::vec::fmadd(V::loadu(a + x), V::loadu(b + x), s);
+  return hsum(s);
+}
+
+// y[0, n) += alpha * x[0, n), n a multiple of the vector width.
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
+  using V = Vec<acc_t>;
+  const V va(alpha);
+  for (int64_t i = 0; i < n; i += V::size()) at::vec::fmadd(va, V::loadu(x + i), V::loadu(y + i)).store(y + i);
+}
+
+// dst[0, n) = src as scalar_t (bf16/fp16: vectorised rounding).
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>)
+    std::copy(src, src + n, dst);
+  else
+    at::vec::convert(src, dst, n);
+}
+
+// Zeroes row r's columns (r, ld) of an m x ld lower-triangular tile (ld a multiple of the
+// vector width); with rowsum != nullptr also stores sum_{j <= r} tile[r][j].
 template <typename acc_t>
 void mask_lower(int64_t m, acc_t* tile, int64_t ld, acc_t* rowsum) {
+  constexpr int64_t VL = Vec<acc_t>::size();
+  using V = Vec<acc_t>;
   for (int64_t r = 0; r < m; ++r) {
     acc_t* row = tile + r * ld;
     for (int64_t j = r + 1; j < ld; ++j) row[j] = acc_t(0);
     if (rowsum) {
-      acc_t s = 0;
-      for (int64_t j = 0; j <= r; ++j) s += row[j];
-      rowsum[r] = s;
+      V s(acc_t(0));
+      for (int64_t j = 0; j <= r; j += VL) s = s + V::loadu(row + j);
+      rowsum[r] = hsum(s);
     }
   }
 }
