@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -152,6 +153,21 @@ void load_features(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t ro
 // dst with leading dim ldd; dst columns rows..ldd zero.
 template <typename acc_t>
 void transpose_block(const acc_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // whole 16 x 16 blocks in registers (src rows readable to round_up(cols, 16), as the
+  // padded layouts are); a per-element transpose costs about as much as a chunk product
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (ldd % 16 == 0 && lds >= round_up(cols, 16)) {
+      for (int64_t r0 = 0; r0 < ldd; r0 += 16)
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+          __m512 t[16];
+          load_transposed_16(src + r0 * lds + c0, lds, rows - r0, t);
+          for (int64_t i = 0; i < std::min<int64_t>(16, cols - c0); ++i) _mm512_storeu_ps(dst + (c0 + i) * ldd + r0, t[i]);
+        }
+      return;
+    }
+  }
+#endif
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = acc_t(0);
   constexpr int64_t RB = 16;
