@@ -25,7 +25,7 @@ using bf16 = c10::BFloat16;
 
 // C (+)= A B through the tile products of the operand type: fp32/fp64 rows and rows of B
 // (gemm.h), or bf16 rows and VNNI pairs (gemm_bf16.h; ldb counts bf16 per pair row,
-// 2 N). K_pairs: where a product starts at K row k0 (even), B starts at b_at(b, k0, ldb).
+// 2 N). A product starting at K row k0 (even for pairs) reads B from b_at(b, k0, ldb).
 template <typename T>
 inline void tile_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                       int64_t ldc, bool accumulate) {
