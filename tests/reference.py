@@ -303,10 +303,13 @@ def phi(x, fmap):
     return x
 
 
-def linear_attention(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=True, scale=1.0, state=None):
+def linear_attention(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=True, scale=1.0, state=None,
+                     dtype=torch.float64):
     """Quadratic float64 linear attention, phi(Q) phi(K)^T (causally masked) times V over
-    its row sums plus eps. Returns (out, (S, z)); differentiable in its (float64) inputs."""
-    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    its row sums plus eps. Returns (out, (S, z)); differentiable in its (float64) inputs.
+    dtype=q.dtype: the same math done by PyTorch at the inputs' dtype (the `lowp` of
+    check_close for bf16/fp16)."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     fq = scale * phi(q, fmap)
     fk = phi(k, fmap)
@@ -319,7 +322,7 @@ def linear_attention(q, k, v, *, fmap="elu", causal=False, eps=1e-6, normalize=T
     S = fk.transpose(-1, -2) @ v
     z = fk.sum(-2)
     if state is not None:
-        S0, z0 = (t.to(torch.float64) for t in state)
+        S0, z0 = (t.to(dtype) for t in state)
         num = num + fq @ S0.repeat_interleave(group, 1)
         den = den + (fq * z0.repeat_interleave(group, 1).unsqueeze(-2)).sum(-1)
         S, z = S + S0, z + z0

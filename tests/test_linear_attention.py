@@ -320,10 +320,12 @@ def _run_all(q, k, v, causal):
 
 @pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 3), (2, 2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_bitwise_repeatable_across_threads(B, Hkv, causal):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_repeatable_across_threads(B, Hkv, causal, dtype):
     # thread counts change the work split (one task per head vs chunk tasks + scans):
-    # the results must not change by a single bit
-    q, k, v = make(B=B, Hq=2 * Hkv, Hkv=Hkv, Nq=100, D=12, Dv=20, dtype=torch.float32)
+    # the results must not change by a single bit (bf16: on the bf16 tile products where
+    # the default build has them)
+    q, k, v = make(B=B, Hq=2 * Hkv, Hkv=Hkv, Nq=100, D=12, Dv=20, dtype=dtype)
     before = torch.get_num_threads()
     try:
         results = []
@@ -355,6 +357,68 @@ def test_every_isa_build(isa):
             assert_close(st, reference(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=True)[0], torch.float32)
     finally:
         attention_ext.set_cpu_isa(before)
+
+
+# ---- bf16 tile products (avx512bf16 build) ---------------------------------------------------
+# bf16 inputs there run the chunk products on bf16 operands (phi(q), phi(k), A, dA, g, S, G
+# rounded, fp32 accumulation; state deltas in fp32): the 2x-PyTorch-bf16-error rule of
+# reference.check_close against the same quadratic form done by PyTorch in bf16.
+
+needs_bf16_tiles = pytest.mark.skipif("avx512bf16" not in attention_ext.available_cpu_isas(),
+                                      reason="CPU or build without AVX512-BF16")
+
+
+@pytest.fixture
+def bf16_tiles():
+    before = attention_ext.cpu_isa()
+    attention_ext.set_cpu_isa("avx512bf16")
+    yield
+    attention_ext.set_cpu_isa(before)
+
+
+def _fwd_bwd(q, k, v, fn):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, state = fn(*leaves)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+    return [out, *state] + list(torch.autograd.grad(out, leaves, g.to(out.dtype)))
+
+
+@needs_bf16_tiles
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 150, 32, 64, 64), (1, 2, 1, 67, 19, 21, 16), (1, 3, 3, 100, 64, 40, 7)],
+                         ids=["gqa", "odd_dims", "odd_chunk"])
+def test_bf16_tiles_match_reference(bf16_tiles, causal, normalize, shape):
+    B, Hq, Hkv, N, D, Dv, chunk = shape
+    q, k, v = make(B=B, Hq=Hq, Hkv=Hkv, Nq=N, D=D, Dv=Dv, dtype=torch.bfloat16)
+    kw = dict(causal=causal, normalize=normalize)
+    ours = _fwd_bwd(q, k, v, lambda q, k, v: linear_attention(q, k, v, chunk_size=chunk, return_state=True, **kw))
+    refs = _fwd_bwd(q, k, v, lambda q, k, v: reference(q, k, v, **kw))
+    lowp = _fwd_bwd(q, k, v, lambda q, k, v: reference(q, k, v, dtype=torch.bfloat16, **kw))
+    for name, o, r, lp in zip(("out", "S", "z", "dq", "dk", "dv"), ours, refs, lowp):
+        if name in ("S", "z"):  # fp32 state deltas: the fp32 rule
+            assert_close(o, r, torch.float32, name)
+        else:
+            R.check_close(o, r, lowp=lp, dtype=torch.bfloat16, what=name)
+
+
+@needs_bf16_tiles
+def test_bf16_tiles_really_run(bf16_tiles):
+    # bf16 inputs: rounded product operands move every result away from the fp32-product
+    # build (the state, from fp32 deltas, stays the same); fp32 inputs: the same bits
+    q, k, v = make(B=1, Hq=2, Hkv=1, Nq=200, D=32, Dv=32, dtype=torch.bfloat16)
+    x32 = [t.float() for t in (q, k, v)]
+
+    def run(*x):
+        return _fwd_bwd(*x, lambda q, k, v: linear_attention(q, k, v, causal=True, return_state=True))
+
+    ours, f32 = run(q, k, v), run(*x32)
+    attention_ext.set_cpu_isa("avx512")
+    other, f32_avx512 = run(q, k, v), run(*x32)
+    for name, a, b in zip(("out", "S", "z", "dq", "dk", "dv"), ours, other):
+        assert torch.equal(a, b) == (name in ("S", "z")), name
+    for a, b in zip(f32, f32_avx512):
+        assert torch.equal(a, b)
 
 
 # ---- bad inputs: exception type and the argument named ---------------------------------------

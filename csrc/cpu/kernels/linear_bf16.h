@@ -4,8 +4,8 @@
 //   rows       A operands, bf16 rows (round_rows)
 //   pairs      B operands in VNNI pairs along K, from K fp32 rows (pack_pairs)
 //   transposed A operands of transposed products, bf16 rows of X^T (transpose_round)
-// all vectorised: at chunk sizes the packing costs as much as a product when done
-// element by element. The functions exist in every module so that the kernels name
+// all vectorised (load_transposed_16 also serves transpose_block): at chunk sizes the
+// packing costs as much as a product when done element by element. The functions exist in every module so that the kernels name
 // them in `if constexpr (bf16_tiles<scalar_t>())` branches; outside the avx512bf16
 // module those branches are never instantiated and the bodies are empty.
 #pragma once
@@ -25,7 +25,7 @@ using bf16 = c10::BFloat16;
 
 // C (+)= A B through the tile products of the operand type: fp32/fp64 rows and rows of B
 // (gemm.h), or bf16 rows and VNNI pairs (gemm_bf16.h; ldb counts bf16 per pair row,
-// 2 N). K_pairs: where a product starts at K row k0 (even), B starts at b_at(b, k0, ldb).
+// 2 N). A product starting at K row k0 (even for pairs) reads B from b_at(b, k0, ldb).
 template <typename T>
 inline void tile_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                       int64_t ldc, bool accumulate) {
@@ -81,6 +81,36 @@ inline void pack_pairs(const float* src, int64_t lds, int64_t rows, int64_t n, b
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// t[i] = column i of the 16 x 16 fp32 block at src (row stride lds), rows >= valid read
+// as zeros: a transpose in registers (transpose_round, and transpose_block's fp32 path).
+inline void load_transposed_16(const float* src, int64_t lds, int64_t valid, __m512 t[16]) {
+  __m512 u[16];
+  for (int i = 0; i < 16; ++i) t[i] = i < valid ? _mm512_loadu_ps(src + i * lds) : _mm512_setzero_ps();
+  // 2 x 2 blocks of 1, 2, 4 and 8 lanes swapped in turn
+  for (int i = 0; i < 16; i += 2) {
+    u[i] = _mm512_unpacklo_ps(t[i], t[i + 1]);
+    u[i + 1] = _mm512_unpackhi_ps(t[i], t[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    t[i] = _mm512_shuffle_ps(u[i], u[i + 2], 0x44);
+    t[i + 1] = _mm512_shuffle_ps(u[i], u[i + 2], 0xEE);
+    t[i + 2] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+    t[i + 3] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[i] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0x88);
+    u[i + 4] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0xDD);
+    u[i + 8] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0x88);
+    u[i + 12] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0x88);
+    t[i + 8] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0xDD);
+  }
+}
+#endif
+
 // dst[c][r] = bf16(src[r][c]) (dst leading dimension ldd, a multiple of 16) for r < rows,
 // c < round_up(cols, 16) (src columns up to there readable), zero for rows <= r < ldd:
 // the A operand of a product with X^T, by 16 x 16 fp32 transposes in registers.
@@ -88,30 +118,8 @@ inline void transpose_round(const float* src, int64_t lds, int64_t rows, int64_t
 #if defined(AE_BF16_TILES)
   for (int64_t r0 = 0; r0 < ldd; r0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      __m512 t[16], u[16];
-      for (int i = 0; i < 16; ++i) t[i] = r0 + i < rows ? _mm512_loadu_ps(src + (r0 + i) * lds + c0) : _mm512_setzero_ps();
-      // 2 x 2 blocks of 1, 2, 4 and 8 lanes swapped in turn
-      for (int i = 0; i < 16; i += 2) {
-        u[i] = _mm512_unpacklo_ps(t[i], t[i + 1]);
-        u[i + 1] = _mm512_unpackhi_ps(t[i], t[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        t[i] = _mm512_shuffle_ps(u[i], u[i + 2], 0x44);
-        t[i + 1] = _mm512_shuffle_ps(u[i], u[i + 2], 0xEE);
-        t[i + 2] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-        t[i + 3] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-      }
-      for (int i = 0; i < 4; ++i) {
-        u[i] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0x88);
-        u[i + 4] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0xDD);
-        u[i + 8] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0x88);
-        u[i + 12] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0xDD);
-      }
-      for (int i = 0; i < 8; ++i) {
-        t[i] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0x88);
-        t[i + 8] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0xDD);
-      }
-      // t[i] is now column c0 + i of the block
+      __m512 t[16];
+      load_transposed_16(src + r0 * lds + c0, lds, rows - r0, t);
       for (int i = 0; i < 16; ++i)
         _mm256_storeu_si256((__m256i*)(dst + (c0 + i) * ldd + r0), (__m256i)_mm512_cvtneps_pbh(t[i]));
     }

@@ -38,7 +38,7 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
   KV kv_at(acc_t* p) const { return Base::kv_at(p, true); }
   acc_t* kv_end(const KV& kv) const { return kv.vT + d.Dv * d.Cp; }
 
-  int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C; }
+  int64_t query_scratch() const { return 3 * d.C * d.Dp + d.C * d.Dvp + 2 * d.C * d.Cp + 2 * d.C + d.Dvp; }
 
   // Query chunk qc of segment sg, head h. st: state before the chunk (causal) or final state;
   // stT: S of st transposed [Dv][Dp] (full only; bf16 tiles: in ops.ST_pairs instead).
@@ -55,6 +55,7 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     acc_t* rowsum = dfq + d.C * d.Dp;
     acc_t* dd = rowsum + d.C;
     acc_t* dphi = dd + d.C;
+    acc_t* orow = dphi + d.C * d.Dp;  // one row of out in acc_t
     const int64_t m = load_queries(sg, h, qc, fq, full ? dphi : nullptr);
     load_rows(row_ptr<scalar_t>(a.grad_out, b, h, q0), a.grad_out.stride[2], a.grad_out.stride[3], m, d.Dv, g, d.Dvp,
               m);
@@ -71,20 +72,14 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     if (a.normalize) {
       const scalar_t* op = row_ptr<scalar_t>(a.out, b, h, q0);
       for (int64_t r = 0; r < m; ++r) {
-        acc_t den = 0;
-        const acc_t* fr = fq + r * d.Dp;
-        for (int64_t x = 0; x < d.D; ++x) den += fr[x] * z[x];
+        acc_t den = dot(fq + r * d.Dp, z, d.Dp);
         if (a.causal) den += rowsum[r];
         den += eps;
-        const acc_t inv = acc_t(1) / den;
+        const Vec<acc_t> inv(acc_t(1) / den);
         acc_t* gr = g + r * d.Dvp;
-        const scalar_t* orow = op + r * a.out.stride[2];
-        acc_t s = 0;
-        for (int64_t c = 0; c < d.Dv; ++c) {
-          gr[c] *= inv;
-          s += gr[c] * acc_t(to_acc(orow[c * a.out.stride[3]]));
-        }
-        dd[r] = -s;
+        for (int64_t c = 0; c < d.Dvp; c += Vec<acc_t>::size()) (Vec<acc_t>::loadu(gr + c) * inv).store(gr + c);
+        load_rows(op + r * a.out.stride[2], 0, a.out.stride[3], 1, d.Dv, orow, d.Dvp, 1);
+        dd[r] = -dot(gr, orow, d.Dvp);
       }
     }
     if constexpr (kBf16) {
@@ -100,11 +95,7 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       }
       if (a.normalize) {
         acc_t* gz = gdelta + d.D * d.Dvp;
-        for (int64_t x = 0; x < d.D; ++x) {
-          acc_t s = 0;
-          for (int64_t r = 0; r < m; ++r) s += fq[r * d.Dp + x] * dd[r];
-          gz[x] += s;
-        }
+        for (int64_t r = 0; r < m; ++r) axpy(dd[r], fq + r * d.Dp, d.Dp, gz);
       }
     }
     if (!full) return;
@@ -113,8 +104,7 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     else
       gemm<acc_t>(m, d.Dp, d.Dv, g, d.Dvp, 1, stT, d.Dp, dfq, d.Dp, false);
     if (a.normalize)
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t x = 0; x < d.D; ++x) dfq[r * d.Dp + x] += dd[r] * z[x];
+      for (int64_t r = 0; r < m; ++r) axpy(dd[r], z, d.Dp, dfq + r * d.Dp);
     if (a.causal) {
       if constexpr (kBf16)
         gemm_lower_cols(m, m, d.Dv, ops.g, d.Dvp, ops.vT_pairs, 2 * d.Cp, dA, d.Cp);
@@ -141,9 +131,13 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
       }
     }
     scalar_t* dq = static_cast<scalar_t*>(a.dq) + ((b * d.Hq + h) * d.Nq + q0) * d.D;
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t x = 0; x < d.D; ++x)
-        dq[r * d.D + x] = from_acc<scalar_t>(dfq[r * d.Dp + x] * scale * dphi[r * d.Dp + x]);
+    const Vec<acc_t> vs(scale);
+    for (int64_t r = 0; r < m; ++r) {
+      acc_t* row = dfq + r * d.Dp;
+      for (int64_t x = 0; x < d.Dp; x += Vec<acc_t>::size())
+        (Vec<acc_t>::loadu(row + x) * vs * Vec<acc_t>::loadu(dphi + r * d.Dp + x)).store(row + x);
+      store_row(row, d.D, dq + r * d.D);
+    }
   }
 
   // dk, dv of key chunk kc of segment sg: dfk / dvacc hold the intra-chunk part (zero if none); G is the
@@ -165,9 +159,12 @@ struct BwdKernel : ChunkKernel<scalar_t, acc_t, LinearBwdArgs> {
     scalar_t* dk = static_cast<scalar_t*>(a.dk) + ((b * d.Hkv + hk) * d.Nk + k0) * d.D;
     scalar_t* dv = static_cast<scalar_t*>(a.dv) + ((b * d.Hkv + hk) * d.Nk + k0) * d.Dv;
     for (int64_t r = 0; r < n; ++r) {
-      for (int64_t x = 0; x < d.D; ++x)
-        dk[r * d.D + x] = from_acc<scalar_t>((dfk[r * d.Dp + x] + gz[x]) * kv.dphi[r * d.Dp + x]);
-      for (int64_t c = 0; c < d.Dv; ++c) dv[r * d.Dv + c] = from_acc<scalar_t>(dvacc[r * d.Dvp + c]);
+      acc_t* row = dfk + r * d.Dp;
+      for (int64_t x = 0; x < d.Dp; x += Vec<acc_t>::size())
+        ((Vec<acc_t>::loadu(row + x) + Vec<acc_t>::loadu(gz + x)) * Vec<acc_t>::loadu(kv.dphi + r * d.Dp + x))
+            .store(row + x);
+      store_row(row, d.D, dk + r * d.D);
+      store_row(dvacc + r * d.Dvp, d.Dv, dv + r * d.Dv);
     }
   }
 

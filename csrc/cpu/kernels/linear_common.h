@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -139,6 +140,21 @@ void load_features(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t ro
 // dst with leading dim ldd; dst columns rows..ldd zero.
 template <typename acc_t>
 void transpose_block(const acc_t* src, int64_t lds, int64_t rows, int64_t cols, acc_t* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // whole 16 x 16 blocks in registers (src rows readable to round_up(cols, 16), as the
+  // padded layouts are); a per-element transpose costs about as much as a chunk product
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (ldd % 16 == 0 && lds >= round_up(cols, 16)) {
+      for (int64_t r0 = 0; r0 < ldd; r0 += 16)
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+          __m512 t[16];
+          load_transposed_16(src + r0 * lds + c0, lds, rows - r0, t);
+          for (int64_t i = 0; i < std::min<int64_t>(16, cols - c0); ++i) _mm512_storeu_ps(dst + (c0 + i) * ldd + r0, t[i]);
+        }
+      return;
+    }
+  }
+#endif
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = acc_t(0);
   constexpr int64_t RB = 16;
@@ -206,17 +222,46 @@ void gemm_lower_t(int64_t m, int64_t N, const acc_t* l, int64_t ldl, const acc_t
   }
 }
 
-// Zeroes row r's columns (r, ld) of an m x ld lower-triangular tile and returns nothing;
-// with rowsum != nullptr also stores sum_{j <= r} tile[r][j] (sequential order).
+// sum_x a[x] * b[x] for x < n, n a multiple of the vector width: in vector lanes, then
+// across them (a serial chain of fp32 adds costs their latency per element).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using V = Vec<acc_t>;
+  V s(acc_t(0));
+  for (int64_t x = 0; x < n; x += V::size()) s = at::vec::fmadd(V::loadu(a + x), V::loadu(b + x), s);
+  return hsum(s);
+}
+
+// y[0, n) += alpha * x[0, n), n a multiple of the vector width.
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
+  using V = Vec<acc_t>;
+  const V va(alpha);
+  for (int64_t i = 0; i < n; i += V::size()) at::vec::fmadd(va, V::loadu(x + i), V::loadu(y + i)).store(y + i);
+}
+
+// dst[0, n) = src as scalar_t (bf16/fp16: vectorised rounding).
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>)
+    std::copy(src, src + n, dst);
+  else
+    at::vec::convert(src, dst, n);
+}
+
+// Zeroes row r's columns (r, ld) of an m x ld lower-triangular tile (ld a multiple of the
+// vector width); with rowsum != nullptr also stores sum_{j <= r} tile[r][j].
 template <typename acc_t>
 void mask_lower(int64_t m, acc_t* tile, int64_t ld, acc_t* rowsum) {
+  constexpr int64_t VL = Vec<acc_t>::size();
+  using V = Vec<acc_t>;
   for (int64_t r = 0; r < m; ++r) {
     acc_t* row = tile + r * ld;
     for (int64_t j = r + 1; j < ld; ++j) row[j] = acc_t(0);
     if (rowsum) {
-      acc_t s = 0;
-      for (int64_t j = 0; j <= r; ++j) s += row[j];
-      rowsum[r] = s;
+      V s(acc_t(0));
+      for (int64_t j = 0; j <= r; j += VL) s = s + V::loadu(row + j);
+      rowsum[r] = hsum(s);
     }
   }
 }

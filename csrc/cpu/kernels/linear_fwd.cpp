@@ -70,19 +70,15 @@ struct FwdKernel : ChunkKernel<scalar_t, acc_t, LinearFwdArgs> {
     const acc_t* z = st + d.D * d.Dvp;
     scalar_t* out = static_cast<scalar_t*>(a.out) + ((sg.b * d.Hq + h) * d.Nq + q0) * d.Dv;
     for (int64_t r = 0; r < m; ++r) {
-      const acc_t* nr = num + r * d.Dvp;
-      scalar_t* o = out + r * d.Dv;
-      if (!a.normalize) {
-        for (int64_t c = 0; c < d.Dv; ++c) o[c] = from_acc<scalar_t>(nr[c]);
-        continue;
+      acc_t* nr = num + r * d.Dvp;
+      if (a.normalize) {
+        acc_t den = dot(fq + r * d.Dp, z, d.Dp);
+        if (a.causal) den += rowsum[r];
+        den += eps;
+        const Vec<acc_t> inv(acc_t(1) / den);
+        for (int64_t c = 0; c < d.Dvp; c += Vec<acc_t>::size()) (Vec<acc_t>::loadu(nr + c) * inv).store(nr + c);
       }
-      acc_t den = 0;
-      const acc_t* fr = fq + r * d.Dp;
-      for (int64_t x = 0; x < d.D; ++x) den += fr[x] * z[x];
-      if (a.causal) den += rowsum[r];
-      den += eps;
-      const acc_t inv = acc_t(1) / den;
-      for (int64_t c = 0; c < d.Dv; ++c) o[c] = from_acc<scalar_t>(nr[c] * inv);
+      store_row(nr, d.Dv, out + r * d.Dv);
     }
   }
 

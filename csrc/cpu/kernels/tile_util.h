@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "../kernel_table.h"
 #include "vec_math.h"
@@ -68,6 +69,22 @@ inline bool row_is_bad(const T* x, int64_t n) {
   return z != z;
 }
 
+// d[0, n) = acc_t(s[0, n)) * mult; bf16/fp16 rows convert whole vectors at a time (the
+// scalar conversion is the slowest part of loading a tile).
+template <typename scalar_t, typename acc_t>
+inline void convert_row(const scalar_t* s, int64_t n, acc_t* d, acc_t mult) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>)) {
+    constexpr int64_t W = Vec<scalar_t>::size();
+    for (; c + W <= n; c += W) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec<scalar_t>::loadu(s + c));
+      (lo * Vec<float>(mult)).store(d + c);
+      (hi * Vec<float>(mult)).store(d + c + W / 2);
+    }
+  }
+  for (; c < n; ++c) d[c] = acc_t(to_acc(s[c])) * mult;
+}
+
 // Copy rows [r0, r0 + rows) x cols [0, cols) of a strided (seq, dim) matrix into a dense
 // acc_t block with leading dimension ld, zero-filling cols..ld and rows..rows_pad.
 // With `bad`, bad[r] = 1 marks rows holding a NaN or infinity (see gemm_guarded).
@@ -78,7 +95,7 @@ void load_rows(const scalar_t* src, int64_t s_row, int64_t s_col, int64_t rows, 
     const scalar_t* s = src + r * s_row;
     acc_t* d = dst + r * ld;
     if (s_col == 1)
-      for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c])) * mult;
+      convert_row(s, cols, d, mult);
     else
       for (int64_t c = 0; c < cols; ++c) d[c] = acc_t(to_acc(s[c * s_col])) * mult;
     for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
