@@ -16,6 +16,7 @@
 
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "transpose16.h"
 
 namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
@@ -85,29 +86,10 @@ inline void pack_pairs(const float* src, int64_t lds, int64_t rows, int64_t n, b
 // t[i] = column i of the 16 x 16 fp32 block at src (row stride lds), rows >= valid read
 // as zeros: a transpose in registers (transpose_round, and transpose_block's fp32 path).
 inline void load_transposed_16(const float* src, int64_t lds, int64_t valid, __m512 t[16]) {
-  __m512 u[16];
-  for (int i = 0; i < 16; ++i) t[i] = i < valid ? _mm512_loadu_ps(src + i * lds) : _mm512_setzero_ps();
-  // 2 x 2 blocks of 1, 2, 4 and 8 lanes swapped in turn
-  for (int i = 0; i < 16; i += 2) {
-    u[i] = _mm512_unpacklo_ps(t[i], t[i + 1]);
-    u[i + 1] = _mm512_unpackhi_ps(t[i], t[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    t[i] = _mm512_shuffle_ps(u[i], u[i + 2], 0x44);
-    t[i + 1] = _mm512_shuffle_ps(u[i], u[i + 2], 0xEE);
-    t[i + 2] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-    t[i + 3] = _mm512_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[i] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0x88);
-    u[i + 4] = _mm512_shuffle_f32x4(t[i], t[i + 4], 0xDD);
-    u[i + 8] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0x88);
-    u[i + 12] = _mm512_shuffle_f32x4(t[i + 8], t[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0x88);
-    t[i + 8] = _mm512_shuffle_f32x4(u[i], u[i + 8], 0xDD);
-  }
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < valid ? _mm512_loadu_si512(src + i * lds) : _mm512_setzero_si512();
+  transpose_16x16_epi32(r);
+  for (int i = 0; i < 16; ++i) t[i] = _mm512_castsi512_ps(r[i]);
 }
 #endif
 
