@@ -13,7 +13,7 @@ import torch
 
 from . import _console
 from ._console import progress, say  # noqa: F401  (the suites' progress bar and lines)
-from ._memory import Peak, policy_line
+from ._memory import Peak, policy_line, timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"  # what `--full` runs write, with their plots in plots/
@@ -70,6 +70,10 @@ def interleaved(fns, *, rounds=5, device="cpu", min_time=0.0):
     """Best-of-`rounds` seconds of each callable in `fns` (dict name -> fn), measured in
     interleaved rounds so that machine drift hits every contender alike. A contender
     that raises is reported as None with its error in `errors`."""
+    return timed(lambda: _interleaved(fns, rounds, device, min_time))
+
+
+def _interleaved(fns, rounds, device, min_time):
     best = {k: float("inf") for k in fns}
     errors = {}
     for name, fn in fns.items():  # warm-up (compilation, packing caches, allocator)
@@ -99,10 +103,10 @@ def fwd_and_fwd_bwd(fwd, inputs, grad, *, rounds, fwd_only=(), min_time=0.0):
     backward (gradients of `inputs` for upstream `grad`) of those not in `fwd_only`, and
     the peak memory of the latter. `min_time`: see interleaved (calls of a few ms need
     repeats to rise above timer noise). Returns (t_fwd, t_fwd_bwd, mem_mb, errors)."""
-    with torch.no_grad():
-        t_f, errors = interleaved(fwd, rounds=rounds, min_time=min_time)
     both = {name: (lambda f=f: torch.autograd.grad(f(), inputs, grad)) for name, f in fwd.items()
             if name not in fwd_only}
+    with torch.no_grad():
+        t_f, errors = interleaved(fwd, rounds=rounds, min_time=min_time)
     t_b, e = interleaved(both, rounds=rounds, min_time=min_time)
     errors.update(e)
     mem = {name: peak_memory_mb(f) for name, f in both.items() if t_b.get(name)}

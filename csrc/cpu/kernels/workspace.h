@@ -2,7 +2,10 @@
 // and partials afresh each time; blocks above glibc's mmap threshold then come back as
 // new mappings whose pages fault in on every call (hundreds per call at N = 128). The
 // pool hands freed blocks to the next call instead, holding at most kWorkspaceKeep bytes
-// between calls. One pool per ISA module; thread-safe.
+// between calls, in blocks of at most kWorkspaceBlock: a long call's big blocks would sit
+// dead in the pool while its next pass allocates others (its peak memory grew by them),
+// and their page faults are small next to that call's work. One pool per ISA module;
+// thread-safe.
 #pragma once
 
 #include <cstddef>
@@ -14,7 +17,7 @@
 namespace attention_ext::cpu {
 inline namespace CPU_CAPABILITY {
 
-constexpr size_t kWorkspaceKeep = size_t(16) << 20;
+constexpr size_t kWorkspaceKeep = size_t(16) << 20, kWorkspaceBlock = size_t(2) << 20;
 
 class Workspace {
  public:
@@ -51,7 +54,7 @@ class Workspace {
   void give(void* p, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (kept_ + bytes <= kWorkspaceKeep) {
+      if (bytes <= kWorkspaceBlock && kept_ + bytes <= kWorkspaceKeep) {
         free_.push_back({p, bytes});
         kept_ += bytes;
         return;
