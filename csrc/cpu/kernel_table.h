@@ -157,6 +157,6 @@ struct KernelTable {
   void (*release_workspace)();
 };
 
-constexpr int kKernelAbiVersion = 11;
+constexpr int kKernelAbiVersion = 12;
 
 }  // namespace attention_ext::cpu
