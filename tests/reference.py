@@ -240,10 +240,10 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 def dropout_keep(seed, p, B, H, Nq, Nk):
     """The keep decisions (B, H, Nq, Nk) of attention dropout under the int64 (2,)
-    (seed, offset) tensor, as csrc/common/dropout.h defines them: key j = 128 m + 16 u + l
-    gets counter (16 m + l, i, b * H + h, offset) under the key (seed_lo, seed_hi), and is
-    kept when the 16-bit half u of its words (word u // 2, low half first) is below
-    round((1 - p) * 2^16)."""
+    (seed, offset) tensor, as csrc/common/dropout.h defines them: key j = 64 m + 16 w + l
+    of row i gets counter (16 m + l, i // 2, b * H + h, offset) under the key (seed_lo,
+    seed_hi), and is kept when the 16-bit half i % 2 (low half first) of its word w is
+    below round((1 - p) * 2^16)."""
     import numpy as np
 
     s, off = (int(x) & 0xFFFFFFFFFFFFFFFF for x in seed.tolist())
@@ -251,10 +251,9 @@ def dropout_keep(seed, p, B, H, Nq, Nk):
     h = np.arange(H).reshape(1, H, 1, 1)
     i = np.arange(Nq).reshape(1, 1, Nq, 1)
     j = np.arange(Nk).reshape(1, 1, 1, Nk)
-    words = philox4x32_10(16 * (j // 128) + j % 16, i, b * H + h, off & 0xFFFFFFFF, s & 0xFFFFFFFF, s >> 32)
-    u = np.broadcast_to((j // 16) % 8, words[0].shape)
-    w = np.choose(u // 2, words)
-    half = (w >> (np.uint64(16) * (u % 2).astype(np.uint64))) & np.uint64(0xFFFF)
+    words = philox4x32_10(16 * (j // 64) + j % 16, i // 2, b * H + h, off & 0xFFFFFFFF, s & 0xFFFFFFFF, s >> 32)
+    w = np.choose(np.broadcast_to((j // 16) % 4, words[0].shape), words)
+    half = (w >> (np.uint64(16) * np.broadcast_to(i % 2, w.shape).astype(np.uint64))) & np.uint64(0xFFFF)
     thr = max(1, min(int((1.0 - p) * 2.0**16 + 0.5), 2**16))
     return torch.from_numpy(half < np.uint64(thr))
 

@@ -5,14 +5,16 @@
 //
 // Generator: Philox4x32-10 (Salmon et al., SC'11; the generator of cuRAND and of
 // PyTorch's CUDA RNG). One call yields four 32-bit words, eight 16-bit halves: the
-// decisions of eight keys (16 bits resolve p to 2^-16; FlashAttention uses 8). Keys go in
-// blocks of 128, j = 128 m + 16 u + l (u < 8, l < 16):
+// decisions of four keys of two query rows (16 bits resolve p to 2^-16; FlashAttention
+// uses 8). Keys go in blocks of 64, j = 64 m + 16 w + l (w < 4, l < 16), rows in pairs:
 //   key     = (seed_lo, seed_hi)
-//   counter = (16 m + l, i, b * Hq + h, offset)    half u (word u / 2, low half first)
+//   counter = (16 m + l, i >> 1, b * Hq + h, offset)    word w, half i & 1 (low: even i)
 // with i, j the query and key rows of the tensors (packed documents keep their rows).
-// So 16 consecutive counters give 128 consecutive keys in order (16 SIMD lanes, eight
-// halves each): the forward's rows and the backward's transposed tiles both read them
-// with contiguous vector loads.
+// So 16 consecutive counters give a row pair's 64 consecutive keys in order (16 SIMD
+// lanes, a word each per 16 keys), and one counter for 16 consecutive row pairs gives
+// 32 consecutive rows in order (the halves of 16 lanes): the forward's rows and the
+// backward's transposed tiles (64 keys) both read them with contiguous vector loads, and
+// no word is computed for a key outside the tile.
 // A key is kept when its half < threshold = round((1 - p) * 2^16); kept probabilities
 // are scaled by 1 / (1 - p).
 #pragma once
@@ -54,9 +56,9 @@ AE_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-constexpr int kDropoutBlockLog2 = 7;  // 128 keys: 16 counters of 8 halves
+constexpr int kDropoutBlockLog2 = 6;  // 64 keys: 16 counters of 4 words
 
-// The first counter word of key j (its half is (j >> 4) & 7).
+// The first counter word of key j (its word is (j >> 4) & 3).
 AE_HD uint32_t dropout_counter(int64_t j) {
   return uint32_t(((j >> kDropoutBlockLog2) << 4) | (j & 15));
 }
@@ -67,30 +69,27 @@ AE_HD uint32_t dropout_bh(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h
 }
 
 // The four words of the counter holding full-problem key jj of full-problem query row ii
-// (keys 128 (jj >> 7) + 16 u + (jj & 15), u < 8, in half u).
+// (keys 64 (jj >> 6) + 16 w + (jj & 15), w < 4, of rows ii & ~1 and ii | 1).
 AE_HD void dropout_words(const DropoutSpec& d, uint32_t bh, int64_t ii, int64_t jj, uint32_t c[4]) {
-  c[0] = dropout_counter(jj), c[1] = uint32_t(ii), c[2] = bh, c[3] = d.offset;
+  c[0] = dropout_counter(jj), c[1] = uint32_t(ii >> 1), c[2] = bh, c[3] = d.offset;
   philox4x32_10(c, uint32_t(d.seed), uint32_t(d.seed >> 32));
 }
 
-// Half u (< 8) of the words c, without a dynamic index (which would put c in local
-// memory on CUDA).
-AE_HD uint32_t dropout_half(const uint32_t c[4], int64_t u) {
-  const int64_t w = u >> 1;
+// The half of full-problem (row ii, key jj) in the words c of its counter, without a
+// dynamic index (which would put c in local memory on CUDA).
+AE_HD uint32_t dropout_half_of(const uint32_t c[4], int64_t ii, int64_t jj) {
+  const int64_t w = (jj >> 4) & 3;
   const uint32_t word = w == 0 ? c[0] : w == 1 ? c[1] : w == 2 ? c[2] : c[3];
-  return (word >> (16 * (u & 1))) & 0xFFFFu;
+  return (word >> (16 * (ii & 1))) & 0xFFFFu;
 }
-
-// The half of full-problem key jj in the words of its counter.
-AE_HD uint32_t dropout_half_of(const uint32_t c[4], int64_t jj) { return dropout_half(c, (jj >> 4) & 7); }
 
 // The keep decision of one (b, h, i, j) (indices relative to the call; the spec's bases
 // are added), for hosts, CUDA and tests. CPU kernels generate 16 counters at a time.
 AE_HD bool dropout_keep(const DropoutSpec& d, int64_t Hq, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const int64_t jj = j + d.k0;
+  const int64_t ii = i + d.q0, jj = j + d.k0;
   uint32_t c[4];
-  dropout_words(d, dropout_bh(d, Hq, b, h), i + d.q0, jj, c);
-  return dropout_half_of(c, jj) < d.threshold();
+  dropout_words(d, dropout_bh(d, Hq, b, h), ii, jj, c);
+  return dropout_half_of(c, ii, jj) < d.threshold();
 }
 
 }  // namespace attention_ext

@@ -5,7 +5,7 @@
 // Tensor-core tiles take them as 32-bit masks in the accumulator layout of keep_rows /
 // keep_cols (attention_device.cuh), computed in rolled loops before the GEMM of the
 // tile like the attention mask. SIMT warps share one Philox call per lane: 16 lanes give
-// the 128 keys of a block (forward, dQ), 32 lanes 32 query rows (dK, dV).
+// the 64 keys of a block (forward, dQ), 32 lanes 32 query rows (dK, dV).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,8 +31,8 @@ struct DropoutDev {
 
 // Row-oriented tile (rows = query rows i0 + 8 rr, rr < 2; columns = keys j0 + 8 nt + e,
 // nt < NT, e < 2; indices of the call): bit 4 nt + 2 rr + e set where the element is kept.
-// Keys 16 apart share a counter inside a 128-key block, so each (rr, nt % 2, e) walks
-// its keys with one counter at a time (one Philox call per row and 16 keys of a block).
+// Keys 16 apart share a counter inside a 64-key block, so each (rr, nt % 2, e) walks its
+// keys with one counter at a time (one Philox call per row and 16 keys of a block).
 template <int NT>
 __device__ __forceinline__ uint32_t dropout_bits_rows(const DropoutDev& dd, uint32_t bh, int64_t i0, int64_t j0) {
   static_assert(NT * 4 <= 32, "one bit per element");
@@ -51,7 +51,7 @@ __device__ __forceinline__ uint32_t dropout_bits_rows(const DropoutDev& dd, uint
         blk = jj >> kDropoutBlockLog2;
         dropout_words(d, bh, ii, jj, c);
       }
-      bits |= uint32_t(dropout_half_of(c, jj) < dd.thr) << (4 * nt + 2 * rr + e);
+      bits |= uint32_t(dropout_half_of(c, ii, jj) < dd.thr) << (4 * nt + 2 * rr + e);
     }
   }
   return bits;
@@ -69,15 +69,16 @@ __device__ __forceinline__ uint32_t dropout_bits_cols(const DropoutDev& dd, uint
     const int nt = x >> 2, rr = (x >> 1) & 1, e = x & 1;
     const int64_t jj = j0 + 8 * rr + d.k0;
     uint32_t c[4];
-    dropout_words(d, bh, i0 + 8 * nt + e + d.q0, jj, c);
-    bits |= uint32_t(dropout_half_of(c, jj) < dd.thr) << x;
+    const int64_t ii = i0 + 8 * nt + e + d.q0;
+    dropout_words(d, bh, ii, jj, c);
+    bits |= uint32_t(dropout_half_of(c, ii, jj) < dd.thr) << x;
   }
   return bits;
 }
 
 // The SIMT walk along one query row's keys (forward, dQ): the multiplier of key j of
 // row i (scale or 0). Lanes 0-15 (and again 16-31) hold the 16 counters of the current
-// 128-key block; a key's half comes from its lane by a shuffle. Every lane of the warp
+// 64-key block; a key's half comes from its lane by a shuffle. Every lane of the warp
 // must call it with the same j (the kernels' key loops are warp-uniform).
 template <typename A>
 struct DropoutRowWalk {
@@ -94,7 +95,7 @@ struct DropoutRowWalk {
       blk = jj >> kDropoutBlockLog2;
       dropout_words(dd.d, bh, ii, (blk << kDropoutBlockLog2) + (threadIdx.x & 15), c);
     }
-    const uint32_t w = __shfl_sync(0xffffffffu, dropout_half_of(c, jj), int(jj & 15));
+    const uint32_t w = __shfl_sync(0xffffffffu, dropout_half_of(c, ii, jj), int(jj & 15));
     return w < dd.thr ? A(dd.scale64) : A(0);
   }
 };
@@ -115,8 +116,9 @@ struct DropoutColWalk {
     if (!valid || i < base || i >= base + 32) {
       base = i, valid = true;
       uint32_t c[4];
-      dropout_words(dd.d, bh, base + (threadIdx.x & 31) + dd.d.q0, jj, c);
-      word = dropout_half_of(c, jj);
+      const int64_t ii = base + (threadIdx.x & 31) + dd.d.q0;
+      dropout_words(dd.d, bh, ii, jj, c);
+      word = dropout_half_of(c, ii, jj);
     }
     const uint32_t w = __shfl_sync(0xffffffffu, word, int(i - base));
     return w < dd.thr ? A(dd.scale64) : A(0);

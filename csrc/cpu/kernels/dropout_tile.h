@@ -1,7 +1,7 @@
 // Attention dropout on the CPU tiles (the generator and its counters: common/dropout.h).
 // Philox runs on 16 counters at a time, in AVX-512 / AVX2 integer lanes (compilers do
-// not vectorise its 32 x 32 -> 64-bit products by themselves), so a block of 128 keys
-// costs ten rounds of a few vector instructions, and several such sets are
+// not vectorise its 32 x 32 -> 64-bit products by themselves), so 128 decisions cost
+// ten rounds of a few vector instructions, and several such sets are
 // interleaved. The mask enters as a multiplier: 1 / (1 - p) where kept, 0 where dropped.
 #pragma once
 
@@ -24,8 +24,7 @@ constexpr int kPhiloxLanes = 16;
 constexpr int kPhiloxSets = 4;
 
 // Philox4x32-10 of S sets of 16 counters: set s has lanes (c0[16 s + l], c1[16 s + l], c2,
-// c3), l < 16, and word w of its lane l goes to out[64 s + 16 w + l] (so key 16 u + l of a
-// block is half u & 1 of out[64 s + 16 (u >> 1) + l]).
+// c3), l < 16, and word w of its lane l goes to out[64 s + 16 w + l].
 template <int S>
 inline void philox_sets(const uint32_t* c0, const uint32_t* c1, uint32_t c2, uint32_t c3, uint32_t k0,
                         uint32_t k1, uint32_t* out) {
@@ -110,37 +109,52 @@ struct DropoutTile {
   }
 
   // 16 keys whose halves are (w[q] >> sh) & 0xFFFF, q in [a, e): x[q] becomes x[q] / (1 - p)
-  // or 0 (kScale), else the multiplier itself. One masked vector op on AVX-512 (the
-  // compiler's own vectorisation of the loop shuffles lanes instead).
-  template <bool kScale, typename acc_t>
-  static void apply16(const uint32_t* w, int sh, uint32_t thr, acc_t keep, acc_t* x, int64_t a, int64_t e) {
+  // or 0. One masked vector op on AVX-512 (the compiler's own vectorisation of the loop
+  // shuffles lanes instead).
+  template <typename acc_t>
+  void scale16(const uint32_t* w, int sh, acc_t keep, acc_t* x, int64_t a, int64_t e) const {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<acc_t, float>) {
       const __mmask16 lanes = __mmask16((0xFFFFu >> (16 - e)) & (0xFFFFu << a));
       __m512i hv = _mm512_loadu_si512(w);
       hv = _mm512_and_si512(sh ? _mm512_srli_epi32(hv, 16) : hv, _mm512_set1_epi32(0xFFFF));
       const __mmask16 kept = _mm512_cmplt_epu32_mask(hv, _mm512_set1_epi32(int(thr)));
-      const __m512 vk = _mm512_set1_ps(keep);
-      const __m512 r = kScale ? _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(lanes, x), vk)
-                              : _mm512_maskz_mov_ps(kept, vk);
+      const __m512 r = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(lanes, x), _mm512_set1_ps(keep));
       _mm512_mask_storeu_ps(x, lanes, r);
       return;
     }
 #endif
-    for (int64_t q = a; q < e; ++q) {
-      const bool kept = ((w[q] >> sh) & 0xFFFFu) < thr;
-      x[q] = kept ? (kScale ? x[q] * keep : keep) : acc_t(0);
+    for (int64_t q = a; q < e; ++q) x[q] = ((w[q] >> sh) & 0xFFFFu) < thr ? x[q] * keep : acc_t(0);
+  }
+
+  // 32 consecutive rows whose halves are w[0, 16) in memory order (row 2 q + t: half t of
+  // w[q]), e in [a, b): m[e] = 1 / (1 - p) or 0.
+  template <typename acc_t>
+  void fill32(const uint32_t* w, acc_t keep, acc_t* m, int64_t a, int64_t b) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const uint64_t span = ((~0ull) >> (64 - b)) & ((~0ull) << a);
+      const __m512i hv = _mm512_loadu_si512(w);
+      // thr = 2^16 (p below 2^-17) keeps all; it does not fit a 16-bit lane
+      const __mmask32 kept = thr > 0xFFFFu ? ~__mmask32(0) : _mm512_cmplt_epu16_mask(hv, _mm512_set1_epi16(short(thr)));
+      const __m512 vk = _mm512_set1_ps(keep);
+      _mm512_mask_storeu_ps(m, __mmask16(span), _mm512_maskz_mov_ps(__mmask16(kept), vk));
+      _mm512_mask_storeu_ps(m + 16, __mmask16(span >> 16), _mm512_maskz_mov_ps(__mmask16(kept >> 16), vk));
+      return;
     }
+#endif
+    for (int64_t e = a; e < b; ++e) m[e] = ((w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu) < thr ? keep : acc_t(0);
   }
 
   // Forward: the probabilities x[r * ld + c] of query rows i0 + r (r < rows) and keys
-  // j0 + c (c < n), rows of the call. Each (row, 128-key block) is one counter set.
+  // j0 + c (c < n), rows of the call. Each (row pair, 64-key block) is one counter set.
   template <typename acc_t>
   void apply_rows(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n, acc_t* x,
                   int64_t ld) const {
     constexpr int S = kPhiloxSets, L = kDropoutBlockLog2;
-    const int64_t jg = j0 + d.k0;  // full-problem key index
-    const int64_t blk0 = jg >> L, nb = ((jg + n - 1) >> L) - blk0 + 1, total = rows * nb;
+    const int64_t jg = j0 + d.k0, ig = i0 + d.q0;  // full-problem key and row indices
+    const int64_t blk0 = jg >> L, nb = ((jg + n - 1) >> L) - blk0 + 1;
+    const int64_t pair0 = ig >> 1, total = (((ig + rows - 1) >> 1) - pair0 + 1) * nb;
     const acc_t keep = acc_t(inv);
     uint32_t c0[16 * S], c1[16 * S], out[64 * S];
     for (int64_t p0 = 0; p0 < total; p0 += S) {
@@ -149,22 +163,26 @@ struct DropoutTile {
         const int64_t p = p0 + std::min(s, ns - 1);  // spare sets repeat the last one
         for (int l = 0; l < kPhiloxLanes; ++l) {
           c0[16 * s + l] = uint32_t(((blk0 + p % nb) << 4) + l);
-          c1[16 * s + l] = uint32_t(i0 + p / nb + d.q0);
+          c1[16 * s + l] = uint32_t(pair0 + p / nb);
         }
       }
       words(c0, c1, b, h, out);
       for (int s = 0; s < ns; ++s) {
-        // key 16 u + q of the block is half u of lane q; x[c] is key jg + c
+        // key 16 w + l of the block is word w of lane l, row 2 pair + t its half t
         const int64_t p = p0 + s, base = ((blk0 + p % nb) << L) - jg;
-        acc_t* xr = x + (p / nb) * ld + base;
-        const uint32_t* o = out + 64 * s;
-        if (base >= 0 && base + 128 <= n) {  // a whole block: constant bounds, no per-group setup
-          for (int u = 0; u < 8; ++u) apply16<true>(o + 16 * (u >> 1), 16 * (u & 1), thr, keep, xr + 16 * u, 0, 16);
-          continue;
-        }
-        for (int u = 0; u < 8; ++u) {
-          const int64_t g = base + 16 * u, a = std::max<int64_t>(0, -g), e = std::min<int64_t>(16, n - g);
-          if (a < e) apply16<true>(o + 16 * (u >> 1), 16 * (u & 1), thr, keep, xr + 16 * u, a, e);
+        const int64_t lo = std::max<int64_t>(0, -base), hi = std::min<int64_t>(64, n - base);
+        for (int t = 0; t < 2; ++t) {
+          const int64_t r = 2 * (pair0 + p / nb) + t - ig;
+          if (r < 0 || r >= rows) continue;
+          acc_t* xr = x + r * ld + base;
+          if (lo == 0 && hi == 64) {  // a whole block: constant bounds
+            for (int w = 0; w < 4; ++w) scale16(out + 64 * s + 16 * w, 16 * t, keep, xr + 16 * w, 0, 16);
+            continue;
+          }
+          for (int w = 0; w < 4; ++w) {
+            const int64_t a = std::max<int64_t>(lo - 16 * w, 0), e = std::min<int64_t>(hi - 16 * w, 16);
+            if (a < e) scale16(out + 64 * s + 16 * w, 16 * t, keep, xr + 16 * w, a, e);
+          }
         }
       }
     }
@@ -172,45 +190,41 @@ struct DropoutTile {
 
   // Backward: the multiplier tile m[r * ld + c] of keys j0 + r (r < nk) and queries i0 + c
   // (c < nq), held transposed as the backward's tiles are. Counter 16 blk + l of 16
-  // consecutive queries is one set; it gives the eight rows blk * 128 + 16 u + l.
+  // consecutive row pairs is one set: its word w gives key row blk * 64 + 16 w + l for 32
+  // consecutive queries.
   template <typename acc_t>
   void fill_transposed(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk, acc_t* m,
                        int64_t ld) const {
     constexpr int S = kPhiloxSets, L = kDropoutBlockLog2;
     const int64_t jg = j0 + d.k0, qg = i0 + d.q0;
+    const int64_t o = qg & 1, nchunk = ae_cdiv(nq + o, int64_t(32));  // chunks of 32 rows from qg - o
     const acc_t keep = acc_t(inv);
     uint32_t c0[16 * S], c1[16 * S], out[64 * S];
-    for (int64_t blk = jg >> L; (blk << L) < jg + nk; ++blk)
-      for (int l = 0; l < 16; ++l) {
-        int64_t rows[8];
-        bool any = false;
-        for (int u = 0; u < 8; ++u) {
-          rows[u] = (blk << L) + 16 * u + l - jg;
-          any |= rows[u] >= 0 && rows[u] < nk;
+    for (int64_t blk = jg >> L; (blk << L) < jg + nk; ++blk) {
+      // the sets of this block: (l, chunk) for the counters l holding a row of the tile
+      const int64_t lrow0 = (blk << L) - jg;  // tile row of key 16 w + l: lrow0 + 16 w + l
+      const int64_t total = 16 * nchunk;
+      for (int64_t p0 = 0; p0 < total; p0 += S) {
+        const int ns = int(std::min<int64_t>(S, total - p0));
+        for (int s = 0; s < S; ++s) {
+          const int64_t p = p0 + std::min(s, ns - 1), l = p / nchunk, ch = p % nchunk;
+          for (int q = 0; q < kPhiloxLanes; ++q) {
+            c0[16 * s + q] = uint32_t((blk << 4) + l);
+            c1[16 * s + q] = uint32_t(((qg - o) >> 1) + 16 * ch + q);
+          }
         }
-        if (!any) continue;
-        for (int64_t c = 0; c < nq; c += 16 * S) {
-          const int ns = int(std::min<int64_t>(S, ae_cdiv(nq - c, int64_t(16))));
-          for (int s = 0; s < S; ++s)
-            for (int q = 0; q < kPhiloxLanes; ++q) {
-              c0[16 * s + q] = uint32_t((blk << 4) + l);
-              c1[16 * s + q] = uint32_t(qg + c + 16 * std::min(s, ns - 1) + q);
-            }
-          words(c0, c1, b, h, out);
-          for (int s = 0; s < ns; ++s) {
-            const int64_t cs = c + 16 * s, cn = std::min<int64_t>(kPhiloxLanes, nq - cs);
-            for (int u = 0; u < 8; ++u) {
-              if (rows[u] < 0 || rows[u] >= nk) continue;
-              const uint32_t* o = out + 64 * s + 16 * (u >> 1);
-              acc_t* row = m + rows[u] * ld + cs;
-              if (cn == 16)
-                apply16<false>(o, 16 * (u & 1), thr, keep, row, 0, 16);
-              else
-                apply16<false>(o, 16 * (u & 1), thr, keep, row, 0, cn);
-            }
+        words(c0, c1, b, h, out);
+        for (int s = 0; s < ns; ++s) {
+          const int64_t p = p0 + s, l = p / nchunk, ch = p % nchunk;
+          const int64_t cs = 32 * ch - o;  // tile column of the chunk's first row
+          const int64_t a = std::max<int64_t>(0, -cs), e = std::min<int64_t>(32, nq - cs);
+          for (int w = 0; w < 4; ++w) {
+            const int64_t r = lrow0 + 16 * w + l;
+            if (r >= 0 && r < nk) fill32(out + 64 * s + 16 * w, keep, m + r * ld + cs, a, e);
           }
         }
       }
+    }
   }
 };
 
