@@ -28,7 +28,11 @@ class Workspace {
 
   // A 64-byte aligned block of at least `bytes` (a multiple of 64); its size in *got.
   void* take(size_t bytes, size_t* got) {
-    {
+    if (bytes > kWorkspaceBlock) {
+      // a block the pool never keeps: a long call, whose other blocks would not match
+      // what the pool holds either, so the kept ones go (else they sit dead under its peak)
+      release();
+    } else {
       std::lock_guard<std::mutex> lock(mu_);
       // the smallest free block that fits without wasting more than its request
       size_t best = free_.size();
