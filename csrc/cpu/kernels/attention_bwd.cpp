@@ -218,19 +218,13 @@ void bwd_impl(const AttentionBwdArgs& a) {
     // time). Every sum keeps its order: a key tile's dK and dV take the same terms in the
     // same order, and a dQ row takes the key tiles in ascending order.
     constexpr int64_t KB = kBf16 ? 4 : 1;
-    thread_local std::unique_ptr<Buffer<acc_t>> scratch;
-    thread_local int64_t scratch_size = 0;
     // dropout: the multiplier tile (BK x BQ); bf16 tiles: then P^T and dS^T (BK x BQ) and dS (BQ x BK2), the
     // query tile's pairs (qb_size), KB key tiles' (kb_size each) and their NaN/inf flags, in bf16 and bytes
     const int64_t keep_size = a.dropout.on() ? BK * BQ : 0;
     const int64_t qb_size = BQ * (D2 + Dv2 + Dp + Dvp), kb_size = BK2 * Dp + (kb_in_place ? 0 : BK * (D2 + Dv2));
     const int64_t bf16_size = 2 * BK * BQ + BQ * BK2 + qb_size + KB * kb_size + ae_cdiv(2 * BQ + KB * BK2, 2);
     const int64_t need = 2 * BK * BQ + BK * (Dp + Dvp) + keep_size + (kBf16 ? ae_cdiv(bf16_size, 2) : 0);
-    if (scratch_size < need) {
-      scratch = std::make_unique<Buffer<acc_t>>(need);
-      scratch_size = need;
-    }
-    acc_t* st = scratch->get();
+    acc_t* st = task_scratch<acc_t>(need);
     acc_t* dpt = st + BK * BQ;
     acc_t* dkv_sum = dpt + BK * BQ;
     acc_t* keep = dkv_sum + BK * (Dp + Dvp);  // dropout multipliers, transposed like st

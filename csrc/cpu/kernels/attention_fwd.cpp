@@ -87,15 +87,9 @@ void fwd_impl(const AttentionFwdArgs& a) {
     const int64_t h = t % a.Hq, b = sg.b, bh = b * a.Hq + h, hk = h / group;
     // q0: the tile's first row in the document; row0: in the tensors
     const int64_t q0 = tile.start, mq = std::min(BQ, sg.span.nq - q0), row0 = sg.span.q0 + q0;
-    thread_local std::unique_ptr<Buffer<acc_t>> scratch;
-    thread_local int64_t scratch_size = 0;
     // bf16 tiles: Q (BQ x D2 bf16) lives in the BQ x D floats of qs, P (BQ x BK bf16) after row_sum
     const int64_t need = BQ * D + BQ * BK + BQ * Dvp + 2 * BQ + (kBf16 ? BQ * BK / 2 : 0);
-    if (scratch_size < need) {
-      scratch = std::make_unique<Buffer<acc_t>>(need);
-      scratch_size = need;
-    }
-    acc_t* qs = scratch->get();
+    acc_t* qs = task_scratch<acc_t>(need);
     acc_t* s = qs + BQ * D;
     acc_t* o = s + BQ * BK;
     acc_t* row_max = o + BQ * Dvp;

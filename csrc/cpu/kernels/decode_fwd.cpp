@@ -100,16 +100,9 @@ void decode_impl(DecodeFwdArgs& a) {
     const int64_t b = std::upper_bound(task_off.begin(), task_off.end(), task) - task_off.begin() - 1;
     const int64_t rem = task - task_off[b], hk = rem / nsplit[b], sp = rem % nsplit[b];
     const int64_t L = a.length[b], k0 = a.first[b] + sp * split, k1 = std::min(L, k0 + split);
-
-    thread_local std::unique_ptr<Buffer<uint8_t>> scratch;
-    thread_local int64_t scratch_size = 0;
     const int64_t need = R * Dp * sizeof(q_t) + (R * kChunk + G) * sizeof(acc_t) +
                          (2 * kChunk + kAhead) * sizeof(void*) + 2 * a.Nq * sizeof(int64_t) + kChunk + 64;
-    if (scratch_size < need) {
-      scratch = std::make_unique<Buffer<uint8_t>>(need);
-      scratch_size = need;
-    }
-    auto* qs = reinterpret_cast<q_t*>(scratch->get());                 // (R, Dp), row r = g * Nq + i
+    auto* qs = reinterpret_cast<q_t*>(task_scratch<uint8_t>(need));                 // (R, Dp), row r = g * Nq + i
     // (R, kChunk) scores, then probabilities
     auto* s = reinterpret_cast<acc_t*>(qs + round_up(R * Dp, 64 / sizeof(q_t)));
     auto** kp = reinterpret_cast<const scalar_t**>(s + R * kChunk);  // key rows of the chunk, kAhead more
